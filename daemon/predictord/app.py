@@ -1,0 +1,94 @@
+"""Wiring: the daemon's config into gunicorn's, the preload, and the master's start."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+from .config import Config
+from .front import Front
+from .gpus import discover
+from .master import Master
+from .model_worker import Device
+from .scoreboard import MAX_HTTP, Scoreboard
+
+log = logging.getLogger("predictord.master")
+LOG_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr, force=True)
+
+
+def preload(modules: tuple[str, ...]) -> None:
+    """Import libraries once in the master, so every forked worker shares them copy-on-write."""
+    for name in modules:
+        try:
+            module = importlib.import_module(name)
+        except ImportError as e:
+            log.warning("preload: cannot import %s (%s); workers will import it themselves", name, e)
+            continue
+        if name == "torch":
+            # A parallel op in the master makes forked children hang on their next one: stay single-threaded.
+            module.set_num_threads(1)
+        log.info("preloaded %s", name)
+
+
+class PredictordApp(BaseApplication):  # type: ignore[misc]
+    """gunicorn's application: settings from config.toml, the ASGI front as the app."""
+
+    def __init__(self, config: Config) -> None:
+        self.pconfig = config
+        self.runtime = Path(tempfile.mkdtemp(prefix="predictord-", dir=os.environ.get("RUNTIME_DIRECTORY")))
+        self.scoreboard = Scoreboard()
+        self.scoreboard.http_slots = min(MAX_HTTP, config.server.http_workers * 2 + 2)
+        gpus, summary = discover(config.workers.gpus)
+        log.info(summary)
+        self.devices = {i: Device("gpu", g.index) for i, g in enumerate(gpus)}
+        for _ in range(config.workers.cpu):
+            self.devices[len(self.devices)] = Device("cpu")
+        cores = len(os.sched_getaffinity(0))
+        self.torch_threads = max(1, cores // max(1, len(self.devices)))
+        super().__init__()
+
+    def load_config(self) -> None:
+        s = self.pconfig.server
+        settings: dict[str, Any] = {
+            "bind": [f"[{s.host}]:{s.port}" if ":" in s.host else f"{s.host}:{s.port}"],
+            "workers": s.http_workers,
+            "worker_class": "predictord.http_worker.HttpWorker",
+            "preload_app": True,
+            "graceful_timeout": int(s.graceful_timeout),
+            "timeout": 30,
+            "keepalive": 5,
+            "loglevel": s.log_level,
+            "errorlog": "-",
+            "accesslog": None,
+            "proc_name": "predictord",
+            "control_socket_disable": True,
+            "pre_fork": lambda arbiter, worker: arbiter.pre_fork_http(worker),
+            "post_fork": lambda arbiter, worker: arbiter.post_fork_http(worker),
+            "child_exit": lambda arbiter, worker: arbiter.http_worker_exited(worker),
+        }
+        for key, value in settings.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Front:
+        preload(self.pconfig.workers.preload)
+        return Front(self.scoreboard, self.runtime / "routes.json", self.pconfig.server.max_body_bytes)
+
+
+def serve(config: Config) -> None:
+    """Run the daemon in the foreground until SIGTERM or SIGINT."""
+    setup_logging(config.server.log_level)
+    # gunicorn would say READY=1 before any model is loaded; the daemon speaks to systemd itself.
+    os.environ.pop("NOTIFY_SOCKET", None)
+    log.info("config: %s; predictors: %s", config.path or "(defaults)", config.predictors_dir)
+    Master(PredictordApp(config)).run()

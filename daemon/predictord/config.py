@@ -1,0 +1,234 @@
+"""The daemon's settings (config.toml) and an API's settings (NAME.toml), as typed, validated data.
+
+Each option is defined once, with its default and help text; the same definition feeds validation, the error
+messages, ``predictord --help-config`` and the README's table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_ENV = "PREDICTORD_CONFIG"
+SYSTEM_CONFIG = Path("/etc/predictord/config.toml")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+DEVICES = ("any", "cpu", "gpu")
+
+
+class ConfigError(Exception):
+    """A settings file holds a value the daemon cannot use; the message says where, what and how to fix it."""
+
+
+Check = Callable[[Any], str | None]  # returns what was expected when the value is wrong, else None
+
+
+def opt(default: Any, help: str, check: Check | None = None) -> Any:
+    """A config option: its default, its one-line help and an optional extra check."""
+    return field(default=default, metadata={"help": help, "check": check})
+
+
+def _in_range(lo: float, hi: float | None = None) -> Check:
+    def check(value: Any) -> str | None:
+        if value < lo or (hi is not None and value > hi):
+            return f"a number from {lo} to {hi}" if hi is not None else f"a number >= {lo}"
+        return None
+
+    return check
+
+
+def _one_of(choices: tuple[str, ...]) -> Check:
+    def check(value: Any) -> str | None:
+        return None if value in choices else "one of " + ", ".join(repr(c) for c in choices)
+
+    return check
+
+
+def _gpus(value: Any) -> str | None:
+    if value in ("all", "none"):
+        return None
+    if isinstance(value, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
+        return None
+    return '"all", "none" or a list of GPU indices such as [0, 1]'
+
+
+def _module_list(value: Any) -> str | None:
+    if isinstance(value, (list, tuple)) and all(isinstance(m, str) and m for m in value):
+        return None
+    return 'a list of module names such as ["torch", "numpy"]'
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """[server]: where and how HTTP is served."""
+
+    host: str = opt("127.0.0.1", "Address to listen on. Loopback by default: the APIs run arbitrary code.")
+    port: int = opt(8080, "TCP port to listen on (0 picks a free one and logs it).", _in_range(0, 65535))
+    http_workers: int = opt(2, "HTTP worker processes (they parse and route; they hold no models).", _in_range(1, 32))
+    max_body_bytes: int = opt(100 * 1024 * 1024, "Largest request body accepted; larger gets 413.", _in_range(1))
+    graceful_timeout: float = opt(30.0, "Seconds in-flight requests get to finish on shutdown.", _in_range(0))
+    log_level: str = opt("info", "Log level: " + ", ".join(LOG_LEVELS) + ".", _one_of(LOG_LEVELS))
+
+
+@dataclass(frozen=True)
+class PredictorsConfig:
+    """[predictors]: the watched directory and how predictors are loaded."""
+
+    dir: str = opt("predictors", "Directory of predictors (NAME.py or NAME/predictor.py); relative to this file.")
+    load_timeout: float = opt(120.0, "Seconds a predictor's __init__ may take before it is killed.", _in_range(0.1))
+
+
+@dataclass(frozen=True)
+class WorkersConfig:
+    """[workers]: the model worker processes."""
+
+    cpu: int = opt(1, "CPU model workers (in addition to one per GPU).", _in_range(0, 64))
+    gpus: Any = opt("all", 'GPUs to use: "all", "none" or a list of indices; one model worker each.', _gpus)
+    preload: tuple[str, ...] = opt(
+        ("torch",), "Modules imported once in the master and shared copy-on-write by all workers.", _module_list
+    )
+    heartbeat_timeout: float = opt(30.0, "Seconds a model worker may stay silent before it is replaced.", _in_range(1))
+
+
+@dataclass(frozen=True)
+class Config:
+    """The daemon's whole configuration."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    predictors: PredictorsConfig = field(default_factory=PredictorsConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    path: str = ""  # the file it came from ("" for the defaults)
+
+    @property
+    def predictors_dir(self) -> Path:
+        base = Path(self.path).parent if self.path else Path.cwd()
+        return (base / self.predictors.dir).resolve()
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """[serving] of an API's settings file: how the API is served."""
+
+    device: str = opt("any", "Where it runs: gpu, cpu or any (a GPU when there is one).", _one_of(DEVICES))
+    replicas: int = opt(1, "Model workers that load this API.", _in_range(1, 64))
+    timeout: float = opt(60.0, "Seconds a request may take, queueing included, before it gets 504.", _in_range(0.001))
+    queue_limit: int = opt(64, "Requests that may wait for a free replica; more get 503 with Retry-After.", _in_range(0))
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """An API's settings file: [config] for __init__, [serving] for the daemon."""
+
+    config: dict[str, Any] = field(default_factory=dict)
+    serving: ServingConfig = field(default_factory=ServingConfig)
+
+
+def _expected_type(f: dataclasses.Field[Any]) -> type | tuple[type, ...] | None:
+    default = f.default if f.default is not dataclasses.MISSING else None
+    if isinstance(default, bool):
+        return bool
+    if isinstance(default, float):
+        return (int, float)
+    if isinstance(default, int):
+        return int
+    if isinstance(default, str) and f.metadata.get("check") is not _gpus:
+        return str
+    return None
+
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", str: "a string"}
+
+
+def _build_table(cls: type, raw: Any, where: str) -> Any:
+    """Validate one TOML table against its dataclass; raise ConfigError naming the file, key and fix."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: expected a table, found {type(raw).__name__} {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.metadata}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        f = fields.get(key)
+        if f is None:
+            raise ConfigError(f"{where}: unknown key {key!r}; allowed: {', '.join(fields)}")
+        expected = _expected_type(f)
+        wrong_type = expected is not None and (not isinstance(value, expected) or isinstance(value, bool))
+        if expected is bool:
+            wrong_type = not isinstance(value, bool)
+        if wrong_type:
+            words = "a number" if expected == (int, float) else _TYPE_WORDS.get(expected, str(expected))  # type: ignore[arg-type]
+            raise ConfigError(f"{where}: {key}: expected {words}, found {value!r}")
+        check: Check | None = f.metadata.get("check")
+        problem = check(value) if check else None
+        if problem:
+            raise ConfigError(f"{where}: {key}: expected {problem}, found {value!r}")
+        if isinstance(value, list):
+            value = tuple(value)
+        values[key] = float(value) if expected == (int, float) else value
+    return cls(**values)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
+
+
+def find_config(explicit: str | None) -> Path | None:
+    """The config file to use: --config, $PREDICTORD_CONFIG, /etc/predictord/config.toml, ./config.toml."""
+    if explicit:
+        return Path(explicit)
+    if os.environ.get(CONFIG_ENV):
+        return Path(os.environ[CONFIG_ENV])
+    for candidate in (SYSTEM_CONFIG, Path("config.toml")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_config(path: Path | None) -> Config:
+    """Read and validate config.toml; with no file, the defaults."""
+    if path is None:
+        return Config()
+    raw = _read_toml(path)
+    tables = {"server": ServerConfig, "predictors": PredictorsConfig, "workers": WorkersConfig}
+    unknown = set(raw) - set(tables)
+    if unknown:
+        raise ConfigError(f"{path}: unknown table [{sorted(unknown)[0]}]; allowed: {', '.join(tables)}")
+    built = {name: _build_table(cls, raw.get(name, {}), f"{path}: [{name}]") for name, cls in tables.items()}
+    return Config(**built, path=str(path.resolve()))
+
+
+def load_api_settings(path: Path | None) -> ApiSettings:
+    """Read and validate an API's settings file (NAME.toml or NAME/predictor.toml); None gives the defaults."""
+    if path is None or not path.exists():
+        return ApiSettings()
+    raw = _read_toml(path)
+    unknown = set(raw) - {"config", "serving"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown table [{sorted(unknown)[0]}]; allowed: config, serving")
+    config = raw.get("config", {})
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: [config]: expected a table, found {config!r}")
+    return ApiSettings(config=config, serving=_build_table(ServingConfig, raw.get("serving", {}), f"{path}: [serving]"))
+
+
+def describe_options() -> str:
+    """Every option with its default and help, as the README's table (Markdown)."""
+    lines = ["| file | table | key | default | meaning |", "|---|---|---|---|---|"]
+    for file, tables in (
+        ("config.toml", {"server": ServerConfig, "predictors": PredictorsConfig, "workers": WorkersConfig}),
+        ("NAME.toml", {"serving": ServingConfig}),
+    ):
+        for table, cls in tables.items():
+            for f in dataclasses.fields(cls):
+                default = f.default
+                shown = f'"{default}"' if isinstance(default, str) else repr(default).replace("'", '"')
+                lines.append(f"| {file} | [{table}] | `{f.name}` | `{shown}` | {f.metadata['help']} |")
+    return "\n".join(lines)

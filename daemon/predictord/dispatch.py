@@ -1,0 +1,165 @@
+"""The HTTP worker's side of dispatch: routes from the master, connections to model workers, and job futures.
+
+A request goes to the replica with the fewest outstanding jobs per thread, counted over all HTTP workers through
+the scoreboard (least-outstanding with a global view). The job's raw body travels unparsed. When a model worker's
+connection closes, every job this HTTP worker had on it fails at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .protocol import ABORT, CANCEL, CHUNK, END, JOB, REPLY, START, FrameProtocol, split_header, with_header
+from .scoreboard import Scoreboard
+
+log = logging.getLogger("predictord.http")
+
+
+class WorkerLost(Exception):
+    """The model worker holding a job went away before it answered."""
+
+
+@dataclass
+class PendingJob:
+    """A job sent to a model worker and not yet settled."""
+
+    api_slot: int
+    future: asyncio.Future[tuple[int, list[tuple[bytes, bytes]], bytes | None]]
+    stream: asyncio.Queue[bytes | BaseException | None] | None = None
+
+
+class ModelLink(FrameProtocol):
+    """This HTTP worker's connection to one model worker."""
+
+    def __init__(self, dispatcher: Dispatcher, slot: int) -> None:
+        super().__init__()
+        self.dispatcher = dispatcher
+        self.slot = slot
+        self.jobs: dict[int, PendingJob] = {}
+        self.lost = False
+
+    def frame_received(self, kind: int, job_id: int, payload: memoryview) -> None:
+        job = self.jobs.get(job_id)
+        if job is None:
+            return
+        if kind == REPLY:
+            self._settle(job_id, job)
+            if not job.future.done():
+                (status, headers), body = split_header(payload)
+                job.future.set_result((status, headers, body))
+        elif kind == START:
+            (status, headers), _ = split_header(payload)
+            job.stream = asyncio.Queue()
+            if not job.future.done():
+                job.future.set_result((status, headers, None))
+        elif kind == CHUNK and job.stream is not None:
+            job.stream.put_nowait(bytes(payload))
+        elif kind in (END, ABORT):
+            self._settle(job_id, job)
+            if job.stream is not None:
+                job.stream.put_nowait(None if kind == END else WorkerLost(bytes(payload).decode(errors="replace")))
+
+    def _settle(self, job_id: int, job: PendingJob) -> None:
+        del self.jobs[job_id]
+        d = self.dispatcher
+        d.scoreboard.add(d.http_slot, self.slot, job.api_slot, -1)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        d = self.dispatcher
+        if d.links.get(self.slot) is self:
+            del d.links[self.slot]
+        counts: dict[int, int] = {}
+        for job in self.jobs.values():
+            counts[job.api_slot] = counts.get(job.api_slot, 0) + 1
+            error = WorkerLost(f"model worker {self.slot} exited while handling this request")
+            if not job.future.done():
+                job.future.set_exception(error)
+            elif job.stream is not None:
+                job.stream.put_nowait(error)
+        d.scoreboard.clear_model(d.http_slot, self.slot, counts)
+        self.jobs.clear()
+
+
+class Dispatcher:
+    """Routes published by the master, and the links to the model workers that serve them."""
+
+    def __init__(self, scoreboard: Scoreboard, http_slot: int, routes_path: Path) -> None:
+        self.scoreboard = scoreboard
+        self.http_slot = http_slot
+        self.routes_path = routes_path
+        self.version = -1
+        self.table: dict[str, Any] = {"apis": {}, "workers": [], "daemon": {"ready": False}}
+        self.links: dict[int, ModelLink] = {}
+        self.connecting: dict[int, asyncio.Future[ModelLink]] = {}
+        self.job_ids = itertools.count(1)
+        self.turn = 0
+
+    def routes(self) -> dict[str, Any]:
+        """The current routing table (re-read only when the master has bumped its version)."""
+        version = self.scoreboard.routes_version
+        if version != self.version:
+            try:
+                self.table = json.loads(self.routes_path.read_text())
+                self.version = version
+            except (OSError, ValueError):
+                pass  # not written yet: keep the last table
+        return self.table
+
+    async def link(self, slot: int, path: str) -> ModelLink:
+        link = self.links.get(slot)
+        if link is not None and not link.lost:
+            return link
+        pending = self.connecting.get(slot)
+        if pending is None:
+            pending = asyncio.ensure_future(self._connect(slot, path))
+            self.connecting[slot] = pending
+            pending.add_done_callback(lambda _: self.connecting.pop(slot, None))
+        return await asyncio.shield(pending)
+
+    async def _connect(self, slot: int, path: str) -> ModelLink:
+        loop = asyncio.get_running_loop()
+        _, link = await loop.create_unix_connection(lambda: ModelLink(self, slot), path)
+        self.links[slot] = link
+        return link
+
+    def choose(self, replicas: list[list[Any]]) -> list[Any]:
+        """The replica with the fewest outstanding jobs per thread; ties go round-robin."""
+        if len(replicas) == 1:
+            return replicas[0]
+        self.turn += 1
+        n = len(replicas)
+        best, best_load = replicas[0], float("inf")
+        for i in range(n):
+            r = replicas[(self.turn + i) % n]
+            load = self.scoreboard.outstanding(r[0]) / r[2]
+            if load < best_load:
+                best, best_load = r, load
+        return best
+
+    def queued(self, route: dict[str, Any]) -> int:
+        """Jobs for an API beyond what its replicas are running, over all HTTP workers."""
+        capacity = sum(r[2] for r in route["replicas"])
+        return self.scoreboard.api_outstanding(route["slot"]) - capacity
+
+    async def submit(self, replica: list[Any], api_slot: int, header: tuple[Any, ...], body: bytes,
+                     timeout: float) -> tuple[PendingJob, tuple[int, list[tuple[bytes, bytes]], bytes | None]]:
+        """Send a job and wait for its first answer; TimeoutError past the deadline, WorkerLost if it dies."""
+        link = await self.link(replica[0], replica[1])
+        job_id = next(self.job_ids)
+        job = PendingJob(api_slot, asyncio.get_running_loop().create_future())
+        link.jobs[job_id] = job
+        self.scoreboard.add(self.http_slot, link.slot, api_slot, +1)
+        link.send(JOB, job_id, *with_header(header, body))
+        try:
+            return job, await asyncio.wait_for(asyncio.shield(job.future), timeout)
+        except TimeoutError:
+            if not link.lost and job_id in link.jobs:
+                link.send(CANCEL, job_id)
+            raise

@@ -1,0 +1,211 @@
+"""The HTTP workers' ASGI app: one route per API, the daemon's own routes, and every error as JSON.
+
+It holds no models: ``POST /NAME`` reads the body (bounded), picks a replica, and forwards the raw bytes to a
+model worker through the dispatcher. The app is plain ASGI because this is the hot path of every request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from .dispatch import Dispatcher, WorkerLost
+from .scoreboard import Scoreboard
+
+log = logging.getLogger("predictord.http")
+
+Scope = dict[str, Any]
+JSON = b"application/json"
+OWN_ROUTES = ("/", "/healthz", "/readyz")
+
+
+class TooLarge(Exception):
+    """The request body is over [server] max_body_bytes."""
+
+
+def _json(obj: Any) -> bytes:
+    return json.dumps(obj, default=str, separators=(",", ":")).encode()
+
+
+class Front:
+    """The ASGI app every HTTP worker runs (created once in the master, used in each forked worker)."""
+
+    def __init__(self, scoreboard: Scoreboard, routes_path: Path, max_body: int) -> None:
+        self.scoreboard = scoreboard
+        self.routes_path = routes_path
+        self.max_body = max_body
+        self._dispatcher: Dispatcher | None = None
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        if self._dispatcher is None:  # first use in this worker process (after the fork)
+            slot = int(os.environ.get("PREDICTORD_HTTP_SLOT", "0"))
+            self._dispatcher = Dispatcher(self.scoreboard, slot, self.routes_path)
+        return self._dispatcher
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        request_id = ""
+        for key, value in scope["headers"]:
+            if key == b"x-request-id":
+                request_id = value.decode("latin-1")[:128]
+                break
+        request_id = request_id or uuid.uuid4().hex
+        path, method = scope["path"], scope["method"]
+        if path in OWN_ROUTES:
+            if method not in ("GET", "HEAD"):
+                await self._error(send, 405, f"{path} answers GET only", request_id, [(b"allow", b"GET")])
+                return
+            await self._own_route(path, send, request_id)
+            return
+        name = path[1:]
+        routes = self.dispatcher.routes()
+        route = routes["apis"].get(name) if "/" not in name else None
+        if route is None:
+            await self._error(send, 404, f"no API named {name!r} at {path}; GET / lists the APIs", request_id)
+            return
+        if method == "POST":
+            await self._predict(scope, receive, send, name, route, request_id)
+        elif method in ("GET", "HEAD"):
+            await self._send(send, 200, _json(route["status"]), request_id)
+        else:
+            await self._error(send, 405, f"{path} answers POST (predict) and GET (status)", request_id,
+                              [(b"allow", b"GET, POST")])
+
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self.dispatcher.routes()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _own_route(self, path: str, send: Any, request_id: str) -> None:
+        routes = self.dispatcher.routes()
+        daemon = routes["daemon"]
+        if path == "/healthz":
+            await self._send(send, 200, _json({"status": "ok", "pid": os.getpid()}), request_id)
+        elif path == "/readyz":
+            if daemon.get("ready"):
+                await self._send(send, 200, _json({"ready": True}), request_id)
+            else:
+                reasons = [f"API {n} is {s}" for n, s in sorted(daemon.get("not_ready", {}).items())]
+                reasons += [f"model worker {s} is not up" for s in daemon.get("workers_down", [])]
+                body = {"ready": False, "error": "; ".join(reasons) or "the daemon is starting",
+                        "not_ready": daemon.get("not_ready", {})}
+                await self._send(send, 503, _json(body), request_id)
+        else:
+            body = {"apis": {n: a["status"] for n, a in routes["apis"].items()}, "workers": routes["workers"],
+                    "daemon": daemon}
+            await self._send(send, 200, _json(body), request_id)
+
+    async def _predict(self, scope: Scope, receive: Any, send: Any, name: str, route: dict[str, Any],
+                       request_id: str) -> None:
+        started = time.monotonic()
+        replicas = route["replicas"]
+        if not replicas:
+            status = route["status"]
+            if status["state"] == "failed" and status["error"]:
+                e = status["error"]
+                where = f"{e['file']}:{e['line']}" if e.get("line") else e.get("file")
+                message = f"API {name!r} failed to load: {where}: {e['message']}"
+            else:
+                message = f"API {name!r} is {status['state']}; retry shortly"
+            await self._error(send, 503, message, request_id, [(b"retry-after", b"1")])
+            return
+        dispatcher = self.dispatcher
+        if dispatcher.queued(route) >= route["queue_limit"]:
+            await self._error(send, 503, f"API {name!r} has {route['queue_limit']} requests queued "
+                              "([serving] queue_limit); retry later", request_id, [(b"retry-after", b"1")])
+            return
+        try:
+            body = await self._read_body(scope, receive)
+        except TooLarge:
+            await self._error(send, 413, f"the request body is over {self.max_body} bytes ([server] max_body_bytes)",
+                              request_id)
+            return
+        content_type, headers = "", None
+        for key, value in scope["headers"]:
+            if key == b"content-type":
+                content_type = value.decode("latin-1")
+        if route["wants_headers"]:
+            headers = scope["headers"]
+        replica = dispatcher.choose(replicas)
+        header = (name, content_type, scope["query_string"], headers, request_id, route["timeout"])
+        remaining = route["timeout"] - (time.monotonic() - started)
+        try:
+            job, (status, out_headers, out_body) = await dispatcher.submit(replica, route["slot"], header, body,
+                                                                             remaining)
+        except TimeoutError:
+            await self._error(send, 504, f"API {name!r} did not answer within {route['timeout']:g}s "
+                              "([serving] timeout)", request_id)
+            return
+        except WorkerLost as e:
+            await self._error(send, 502, f"API {name!r}: {e}; the worker is being replaced", request_id)
+            return
+        except OSError as e:
+            await self._error(send, 503, f"API {name!r}: its model worker is not reachable ({e.strerror}); retry",
+                              request_id, [(b"retry-after", b"1")])
+            return
+        extra = [(b"x-request-id", request_id.encode()), (b"x-predictor-version", replica[3].encode())]
+        if status == 504 and not out_body:  # the worker dropped it from its queue after our deadline
+            await self._error(send, 504, f"API {name!r} did not answer in time", request_id)
+            return
+        if out_body is not None:
+            has_length = any(k.lower() == b"content-length" for k, _ in out_headers)
+            length = [] if has_length else [(b"content-length", str(len(out_body)).encode())]
+            await send({"type": "http.response.start", "status": status, "headers": [*out_headers, *length, *extra]})
+            await send({"type": "http.response.body", "body": out_body})
+            return
+        await send({"type": "http.response.start", "status": status, "headers": [*out_headers, *extra]})
+        assert job.stream is not None
+        while True:
+            part = await job.stream.get()
+            if part is None:
+                break
+            if isinstance(part, BaseException):
+                log.error("API %s request %s: stream cut: %s", name, request_id, part)
+                raise part  # uvicorn closes the connection: the client sees a truncated response
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def _read_body(self, scope: Scope, receive: Any) -> bytes:
+        for key, value in scope["headers"]:
+            if key == b"content-length" and value.isdigit() and int(value) > self.max_body:
+                raise TooLarge
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise asyncio.CancelledError
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                raise TooLarge
+            parts.append(chunk)
+            if not message.get("more_body"):
+                return b"".join(parts)
+
+    async def _send(self, send: Any, status: int, body: bytes, request_id: str,
+                    headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        await send({"type": "http.response.start", "status": status, "headers": [
+            (b"content-type", JSON), (b"content-length", str(len(body)).encode()),
+            (b"x-request-id", request_id.encode()), *(headers or [])]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _error(self, send: Any, status: int, message: str, request_id: str,
+                     headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        await self._send(send, status, _json({"error": message, "request_id": request_id}), request_id, headers)

@@ -1,0 +1,393 @@
+"""The master: gunicorn's Arbiter, extended to supervise model workers and the APIs they serve.
+
+One decision loop (gunicorn's ``run``): signal handlers only enqueue; ``wait_for_signals`` also reads the model
+workers' control channels and the probes' output; ``murder_workers`` enforces heartbeats and deadlines;
+``manage_workers`` reconciles the desired state (HTTP workers, model workers per device, APIs per worker) and
+publishes the routing table when anything changed. The master never imports predictor code and never touches CUDA.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from gunicorn.arbiter import Arbiter
+
+from . import probe
+from .apis import ApiRecord, Replica, api_state, route, write_routes
+from .config import Config, ConfigError, load_api_settings
+from .fleet import Fleet, ModelWorkerHandle, describe_exit
+from .loader import ApiSource, name_problem, scan
+from .model_worker import Device
+from .placement import WorkerSlot, Want, place
+from .scoreboard import MAX_APIS, MAX_HTTP, Scoreboard
+
+log = logging.getLogger("predictord.master")
+
+
+class Master(Arbiter):  # type: ignore[misc]
+    """gunicorn's Arbiter plus model workers, API records, probes and the routing table."""
+
+    def __init__(self, app: Any) -> None:
+        self.pconfig: Config = app.pconfig
+        self.scoreboard: Scoreboard = app.scoreboard
+        self.runtime: Path = app.runtime
+        self.devices: dict[int, Device] = app.devices
+        self.routes_path = self.runtime / "routes.json"
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.fleet = Fleet(self.scoreboard, self.runtime, app.torch_threads, self.model_worker_forked)
+        self.apis: dict[str, ApiRecord] = {}
+        self.probes: dict[str, tuple[subprocess.Popen[bytes], str, float, list[bytes]]] = {}
+        self.respawn_at: dict[int, float] = {}
+        self.stopping = False
+        self.dirty = True
+        self.started_at = time.time()
+        super().__init__(app)
+
+    # -- the loop ---------------------------------------------------------------------------------------------------
+    def init_signals(self) -> None:
+        super().init_signals()
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+
+    def wakeup(self) -> None:
+        super().wakeup()
+        try:
+            os.write(self.wake_w, b"w")
+        except BlockingIOError:
+            pass
+
+    def start(self) -> None:
+        super().start()
+        for listener in self.LISTENERS:
+            log.info("predictord listening on %s (master pid %d)", listener, self.pid)
+        self.sync_sources()
+
+    def close_master_channels(self) -> None:
+        """In a forked child: close the master's own channels (its wake-up pipe, control sockets, probes)."""
+        signal.set_wakeup_fd(-1)
+        for fd in (self.wake_r, self.wake_w):
+            os.close(fd)
+        for handle in self.fleet.workers.values():
+            handle.ctl.close()
+        for proc, _, _, _ in self.probes.values():
+            for stream in (proc.stdout, proc.stderr):
+                if stream:
+                    stream.close()
+
+    def model_worker_forked(self) -> None:
+        """In a forked model worker: it serves no HTTP, so it keeps neither the listeners nor the master's fds."""
+        self.close_master_channels()
+        for listener in self.LISTENERS:
+            listener.close()
+        for worker in self.WORKERS.values():
+            worker.tmp.close()
+
+    def wait_for_signals(self, timeout: float = 1.0) -> list[int]:
+        """Sleep until a signal, a model worker's message, or a probe's output; handle the last two here."""
+        handles = {h.ctl.fileno(): h for h in self.fleet.workers.values()}
+        probes = {p.stdout.fileno(): name for name, (p, _, _, _) in self.probes.items() if p.stdout}
+        wait = 0.0 if not self.SIG_QUEUE.empty() else timeout
+        try:
+            ready, _, _ = select.select([self.wake_r, *handles, *probes], [], [], wait)
+        except InterruptedError:
+            ready = []
+        for fd in ready:
+            if fd == self.wake_r:
+                try:
+                    while os.read(self.wake_r, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
+            elif fd in handles:
+                for message in self.fleet.read(handles[fd]):
+                    self.handle_model_message(handles[fd], message)
+            elif fd in probes:
+                self.read_probe(probes[fd])
+        signals: list[int] = super().wait_for_signals(timeout=0)
+        return signals
+
+    def handle_hup(self) -> None:
+        """SIGHUP: rescan the predictors directory (new, changed and removed APIs)."""
+        log.info("SIGHUP: rescanning %s", self.pconfig.predictors_dir)
+        self.sync_sources()
+
+    def stop(self, graceful: bool = True) -> None:
+        """HTTP workers first (they finish their requests, which need the model workers), then model workers."""
+        self.stopping = True
+        super().stop(graceful)
+        self.fleet.stop_all(self.pconfig.server.graceful_timeout if graceful else 1.0)
+        for proc, _, _, _ in self.probes.values():
+            proc.kill()
+        shutil.rmtree(self.runtime, ignore_errors=True)
+
+    # -- HTTP workers: a stable slot each, for their row in the scoreboard ---------------------------------------
+    def pre_fork_http(self, worker: Any) -> None:
+        used = {getattr(w, "slot", -1) for w in self.WORKERS.values()}
+        worker.slot = min(set(range(MAX_HTTP)) - used)
+
+    def post_fork_http(self, worker: Any) -> None:
+        os.environ["PREDICTORD_HTTP_SLOT"] = str(worker.slot)
+        self.close_master_channels()
+
+    def http_worker_exited(self, worker: Any) -> None:
+        self.scoreboard.clear_http(worker.slot)
+
+    # -- model workers ---------------------------------------------------------------------------------------------
+    def reap_workers(self) -> None:
+        for proc, _, _, _ in self.probes.values():
+            proc.poll()  # reap our probes before gunicorn's waitpid(-1) takes their status
+        for handle, status in self.fleet.reap():
+            self.handle_model_exit(handle, status)
+        super().reap_workers()
+
+    def handle_model_exit(self, handle: ModelWorkerHandle, status: int | None) -> None:
+        how = describe_exit(status)
+        level = logging.INFO if handle.stopping or self.stopping else logging.ERROR
+        log.log(level, "model worker %d (%s) pid %d %s", handle.slot, handle.device.label, handle.pid, how)
+        for name, (version, _) in handle.loading.items():
+            record = self.apis.get(name)
+            if record is not None and record.version == version:
+                record.fail({"message": f"the model worker died while loading it: it {how}",
+                             "file": str(record.source.code), "line": None})
+                log.error("API %s version %s failed: the model worker %s while loading it", name, version, how)
+        if not self.stopping:
+            self.respawn_at[handle.slot] = time.monotonic() + self.fleet.backoff(handle.slot)
+        self.dirty = True
+
+    def handle_model_message(self, handle: ModelWorkerHandle, m: dict[str, Any]) -> None:
+        op = m["op"]
+        if op == "started":
+            handle.up = True
+            log.info("model worker %d (%s) pid %d is up", handle.slot, handle.device.label, handle.pid)
+        elif op == "loaded":
+            self._loaded(handle, m)
+        elif op == "unloaded":
+            handle.loaded.pop(m["api"], None)
+            handle.unloading.discard(m["api"])
+        elif op == "hung":
+            log.error("model worker %d (%s) pid %d: API %s predict() has run %.0fs (request %s); it will be "
+                      "replaced when its heartbeat times out", handle.slot, handle.device.label, handle.pid,
+                      m["api"], m["seconds"], m["request_id"])
+        self.dirty = True
+
+    def _loaded(self, handle: ModelWorkerHandle, m: dict[str, Any]) -> None:
+        name, version = m["api"], m["version"]
+        handle.loading.pop(name, None)
+        record = self.apis.get(name)
+        if m["ok"]:
+            handle.loaded[name] = version
+            if record is not None:
+                record.loaded_at.setdefault(version, time.time())
+                if record.error and record.error.get("version") == version:
+                    record.error = None
+            log.info("API %s version %s ready on model worker %d (%s)", name, version, handle.slot,
+                     handle.device.label)
+        elif record is not None:
+            if version not in record.failed_versions:
+                log.error("API %s version %s failed to load: %s", name, version, m["error"]["message"])
+            record.fail(m["error"], version)
+
+    def murder_workers(self) -> None:
+        super().murder_workers()
+        now_wall, now = time.time(), time.monotonic()
+        limit = self.pconfig.workers.heartbeat_timeout
+        for handle in list(self.fleet.workers.values()):
+            silent = now_wall - self.scoreboard.last_beat(handle.slot)
+            if silent > limit and not handle.stopping:
+                log.error("model worker %d (%s) pid %d sent no heartbeat for %.0fs; killing it", handle.slot,
+                          handle.device.label, handle.pid, silent)
+                handle.stopping = True
+                self.fleet.kill(handle, signal.SIGKILL)
+            for name, (version, deadline) in list(handle.loading.items()):
+                if now > deadline and name in self.apis:
+                    timeout = self.pconfig.predictors.load_timeout
+                    record = self.apis[name]
+                    record.fail({"message": f"__init__ took longer than the load deadline ({timeout:g}s); raise "
+                                            "[predictors] load_timeout if it is just slow",
+                                 "file": str(record.source.code), "line": None}, version)
+                    log.error("API %s version %s: __init__ exceeded %gs on model worker %d; killing the worker",
+                              name, version, timeout, handle.slot)
+                    handle.loading.pop(name)
+                    handle.stopping = True
+                    self.fleet.kill(handle, signal.SIGKILL)
+        for name, (proc, version, deadline, _) in list(self.probes.items()):
+            if now > deadline:
+                proc.kill()
+                timeout = self.pconfig.predictors.load_timeout
+                self.finish_probe(name, {"ok": False, "error": {
+                    "message": f"importing it took longer than the load deadline ({timeout:g}s)",
+                    "file": str(self.apis[name].source.code) if name in self.apis else name, "line": None}})
+
+    def manage_workers(self) -> None:
+        super().manage_workers()
+        if self.stopping:
+            return
+        now = time.monotonic()
+        for slot, device in self.devices.items():
+            if slot not in self.fleet.workers and now >= self.respawn_at.get(slot, 0.0):
+                self.fleet.spawn(slot, device)
+                self.dirty = True
+        for handle in self.fleet.workers.values():
+            if handle.up and not handle.stopping:
+                self._reconcile_worker(handle)
+        if self.dirty:
+            self.publish()
+
+    def _reconcile_worker(self, handle: ModelWorkerHandle) -> None:
+        """Send the loads and unloads that make this worker serve what placement wants of it."""
+        for name, record in self.apis.items():
+            wanted = record.settings is not None and handle.slot in record.placement
+            if not wanted or record.version in record.failed_versions or record.probing:
+                continue
+            if handle.loaded.get(name) != record.version and name not in handle.loading:
+                assert record.settings is not None
+                serving = record.settings.serving
+                message = {"op": "load", "source": record.source, "version": record.version,
+                           "config": dict(record.settings.config),
+                           "serving": {"timeout": serving.timeout, "threads": 1}}
+                if handle.send(message):
+                    deadline = time.monotonic() + self.pconfig.predictors.load_timeout
+                    handle.loading[name] = (record.version, deadline)
+                    handle.threads[name] = 1
+                    log.info("loading API %s version %s on model worker %d (%s)", name, record.version,
+                             handle.slot, handle.device.label)
+        for name in list(handle.loaded):
+            record = self.apis.get(name)
+            if (record is None or handle.slot not in record.placement) and name not in handle.unloading:
+                if handle.send({"op": "unload", "api": name}):
+                    handle.unloading.add(name)
+                    log.info("unloading API %s from model worker %d (%s)", name, handle.slot, handle.device.label)
+
+    # -- APIs: scan, probe, place ----------------------------------------------------------------------------------
+    def sync_sources(self) -> None:
+        """Make the API records match the directory: probe new and changed APIs, drop removed ones."""
+        found = scan(self.pconfig.predictors_dir)
+        for name in set(self.apis) - set(found):
+            log.info("API %s was removed; unloading it", name)
+            del self.apis[name]
+        for name, source in found.items():
+            version = source.version()
+            record = self.apis.get(name)
+            if record is not None and record.version == version and record.source == source:
+                continue
+            if record is None:
+                used = {r.slot for r in self.apis.values()}
+                free = sorted(set(range(MAX_APIS)) - used)
+                if not free:
+                    log.error("API %s: more than %d APIs; not loading it", name, MAX_APIS)
+                    continue
+                record = ApiRecord(name, free[0], source, version)
+                self.apis[name] = record
+            record.source, record.version = source, version
+            self.start_probe(record)
+        self.replace()
+        self.dirty = True
+
+    def start_probe(self, record: ApiRecord) -> None:
+        problem = name_problem(record.name)
+        if problem:
+            record.fail({"message": problem, "file": str(record.source.code), "line": None})
+            return
+        old = self.probes.pop(record.name, None)
+        if old is not None:
+            old[0].kill()
+        record.probing = True
+        proc = probe.start(record.source.folder or record.source.code, init=False, stderr=tempfile.TemporaryFile())
+        os.set_blocking(proc.stdout.fileno(), False)  # type: ignore[union-attr]
+        deadline = time.monotonic() + self.pconfig.predictors.load_timeout
+        self.probes[record.name] = (proc, record.version, deadline, [])
+
+    def read_probe(self, name: str) -> None:
+        proc, version, _, chunks = self.probes[name]
+        assert proc.stdout is not None
+        try:
+            data = proc.stdout.read()
+        except BlockingIOError:
+            return
+        if data:
+            chunks.append(data)
+            return
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        stderr = b""
+        if proc.stderr:
+            proc.stderr.seek(0)
+            stderr = proc.stderr.read()
+        self.finish_probe(name, probe.outcome(self.apis[name].source.code if name in self.apis else Path(name),
+                                              b"".join(chunks), stderr or b"", proc.returncode))
+
+    def finish_probe(self, name: str, result: dict[str, Any]) -> None:
+        proc, version, _, _ = self.probes.pop(name)
+        for stream in (proc.stdout, proc.stderr):
+            if stream:
+                stream.close()
+        record = self.apis.get(name)
+        if record is None or record.version != version:
+            return  # removed or changed meanwhile; a newer probe decides
+        record.probing = False
+        self.dirty = True
+        if not result["ok"]:
+            record.fail(result["error"], version)
+            e = result["error"]
+            where = f"{e.get('file')}:{e.get('line')}" if e.get("line") else str(e.get("file"))
+            log.error("API %s version %s is broken: %s: %s", name, version, where, e["message"])
+            return
+        try:
+            record.settings = load_api_settings(record.source.settings)
+        except ConfigError as err:
+            record.fail({"message": str(err), "file": str(record.source.settings), "line": None}, version)
+            log.error("API %s: %s", name, err)
+            return
+        record.signature = result["signature"]
+        log.info("API %s version %s passed its checks: predict(%s)", name, version,
+                 ", ".join(result["signature"]["predict"]))
+        self.replace()
+
+    def replace(self) -> None:
+        """Recompute where every API goes (pure placement), keeping what already runs where it is."""
+        slots = [WorkerSlot(s, d.kind, d.label) for s, d in self.devices.items()]
+        wants = {n: Want(r.settings.serving.device, r.settings.serving.replicas)
+                 for n, r in self.apis.items() if r.settings is not None}
+        placed = place(slots, wants, {n: r.placement for n, r in self.apis.items()})
+        for name, p in placed.items():
+            record = self.apis[name]
+            record.placement, record.note = p.slots, p.note
+            if p.error:
+                record.error = {"message": p.error, "file": str(record.source.settings), "line": None,
+                                "version": record.version}
+        self.dirty = True
+
+    # -- the routing table -----------------------------------------------------------------------------------------
+    def replicas(self, name: str) -> list[Replica]:
+        return [Replica(h.slot, h.pid, h.device.label, h.socket_path, h.loaded[name], h.threads.get(name, 1))
+                for h in self.fleet.workers.values()
+                if name in h.loaded and name not in h.unloading and not h.stopping]
+
+    def publish(self) -> None:
+        """Write the routing table and bump its version; HTTP workers pick it up on their next request."""
+        apis = {name: route(record, self.replicas(name)) for name, record in self.apis.items()}
+        workers = [{"slot": h.slot, "pid": h.pid, "device": h.device.label, "up": h.up,
+                    "apis": dict(h.loaded), "loading": sorted(h.loading)} for h in self.fleet.workers.values()]
+        not_ready = {n: a["status"]["state"] for n, a in apis.items() if a["status"]["state"] != "ready"}
+        down = [s for s in self.devices if s not in self.fleet.workers or not self.fleet.workers[s].up]
+        write_routes(self.routes_path, {
+            "apis": apis,
+            "workers": workers,
+            "daemon": {"pid": self.pid, "started_at": self.started_at, "predictors_dir":
+                       str(self.pconfig.predictors_dir), "ready": not not_ready and not down and not self.probes,
+                       "not_ready": not_ready, "workers_down": down},
+        })
+        self.scoreboard.bump_routes()
+        self.dirty = False
+        states = {n: api_state(r, self.replicas(n)) for n, r in self.apis.items()}
+        log.debug("routes published: %s", states)

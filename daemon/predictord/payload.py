@@ -1,0 +1,149 @@
+"""Request bodies into payloads, and predictor results into responses (runs in the model worker)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.datastructures import FormData, Headers
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+Header = tuple[bytes, bytes]
+FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+
+
+class BadPayload(Exception):
+    """The request body does not match its Content-Type: a 400 for the client."""
+
+
+def media_type(content_type: str) -> tuple[str, dict[str, str]]:
+    """``text/plain; charset=latin-1`` -> ``("text/plain", {"charset": "latin-1"})``."""
+    head, _, rest = content_type.partition(";")
+    params = {}
+    for part in rest.split(";"):
+        key, eq, value = part.strip().partition("=")
+        if eq:
+            params[key.strip().lower()] = value.strip().strip('"')
+    return head.strip().lower(), params
+
+
+def is_form(content_type: str) -> bool:
+    return media_type(content_type)[0] in FORM_TYPES
+
+
+def parse_body(content_type: str, body: bytes) -> Any:
+    """The payload for a body: JSON -> parsed, text/plain -> str, anything else -> bytes (forms: see parse_form)."""
+    kind, params = media_type(content_type)
+    if kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json")):
+        if not body.strip():
+            raise BadPayload("the body is empty; Content-Type application/json needs a JSON document")
+        try:
+            return json.loads(body)
+        except UnicodeDecodeError as e:
+            raise BadPayload(f"the body is not valid UTF-8 JSON: {e.reason} at byte {e.start}") from None
+        except json.JSONDecodeError as e:
+            raise BadPayload(f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        except RecursionError:
+            raise BadPayload("the JSON document is nested too deeply") from None
+    if kind == "text/plain":
+        charset = params.get("charset", "utf-8")
+        try:
+            return body.decode(charset)
+        except LookupError:
+            raise BadPayload(f"unknown charset {charset!r} in Content-Type") from None
+        except UnicodeDecodeError as e:
+            raise BadPayload(f"the body is not valid {charset}: {e.reason} at byte {e.start}") from None
+    return body
+
+
+async def parse_form(content_type: str, body: bytes) -> FormData:
+    """A form or multipart body, parsed by starlette into FormData."""
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    scope = {"type": "http", "method": "POST", "headers": [(b"content-type", content_type.encode("latin-1"))]}
+    try:
+        return await Request(scope, receive).form()
+    except Exception as e:  # noqa: BLE001 - starlette raises several kinds for a bad form; all mean 400
+        raise BadPayload(f"malformed form data: {e}") from None
+
+
+def _json_default(value: Any) -> Any:
+    """numpy and torch values, sets and tuples become plain JSON."""
+    tolist = getattr(value, "tolist", None)
+    if callable(tolist):  # numpy arrays and scalars, torch tensors
+        return tolist()
+    item = getattr(value, "item", None)
+    if callable(item):
+        return item()
+    if isinstance(value, (set, frozenset)):
+        return list(value)
+    raise TypeError(f"predict() returned a {type(value).__name__}, which is not JSON-serializable")
+
+
+def to_json(value: Any) -> bytes:
+    try:
+        return json.dumps(value, default=_json_default, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    except ValueError as e:
+        if "Out of range float" in str(e):
+            raise TypeError("predict() returned NaN or infinity, which JSON cannot carry") from None
+        raise
+
+
+@dataclass
+class Reply:
+    """A predictor's result made ready to send: status, headers, and either a body or a stream of parts."""
+
+    status: int
+    headers: list[Header]
+    body: bytes = b""
+    stream: Iterator[Any] | AsyncIterator[Any] | None = None
+
+
+def _headers(media: str, extra: list[Header] | None = None) -> list[Header]:
+    return [(b"content-type", media.encode()), *(extra or [])]
+
+
+def to_reply(result: Any) -> Reply:
+    """A predictor's return value as a response, following the contract in DESIGN.md section 1."""
+    if isinstance(result, StreamingResponse):
+        return Reply(result.status_code, list(result.raw_headers), stream=result.body_iterator)
+    if isinstance(result, Response):
+        return Reply(result.status_code, list(result.raw_headers), bytes(result.body))
+    if isinstance(result, (bytes, bytearray, memoryview)):
+        return Reply(200, _headers("application/octet-stream"), bytes(result))
+    if isinstance(result, str):
+        return Reply(200, _headers("text/plain; charset=utf-8"), result.encode())
+    if inspect.isgenerator(result) or inspect.isasyncgen(result):
+        return Reply(200, _headers("application/octet-stream"), stream=result)
+    if isinstance(result, float) and not math.isfinite(result):
+        raise TypeError("predict() returned NaN or infinity, which JSON cannot carry")
+    return Reply(200, _headers("application/json"), to_json(result))
+
+
+def chunk_bytes(part: Any) -> bytes:
+    """One streamed part: bytes as is, str as UTF-8, anything else as a JSON line."""
+    if isinstance(part, (bytes, bytearray, memoryview)):
+        return bytes(part)
+    if isinstance(part, str):
+        return part.encode()
+    return to_json(part) + b"\n"
+
+
+def error_body(message: str, **extra: Any) -> bytes:
+    return to_json({"error": message, **extra})
+
+
+def header_list(headers: Headers) -> list[Header]:
+    return list(headers.raw)

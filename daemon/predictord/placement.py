@@ -1,0 +1,69 @@
+"""Which model workers load which APIs: a pure function, data in, data out."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class WorkerSlot:
+    """A model worker as placement sees it."""
+
+    slot: int
+    kind: str  # "cpu" or "gpu"
+    label: str  # "cpu", "gpu0", ...
+
+
+@dataclass(frozen=True)
+class Want:
+    """What an API asks for: a device kind and a number of replicas."""
+
+    device: str  # "cpu", "gpu" or "any"
+    replicas: int
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where an API goes, or why it cannot go anywhere; ``note`` says when it got fewer replicas than asked."""
+
+    slots: tuple[int, ...]
+    error: str | None = None
+    note: str | None = None
+
+
+def place(
+    workers: Sequence[WorkerSlot],
+    wants: Mapping[str, Want],
+    current: Mapping[str, Sequence[int]] | None = None,
+) -> dict[str, Placement]:
+    """Spread each API's replicas over the workers of its device kind, fewest APIs first.
+
+    ``any`` means the GPUs when there are any, else the CPU workers. APIs keep the workers they already have
+    (``current``) while those still fit, so a re-placement moves as little as possible.
+    """
+    current = current or {}
+    load = {w.slot: 0 for w in workers}
+    result: dict[str, Placement] = {}
+    order = sorted(wants, key=lambda n: (-len(current.get(n, ())), n))
+    for name in order:
+        want = wants[name]
+        kind = want.device
+        if kind == "any":
+            kind = "gpu" if any(w.kind == "gpu" for w in workers) else "cpu"
+        candidates = [w.slot for w in workers if w.kind == kind]
+        if not candidates:
+            what = "a GPU, and none was found (NVML)" if kind == "gpu" else "a CPU model worker, and [workers] cpu = 0"
+            fix = 'set device = "cpu" or "any" in [serving]' if kind == "gpu" else "set [workers] cpu >= 1"
+            result[name] = Placement((), error=f"device {want.device!r} needs {what}; {fix}")
+            continue
+        kept = [s for s in current.get(name, ()) if s in candidates][: want.replicas]
+        rest = sorted((s for s in candidates if s not in kept), key=lambda s: (load[s], s))
+        chosen = tuple(sorted(kept + rest[: want.replicas - len(kept)]))
+        for s in chosen:
+            load[s] += 1
+        note = None
+        if len(chosen) < want.replicas:
+            note = f"asked for {want.replicas} replicas on {kind}; only {len(chosen)} {kind} worker(s) exist"
+        result[name] = Placement(chosen, note=note)
+    return result

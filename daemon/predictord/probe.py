@@ -1,0 +1,89 @@
+"""Validate a predictor in a throwaway process, so broken code never reaches the master or a model worker.
+
+Run as ``python -m predictord.probe PATH [--init]``: it imports the predictor, checks its class and signature
+(and with ``--init`` constructs it on the CPU), then prints one JSON line with the outcome. The caller enforces
+the deadline by killing the process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, load_api_settings
+from .loader import LoadError, instantiate, load_class, source_for
+
+
+def probe(path: Path, init: bool) -> dict[str, Any]:
+    """The outcome of loading a predictor, as data."""
+    source = source_for(path)
+    started = time.monotonic()
+    try:
+        settings = load_api_settings(source.settings)
+    except ConfigError as e:
+        return {"ok": False, "name": source.name, "error": {"message": str(e), "file": str(source.settings),
+                                                             "line": None}}
+    try:
+        cls, signature = load_class(source, f"predictord_probe_{source.name.replace('-', '_')}")
+        if init:
+            instantiate(cls, signature, source, dict(settings.config), "cpu")
+    except LoadError as e:
+        return {"ok": False, "name": source.name, "error": e.as_dict()}
+    return {"ok": True, "name": source.name, "signature": signature.as_dict(),
+            "seconds": round(time.monotonic() - started, 3)}
+
+
+def start(path: Path, init: bool, stderr: Any = subprocess.PIPE) -> subprocess.Popen[bytes]:
+    """Start a probe process; its stdout carries the JSON outcome, its stderr whatever the predictor printed."""
+    args = [sys.executable, "-m", "predictord.probe", str(path)] + (["--init"] if init else [])
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL, env=env)
+
+
+def outcome(path: Path, stdout: bytes, stderr: bytes, returncode: int | None) -> dict[str, Any]:
+    """Read a finished probe's outcome; a probe that died without one is a load error too."""
+    for line in reversed(stdout.decode(errors="replace").splitlines()):
+        if line.startswith("{"):
+            try:
+                result: dict[str, Any] = json.loads(line)
+                return result
+            except json.JSONDecodeError:
+                break
+    tail = stderr.decode(errors="replace").strip().splitlines()[-3:]
+    how = f"exit status {returncode}" if returncode and returncode > 0 else f"signal {-(returncode or 0)}"
+    message = f"loading it killed the process ({how})" + (": " + " | ".join(tail) if tail else "")
+    return {"ok": False, "name": source_for(path).name, "error": {"message": message, "file": str(path), "line": None}}
+
+
+def run(path: Path, init: bool, timeout: float) -> dict[str, Any]:
+    """Probe and wait, killing the probe at the deadline."""
+    proc = start(path, init)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        doing = "__init__" if init else "importing it"
+        return {"ok": False, "name": source_for(path).name,
+                "error": {"message": f"{doing} took longer than the load deadline ({timeout:g}s); "
+                                     "raise [predictors] load_timeout if it is just slow",
+                          "file": str(source_for(path).code), "line": None}}
+    return outcome(path, stdout, stderr, proc.returncode)
+
+
+def main() -> None:
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # whatever the predictor prints goes to stderr, not into our answer
+    result = probe(Path(sys.argv[1]), "--init" in sys.argv[2:])
+    out.write(json.dumps(result) + "\n")
+    out.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Shared memory, made by the master before it forks, that gives every process the same view of the load.
+
+Each cell has one writer, so no lock is needed (aligned 8-byte stores are atomic on the platforms we run on):
+- HTTP worker ``h`` counts the jobs it has out on model worker ``m`` and for API ``a`` (``sent[h][m]``,
+  ``api[h][a]``); the sums over ``h`` are the global outstanding counts that dispatch balances on and that bound
+  each API's queue. When model worker ``m`` dies, each HTTP worker sees its connection close and zeroes its own
+  cell; when HTTP worker ``h`` dies, the master zeroes its row.
+- Model worker ``m`` stamps ``beat[m]`` (milliseconds) while it is healthy; the master replaces it when it stops.
+- The master bumps ``routes_version`` whenever it rewrites the routing table, so an HTTP worker notices a change
+  with one memory read per request.
+"""
+
+from __future__ import annotations
+
+import mmap
+import time
+
+MAX_HTTP = 64
+MAX_MODEL = 128
+MAX_APIS = 256
+
+_ROUTES = 0
+_BEAT = 1
+_SENT = _BEAT + MAX_MODEL
+_API = _SENT + MAX_HTTP * MAX_MODEL
+_CELLS = _API + MAX_HTTP * MAX_APIS
+
+
+class Scoreboard:
+    """Counters in an anonymous shared mapping, inherited by every forked worker."""
+
+    def __init__(self) -> None:
+        self._map = mmap.mmap(-1, _CELLS * 8)
+        self.cells = memoryview(self._map).cast("q")
+        self.http_slots = 1  # how many HTTP rows to sum; the master sets it before forking
+
+    @property
+    def routes_version(self) -> int:
+        return self.cells[_ROUTES]
+
+    def bump_routes(self) -> int:
+        self.cells[_ROUTES] += 1
+        return self.cells[_ROUTES]
+
+    def beat(self, model_slot: int) -> None:
+        self.cells[_BEAT + model_slot] = int(time.time() * 1000)
+
+    def last_beat(self, model_slot: int) -> float:
+        return self.cells[_BEAT + model_slot] / 1000.0
+
+    def add(self, http_slot: int, model_slot: int, api_slot: int, delta: int) -> None:
+        """HTTP worker ``http_slot`` sent (+1) or settled (-1) a job on a model worker for an API."""
+        c = self.cells
+        c[_SENT + http_slot * MAX_MODEL + model_slot] += delta
+        c[_API + http_slot * MAX_APIS + api_slot] += delta
+
+    def outstanding(self, model_slot: int) -> int:
+        """Jobs sent to a model worker and not yet answered, over all HTTP workers."""
+        return sum(self.cells[_SENT + model_slot : _SENT + self.http_slots * MAX_MODEL : MAX_MODEL])
+
+    def api_outstanding(self, api_slot: int) -> int:
+        """Jobs for an API not yet answered, over all HTTP workers and replicas."""
+        return sum(self.cells[_API + api_slot : _API + self.http_slots * MAX_APIS : MAX_APIS])
+
+    def clear_model(self, http_slot: int, model_slot: int, api_counts: dict[int, int]) -> None:
+        """HTTP worker ``http_slot`` lost its connection to a model worker: its jobs there are settled."""
+        c = self.cells
+        c[_SENT + http_slot * MAX_MODEL + model_slot] = 0
+        for api_slot, n in api_counts.items():
+            c[_API + http_slot * MAX_APIS + api_slot] -= n
+
+    def clear_http(self, http_slot: int) -> None:
+        """An HTTP worker died: nothing it sent is outstanding any more."""
+        c = self.cells
+        for i in range(MAX_MODEL):
+            c[_SENT + http_slot * MAX_MODEL + i] = 0
+        for i in range(MAX_APIS):
+            c[_API + http_slot * MAX_APIS + i] = 0

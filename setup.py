@@ -1,0 +1,28 @@
+"""predictord: serve Python predictors over HTTP on one machine."""
+
+from setuptools import setup
+
+setup(
+    name="predictord",
+    version="0.1.0",
+    description="A single-host multiprocess serving daemon: a predictor is just a Python class.",
+    python_requires=">=3.11",
+    # The code lives in daemon/; it installs as `predictord` (a top-level `daemon` would clash with python-daemon).
+    package_dir={"": "daemon"},
+    packages=["predictord"],
+    install_requires=[
+        "gunicorn>=27,<28",
+        "uvicorn[standard]>=0.54",
+        "uvicorn-worker>=0.4",
+        "starlette>=1.10",
+        "python-multipart>=0.0.20",
+        "torch==2.13.0",
+        "numpy>=2",
+        "psutil>=7",
+        "nvidia-ml-py>=13",
+        "watchdog>=7",
+        "tomli-w>=1.0",
+    ],
+    extras_require={"test": ["pytest>=8", "httpx>=0.28", "ruff>=0.8", "mypy>=1.13"]},
+    entry_points={"console_scripts": ["predictord=predictord.cli:main"]},
+)
