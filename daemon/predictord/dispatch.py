@@ -95,7 +95,7 @@ class Dispatcher:
         self.http_slot = http_slot
         self.routes_path = routes_path
         self.version = -1
-        self.table: dict[str, Any] = {"apis": {}, "workers": [], "daemon": {"ready": False}}
+        self.table: dict[str, Any] = {"apis": {}, "workers": [], "daemon": {"ready": False, "not_ready": {}, "workers_down": []}}
         self.links: dict[int, ModelLink] = {}
         self.connecting: dict[int, asyncio.Future[ModelLink]] = {}
         self.job_ids = itertools.count(1)

@@ -19,7 +19,7 @@ from .scoreboard import Scoreboard
 
 log = logging.getLogger("predictord.master")
 
-EXIT_CODES = {0: "exited cleanly", 1: "crashed (see its traceback above)", 3: "failed to boot"}
+EXIT_CODES = {0: "exited cleanly", 1: "crashed (see its traceback above)"}
 MAX_BACKOFF = 10.0
 
 
@@ -34,7 +34,7 @@ def describe_exit(status: int | None) -> str:
             return f"was killed by {name} (out of memory, or replaced by the daemon)"
         return f"was killed by {name}"
     code = os.WEXITSTATUS(status)
-    return EXIT_CODES.get(code, f"exited with status {code} (a predictor called exit?)")
+    return EXIT_CODES.get(code, f"exited with status {code} (did a predictor call exit or os._exit?)")
 
 
 @dataclass

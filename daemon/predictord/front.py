@@ -77,7 +77,8 @@ class Front:
         if method == "POST":
             await self._predict(scope, receive, send, name, route, request_id)
         elif method in ("GET", "HEAD"):
-            await self._send(send, 200, _json(route["status"]), request_id)
+            live = {"outstanding": self.scoreboard.api_outstanding(route["slot"])}
+            await self._send(send, 200, _json({**route["status"], **live}), request_id)
         else:
             await self._error(send, 405, f"{path} answers POST (predict) and GET (status)", request_id,
                               [(b"allow", b"GET, POST")])

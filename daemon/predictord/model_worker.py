@@ -138,10 +138,6 @@ class ModelWorker:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the master orchestrates shutdown
         signal.signal(signal.SIGQUIT, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        try:
-            os.setpgid(0, os.getpgid(os.getppid()))
-        except OSError:
-            pass
 
     async def _serve(self) -> None:
         self.loop = asyncio.get_running_loop()

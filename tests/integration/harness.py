@@ -1,0 +1,147 @@
+"""A real predictord as a subprocess: its own temp directory, an ephemeral port, logs to a file, deadlines."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail with ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Daemon:
+    """Start, query and stop one predictord process group."""
+
+    def __init__(self, root: Path, config: str = "", env: dict[str, str] | None = None) -> None:
+        self.root = root
+        self.predictors = root / "predictors"
+        self.predictors.mkdir(parents=True, exist_ok=True)
+        self.config_path = root / "config.toml"
+        self.log_path = root / "daemon.log"
+        self.config_text = config
+        self.env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.client = httpx.Client(timeout=30)
+
+    def write(self, relpath: str, text: str) -> Path:
+        path = self.predictors / relpath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        return path
+
+    def start(self) -> Daemon:
+        base = {"server": 'host = "127.0.0.1"\nport = 0\nhttp_workers = 2\nlog_level = "info"\n',
+                "predictors": 'dir = "predictors"\nload_timeout = 20\n',
+                "workers": 'cpu = 1\ngpus = "none"\npreload = ["torch"]\n'}
+        tables = {t: self._keys(v) for t, v in base.items()}
+        for t, v in self._tables(self.config_text).items():
+            tables.setdefault(t, {}).update(self._keys(v))  # the test's keys override the base
+        text = "".join(f"[{t}]\n" + "".join(lines.values()) + "\n" for t, lines in tables.items())
+        self.config_path.write_text(text)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
+        env.pop("PREDICTORD_CONFIG", None)
+        self.log = self.log_path.open("ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "predictord", "--config", str(self.config_path)],
+                                     stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                     cwd=self.root, start_new_session=True)
+        match = self.wait_for_log(r"predictord listening on http://127\.0\.0\.1:(\d+)", 60)
+        self.port = int(match.group(1))
+        return self
+
+    @staticmethod
+    def _keys(text: str) -> dict[str, str]:
+        return {line.split("=")[0].strip(): line + "\n" for line in text.splitlines() if "=" in line}
+
+    @staticmethod
+    def _tables(text: str) -> dict[str, str]:
+        tables: dict[str, str] = {}
+        current = None
+        for line in text.strip().splitlines():
+            m = re.match(r"\s*\[(\w+)\]\s*$", line)
+            if m:
+                current = m.group(1)
+                tables.setdefault(current, "")
+            elif current:
+                tables[current] += line.strip() + "\n"
+        return tables
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, pattern: str, timeout: float = 30, after: int = 0) -> re.Match[str]:
+        def found() -> re.Match[str] | None:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"the daemon exited ({self.proc.returncode}):\n{self.logs()[-3000:]}")
+            return re.search(pattern, self.logs()[after:])
+
+        return wait_until(found, timeout, f"log line /{pattern}/")  # type: ignore[no-any-return]
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def get(self, path: str, **kw: Any) -> httpx.Response:
+        return self.client.get(self.url(path), **kw)
+
+    def post(self, path: str, **kw: Any) -> httpx.Response:
+        return self.client.post(self.url(path), **kw)
+
+    def status(self) -> dict[str, Any]:
+        return self.get("/").json()  # type: ignore[no-any-return]
+
+    def wait_state(self, name: str, state: str, timeout: float = 60) -> dict[str, Any]:
+        def check() -> dict[str, Any] | None:
+            r = self.get(f"/{name}")
+            return r.json() if r.status_code == 200 and r.json()["state"] == state else None
+
+        return wait_until(check, timeout, f"API {name} to be {state}")  # type: ignore[no-any-return]
+
+    def wait_settled(self, timeout: float = 60) -> dict[str, Any]:
+        """Every API ready or failed, every model worker up."""
+
+        def check() -> dict[str, Any] | None:
+            s = self.status()
+            settled = all(a["state"] in ("ready", "failed") for a in s["apis"].values())
+            published = "pid" in s["daemon"]  # the master has written its first routing table
+            return s if published and settled and not s["daemon"]["workers_down"] else None
+
+        return wait_until(check, timeout, "every API to be ready or failed")  # type: ignore[no-any-return]
+
+    def worker_pids(self) -> dict[int, int]:
+        return {w["slot"]: w["pid"] for w in self.status()["workers"]}
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int | None:
+        """Signal the master as systemd would; then SIGKILL its process group (ours: a new session) if need be."""
+        self.client.close()
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        try:  # anything left in the group (an orphaned worker) is ours too
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.log.close()
+        return self.proc.returncode

@@ -1,0 +1,247 @@
+"""The predictor contract (DESIGN.md section 1) against a real daemon: arguments, payloads, returns, errors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from harness import Daemon
+
+PREDICTORS = {
+    "echo.py": '''
+class PythonPredictor:
+    def __init__(self, config):
+        self.config = config
+
+    def predict(self, payload, query_params, headers):
+        return {"payload": payload if not isinstance(payload, bytes) else {"bytes": payload.hex()},
+                "type": type(payload).__name__,
+                "query": dict(query_params), "tag": headers.get("x-tag"), "config": self.config}
+''',
+    "echo.toml": '[config]\ncolor = "blue"\nsizes = [1, 2]\n',
+    "form.py": '''
+class PythonPredictor:
+    def __init__(self, config):
+        pass
+
+    async def predict(self, payload):
+        out = {}
+        for key, value in payload.multi_items():
+            out[key] = value if isinstance(value, str) else {"filename": value.filename,
+                                                             "data": (await value.read()).decode()}
+        return out
+''',
+    "kinds.py": '''
+import numpy as np
+import torch
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+
+
+class PythonPredictor:
+    def __init__(self, config):
+        pass
+
+    def predict(self, payload):
+        kind = payload["kind"]
+        if kind == "list":
+            return [1, "two", 3.5, None]
+        if kind == "number":
+            return 42
+        if kind == "numpy":
+            return {"array": np.arange(3, dtype=np.float32), "scalar": np.int64(7), "mean": np.float32(0.5)}
+        if kind == "torch":
+            return {"tensor": torch.tensor([[1.0, 2.0]]), "scalar": torch.tensor(3)}
+        if kind == "str":
+            return "plain text"
+        if kind == "bytes":
+            return b"\\x00\\x01binary"
+        if kind == "response":
+            return Response("teapot", status_code=418, headers={"x-custom": "yes"}, media_type="text/plain")
+        if kind == "http-error":
+            raise HTTPException(status_code=422, detail="kind must be sensible")
+        if kind == "crash":
+            raise ValueError("secret internal detail")
+        if kind == "stream":
+            return (f"part{i}\\n" for i in range(3))
+        if kind == "nan":
+            return float("nan")
+        if kind == "object":
+            return object()
+        return {"unknown": kind}
+''',
+    "aio.py": '''
+import asyncio
+
+
+class PythonPredictor:
+    def __init__(self, config, device, predictor_dir):
+        self.device = device
+        self.dir = predictor_dir
+
+    async def predict(self, payload):
+        await asyncio.sleep(0.01)
+        return {"async": True, "device": self.device, "dir": self.dir, "got": payload}
+''',
+}
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    d = Daemon(tmp_path_factory.mktemp("contract"))
+    for rel, text in PREDICTORS.items():
+        d.write(rel, text)
+    d.start()
+    d.wait_settled()
+    yield d
+    d.stop()
+
+
+def test_every_api_ready(daemon: Daemon) -> None:
+    status = daemon.status()
+    assert {n: a["state"] for n, a in status["apis"].items()} == dict.fromkeys(["aio", "echo", "form", "kinds"],
+                                                                                "ready")
+    assert daemon.get("/readyz").status_code == 200
+    assert daemon.get("/healthz").json()["status"] == "ok"
+
+
+def test_json_payload_query_headers_and_config(daemon: Daemon) -> None:
+    r = daemon.post("/echo?a=1&b=two", json={"x": [1, 2]}, headers={"X-Tag": "t1"})
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "application/json"
+    assert r.json() == {"payload": {"x": [1, 2]}, "type": "dict", "query": {"a": "1", "b": "two"}, "tag": "t1",
+                        "config": {"color": "blue", "sizes": [1, 2]}}
+
+
+def test_text_payload_honours_charset(daemon: Daemon) -> None:
+    r = daemon.post("/echo", content="caf\xe9".encode("latin-1"), headers={"Content-Type": "text/plain; charset=latin-1"})
+    assert r.json()["payload"] == "café" and r.json()["type"] == "str"
+    r = daemon.post("/echo", content="naïve".encode(), headers={"Content-Type": "text/plain"})
+    assert r.json()["payload"] == "naïve"
+
+
+def test_other_content_types_are_bytes(daemon: Daemon) -> None:
+    r = daemon.post("/echo", content=b"\x00\xffraw", headers={"Content-Type": "application/octet-stream"})
+    assert r.json()["payload"] == {"bytes": "00ff726177"} and r.json()["type"] == "bytes"
+    r = daemon.post("/echo", content=b"no type")
+    assert r.json()["type"] == "bytes"
+
+
+def test_form_and_multipart(daemon: Daemon) -> None:
+    r = daemon.post("/form", data={"a": "1", "b": "x y"})
+    assert r.json() == {"a": "1", "b": "x y"}
+    r = daemon.post("/form", data={"a": "1"}, files={"f": ("notes.txt", b"hello file", "text/plain")})
+    assert r.json() == {"a": "1", "f": {"filename": "notes.txt", "data": "hello file"}}
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"", b'{"a": 1', b"\xff\xfe"])
+def test_malformed_json_is_400_with_json_error(daemon: Daemon, body: bytes) -> None:
+    r = daemon.post("/echo", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400
+    assert r.headers["content-type"] == "application/json"
+    error = r.json()["error"]
+    assert "JSON" in error or "json" in error
+
+
+@pytest.mark.parametrize("kind,status,content_type,expected", [
+    ("list", 200, "application/json", [1, "two", 3.5, None]),
+    ("number", 200, "application/json", 42),
+    ("numpy", 200, "application/json", {"array": [0.0, 1.0, 2.0], "scalar": 7, "mean": 0.5}),
+    ("torch", 200, "application/json", {"tensor": [[1.0, 2.0]], "scalar": 3}),
+])
+def test_json_returns(daemon: Daemon, kind: str, status: int, content_type: str, expected: object) -> None:
+    r = daemon.post("/kinds", json={"kind": kind})
+    assert (r.status_code, r.headers["content-type"]) == (status, content_type)
+    assert r.json() == expected
+
+
+def test_str_bytes_and_response_returns(daemon: Daemon) -> None:
+    r = daemon.post("/kinds", json={"kind": "str"})
+    assert r.headers["content-type"].startswith("text/plain") and r.text == "plain text"
+    r = daemon.post("/kinds", json={"kind": "bytes"})
+    assert r.headers["content-type"] == "application/octet-stream" and r.content == b"\x00\x01binary"
+    r = daemon.post("/kinds", json={"kind": "response"})
+    assert r.status_code == 418 and r.headers["x-custom"] == "yes" and r.text == "teapot"
+
+
+def test_generator_streams(daemon: Daemon) -> None:
+    with daemon.client.stream("POST", daemon.url("/kinds"), json={"kind": "stream"}) as r:
+        assert r.status_code == 200
+        assert "content-length" not in r.headers
+        assert b"".join(r.iter_bytes()) == b"part0\npart1\npart2\n"
+
+
+def test_async_predict_and_init_extras(daemon: Daemon) -> None:
+    r = daemon.post("/aio", json=[1])
+    assert r.json() == {"async": True, "device": "cpu", "dir": str(daemon.predictors), "got": [1]}
+
+
+def test_http_exception_keeps_its_status(daemon: Daemon) -> None:
+    r = daemon.post("/kinds", json={"kind": "http-error"})
+    assert r.status_code == 422
+    assert r.json()["error"] == "kind must be sensible"
+
+
+def test_exception_is_500_naming_api_and_request_without_traceback(daemon: Daemon) -> None:
+    r = daemon.post("/kinds", json={"kind": "crash"}, headers={"X-Request-ID": "req-123"})
+    assert r.status_code == 500
+    body = r.json()
+    assert body["api"] == "kinds" and body["request_id"] == "req-123"
+    assert "ValueError" in body["error"] and "secret internal detail" not in r.text
+    assert "Traceback" not in r.text
+    daemon.wait_for_log(r"API kinds request req-123: predict\(\) raised ValueError: secret internal detail")
+
+
+@pytest.mark.parametrize("kind", ["nan", "object"])
+def test_unserializable_return_is_500(daemon: Daemon, kind: str) -> None:
+    r = daemon.post("/kinds", json={"kind": kind})
+    assert r.status_code == 500 and r.json()["api"] == "kinds"
+
+
+def test_request_id_echoed_or_generated_on_every_response(daemon: Daemon) -> None:
+    for path, method in [("/echo", "POST"), ("/nope", "POST"), ("/", "GET"), ("/echo", "GET"), ("/healthz", "GET")]:
+        r = daemon.client.request(method, daemon.url(path), headers={"X-Request-ID": "abc-1"}, json={})
+        assert r.headers["x-request-id"] == "abc-1", path
+        r = daemon.client.request(method, daemon.url(path), json={})
+        assert len(r.headers["x-request-id"]) == 32, path
+    r = daemon.post("/kinds", json={"kind": "number"})
+    assert r.headers["x-predictor-version"] == daemon.get("/kinds").json()["version"]["wanted"]
+
+
+def test_unknown_api_is_404_json(daemon: Daemon) -> None:
+    for path in ["/nope", "/echo/extra", "/../etc/passwd"]:
+        r = daemon.post(path, json={})
+        assert r.status_code == 404
+        assert "GET / lists the APIs" in r.json()["error"]
+
+
+def test_other_methods_are_405(daemon: Daemon) -> None:
+    r = daemon.client.put(daemon.url("/echo"), json={})
+    assert r.status_code == 405 and r.headers["allow"] == "GET, POST"
+    assert daemon.post("/healthz").status_code == 405
+
+
+def test_api_status_document(daemon: Daemon) -> None:
+    s = daemon.get("/echo").json()
+    assert s["state"] == "ready"
+    assert s["version"]["serving"] == [s["version"]["wanted"]]
+    assert s["replicas"][0]["device"] == "cpu"
+    assert s["signature"]["predict"] == ["payload", "query_params", "headers"]
+    assert s["serving"] == {"device": "any", "replicas": 1, "timeout": 60.0, "queue_limit": 64}
+    assert s["error"] is None
+    assert json.loads(json.dumps(s)) == s
+
+
+def test_body_over_limit_is_413(tmp_path: Path) -> None:
+    d = Daemon(tmp_path, "[server]\nmax_body_bytes = 1000\n")
+    d.write("echo.py", PREDICTORS["echo.py"])
+    d.start()
+    try:
+        d.wait_state("echo", "ready")
+        r = d.post("/echo", content=b"x" * 5000, headers={"Content-Type": "application/octet-stream"})
+        assert r.status_code == 413 and "max_body_bytes" in r.json()["error"]
+        assert d.post("/echo", content=b"x" * 900).status_code == 200
+    finally:
+        d.stop()

@@ -1,0 +1,158 @@
+"""Broken predictors, dying workers, deadlines and full queues: each gets a clear answer, nothing else breaks."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from broken import BROKEN, EXIT, HANG, OK, SLOW
+from harness import wait_until
+
+
+def test_broken_predictors_report_errors_and_others_keep_serving(make_daemon: Any) -> None:
+    files = {f"{name}.py": src for name, (src, _, _) in BROKEN.items()}
+    d = make_daemon({**files, "ok.py": OK, "hang.py": HANG}, "[predictors]\nload_timeout = 8\n[workers]\ncpu = 2\n")
+    status = d.wait_settled(90)
+    assert d.post("/ok", json={}).json() == {"ok": True}
+    for name, (_, message, line) in BROKEN.items():
+        api = status["apis"][name]
+        assert api["state"] == "failed", name
+        error = api["error"]
+        assert error["file"].endswith(f"{name}.py"), error
+        assert re.search(message, error["message"]), error
+        if line is not None:
+            assert error["line"] == line, error
+        r = d.post(f"/{name}", json={})
+        assert r.status_code == 503 and r.headers["content-type"] == "application/json"
+        assert f"{name}.py" in r.json()["error"]
+        d.wait_for_log(rf"API {name} version \w+ is broken|API {name} version \w+ failed to load")
+    hang = status["apis"]["hang"]
+    assert hang["state"] == "failed" and "load deadline (8s)" in hang["error"]["message"]
+    d.wait_for_log(r"API hang version \w+: __init__ exceeded 8s")
+    ready = d.get("/readyz")
+    assert ready.status_code == 503
+    for name in [*BROKEN, "hang"]:
+        assert f"API {name} is failed" in ready.json()["error"]
+    # the worker killed for the hang is replaced, and the good API still answers everywhere
+    wait_until(lambda: d.status()["apis"]["ok"]["state"] == "ready", 30, "ok to be ready again")
+    assert d.post("/ok", json={}).status_code == 200
+
+
+def test_predict_that_kills_its_worker_gets_502_and_worker_is_replaced(make_daemon: Any) -> None:
+    d = make_daemon({"exit.py": EXIT, "exit.toml": '[serving]\ndevice = "cpu"\n', "ok.py": OK},
+                    "[workers]\ncpu = 2\n")
+    d.wait_settled()
+    before = d.worker_pids()
+    r = d.post("/exit", json={"die": True})
+    assert r.status_code == 502
+    assert "exited while handling this request" in r.json()["error"]
+    d.wait_for_log(r"model worker \d \(cpu\) pid \d+ exited with status 3")
+    assert d.post("/ok", json={}).status_code == 200
+    wait_until(lambda: d.status()["apis"]["exit"]["state"] == "ready" and d.worker_pids() != before, 30,
+               "a replacement worker with exit loaded")
+    assert d.post("/exit", json={}).json() == {"alive": True}
+
+
+def test_sigkilled_worker_fails_its_requests_at_once_while_other_api_answers(make_daemon: Any) -> None:
+    d = make_daemon({"slow.py": SLOW, "ok.py": OK}, "[workers]\ncpu = 2\n")
+    status = d.wait_settled()
+    slow_pid = status["apis"]["slow"]["replicas"][0]["pid"]
+    ok_pid = status["apis"]["ok"]["replicas"][0]["pid"]
+    assert slow_pid != ok_pid, "placement spreads two APIs over two workers"
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        held = [pool.submit(d.post, "/slow", json={"sleep": 30}) for _ in range(3)]
+        wait_until(lambda: d.get("/slow").json()["outstanding"] == 3, 10, "3 requests in flight on slow")
+        started = time.monotonic()
+        os.kill(slow_pid, signal.SIGKILL)
+        answers = [f.result(timeout=20) for f in held]
+        waited = time.monotonic() - started
+        assert [a.status_code for a in answers] == [502, 502, 502]
+        assert waited < 20  # failed at once, not at the 30 s predict or the 60 s deadline
+        assert all(d.post("/ok", json={}).status_code == 200 for _ in range(20))
+    d.wait_for_log(rf"model worker \d \(cpu\) pid {slow_pid} was killed by SIGKILL")
+    wait_until(lambda: d.get("/slow").json()["state"] == "ready", 30, "slow to be served again")
+    assert d.get("/slow").json()["outstanding"] == 0
+    assert d.post("/slow", json={"sleep": 0}).json() == {"slept": 0}
+
+
+def test_deadline_is_504_and_full_queue_is_503(make_daemon: Any) -> None:
+    d = make_daemon({"slow.py": SLOW, "slow.toml": "[serving]\ntimeout = 1\nqueue_limit = 1\n"})
+    d.wait_settled()
+    r = d.post("/slow", json={"sleep": 3})
+    assert r.status_code == 504 and "[serving] timeout" in r.json()["error"]
+    wait_until(lambda: d.post("/slow", json={"sleep": 0}).status_code == 200, 10, "slow to be free again")
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda _: d.post("/slow", json={"sleep": 0.8}), range(6)))
+    codes = sorted(a.status_code for a in answers)
+    assert 503 in codes and (200 in codes or 504 in codes), codes
+    full = next(a for a in answers if a.status_code == 503)
+    assert full.headers["retry-after"] == "1" and "queue_limit" in full.json()["error"]
+
+
+def test_gpu_api_on_cpu_only_machine_fails_clearly(make_daemon: Any) -> None:
+    d = make_daemon({"g.py": OK, "g.toml": '[serving]\ndevice = "gpu"\n', "ok.py": OK})
+    status = d.wait_settled()
+    assert status["apis"]["g"]["state"] == "failed"
+    assert "needs a GPU" in status["apis"]["g"]["error"]["message"]
+    assert status["apis"]["ok"]["state"] == "ready"
+
+
+def test_invalid_and_reserved_names_are_refused(make_daemon: Any) -> None:
+    d = make_daemon({"Bad Name.py": OK, "healthz.py": OK, "ok.py": OK})
+    status = d.wait_settled()
+    assert "not a valid API name" in status["apis"]["Bad Name"]["error"]["message"]
+    assert "reserved" in status["apis"]["healthz"]["error"]["message"]
+    assert d.get("/healthz").json()["status"] == "ok"
+
+
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "predictord", *args], capture_output=True, text=True, timeout=120,
+                          cwd=cwd)
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN))
+def test_check_reports_each_problem(tmp_path: Path, name: str) -> None:
+    source, message, line = BROKEN[name]
+    path = tmp_path / f"{name}.py"
+    path.write_text(source)
+    r = _cli("check", str(path))
+    assert r.returncode == 1, r
+    assert re.search(message, r.stderr), r.stderr
+    assert r.stderr.startswith(f"{path}:{line}:" if line else f"{path}:"), r.stderr
+
+
+def test_check_kills_a_hanging_init(tmp_path: Path) -> None:
+    path = tmp_path / "hang.py"
+    path.write_text(HANG)
+    r = _cli("check", str(path), "--timeout", "3")
+    assert r.returncode == 1 and "took longer than the load deadline (3s)" in r.stderr
+
+
+def test_check_passes_a_good_predictor_and_prints_its_signature(tmp_path: Path) -> None:
+    folder = tmp_path / "router"
+    folder.mkdir()
+    repo = Path(__file__).resolve().parents[2]
+    for f in (repo / "predictors" / "router").iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    r = _cli("check", str(folder))
+    assert r.returncode == 0, r.stderr
+    assert "OK: API 'router': __init__(config, predictor_dir), predict(query_params, payload)" in r.stdout
+
+
+def test_bad_config_exits_naming_file_key_expected_and_found(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[server]\nport = "eighty"\n')
+    r = _cli("--config", str(config))
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"predictord: {config}: [server]: port: expected an integer, found 'eighty'"
+    config.write_text("[server]\nhttp_wokers = 2\n")
+    r = _cli("--config", str(config))
+    assert r.returncode == 2 and "unknown key 'http_wokers'; allowed: host, port, http_workers" in r.stderr
