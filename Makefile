@@ -16,7 +16,7 @@ $(STAMP): setup.py
 run: $(STAMP)
 	$(BIN)/predictord --config config.toml
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest -q tests
 
 unit: $(STAMP)

@@ -87,7 +87,7 @@ def route(record: ApiRecord, replicas: list[Replica]) -> dict[str, Any]:
         "replicas": [[r.slot, r.socket, r.threads, r.version] for r in replicas],
         "timeout": serving.timeout if serving else 60.0,
         "queue_limit": serving.queue_limit if serving else 0,
-        "wants_headers": "headers" in ((record.signature or {}).get("predict") or ()),
+        "wants_headers": any("headers" in ((record.signature or {}).get(m) or ()) for m in ("predict", "post_predict")),
         "status": api_status(record, replicas),
     }
 

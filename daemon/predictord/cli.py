@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import urllib.error
@@ -12,23 +11,17 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import Config, ConfigError, describe_options, find_config, load_config
+from .config import Config, ConfigError, describe_options, find_config, load_config, override
 
 COMMANDS = ("serve", "check", "status", "options")
 
 
 def _load(args: argparse.Namespace) -> Config:
     config = load_config(find_config(args.config))
-    server, predictors = config.server, config.predictors
-    if args.host is not None:
-        server = dataclasses.replace(server, host=args.host)
-    if args.port is not None:
-        server = dataclasses.replace(server, port=args.port)
-    if args.log_level is not None:
-        server = dataclasses.replace(server, log_level=args.log_level)
+    config = override(config, "server", host=args.host, port=args.port, log_level=args.log_level)
     if args.predictors is not None:
-        predictors = dataclasses.replace(predictors, dir=str(Path(args.predictors).resolve()))
-    return dataclasses.replace(config, server=server, predictors=predictors)
+        config = override(config, "predictors", dir=str(Path(args.predictors).resolve()))
+    return config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -89,13 +82,12 @@ def status(config: Config, as_json: bool) -> int:
     rows = [("API", "STATE", "VERSION", "WHERE", "LAST ERROR")]
     for name, a in sorted(data["apis"].items()):
         where = ",".join(f"{r['device']}#{r['worker']}" for r in a["replicas"]) or "-"
-        e = a.get("error")
-        error = f"{e.get('file')}:{e.get('line')}: {e['message']}" if e and e.get("line") else (e or {}).get(
-            "message", "")
+        err = a.get("error") or {}
+        error = f"{err['file']}:{err['line']}: {err['message']}" if err.get("line") else err.get("message", "")
         rows.append((name, a["state"], ",".join(a["version"]["serving"]) or a["version"]["wanted"], where, error))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[4])
     print()
     print("WORKER  PID      DEVICE  APIS")
     for w in data["workers"]:

@@ -51,7 +51,7 @@ def _one_of(choices: tuple[str, ...]) -> Check:
 def _gpus(value: Any) -> str | None:
     if value in ("all", "none"):
         return None
-    if isinstance(value, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
+    if isinstance(value, (list, tuple)) and all(type(i) is int and i >= 0 for i in value):
         return None
     return '"all", "none" or a list of GPU indices such as [0, 1]'
 
@@ -116,7 +116,7 @@ class ServingConfig:
     device: str = opt("any", "Where it runs: gpu, cpu or any (a GPU when there is one).", _one_of(DEVICES))
     replicas: int = opt(1, "Model workers that load this API.", _in_range(1, 64))
     timeout: float = opt(60.0, "Seconds a request may take, queueing included, before it gets 504.", _in_range(0.001))
-    queue_limit: int = opt(64, "Requests that may wait for a free replica; more get 503 with Retry-After.", _in_range(0))
+    queue_limit: int = opt(64, "Requests that may wait for a replica; more get 503 with Retry-After.", _in_range(0))
 
 
 @dataclass(frozen=True)
@@ -217,6 +217,14 @@ def load_api_settings(path: Path | None) -> ApiSettings:
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: [config]: expected a table, found {config!r}")
     return ApiSettings(config=config, serving=_build_table(ServingConfig, raw.get("serving", {}), f"{path}: [serving]"))
+
+
+def override(config: Config, table: str, **values: Any) -> Config:
+    """The config with some keys of one table replaced (from the command line), validated like the file."""
+    current = getattr(config, table)
+    merged = {**dataclasses.asdict(current), **{k: v for k, v in values.items() if v is not None}}
+    rebuilt = _build_table(type(current), merged, f"command line: [{table}]")
+    return dataclasses.replace(config, **{table: rebuilt})
 
 
 def describe_options() -> str:

@@ -95,7 +95,8 @@ class Dispatcher:
         self.http_slot = http_slot
         self.routes_path = routes_path
         self.version = -1
-        self.table: dict[str, Any] = {"apis": {}, "workers": [], "daemon": {"ready": False, "not_ready": {}, "workers_down": []}}
+        daemon = {"ready": False, "not_ready": {}, "workers_down": []}
+        self.table: dict[str, Any] = {"apis": {}, "workers": [], "daemon": daemon}
         self.links: dict[int, ModelLink] = {}
         self.connecting: dict[int, asyncio.Future[ModelLink]] = {}
         self.job_ids = itertools.count(1)
@@ -145,7 +146,7 @@ class Dispatcher:
 
     def queued(self, route: dict[str, Any]) -> int:
         """Jobs for an API beyond what its replicas are running, over all HTTP workers."""
-        capacity = sum(r[2] for r in route["replicas"])
+        capacity: int = sum(r[2] for r in route["replicas"])
         return self.scoreboard.api_outstanding(route["slot"]) - capacity
 
     async def submit(self, replica: list[Any], api_slot: int, header: tuple[Any, ...], body: bytes,

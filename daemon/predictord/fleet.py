@@ -127,10 +127,11 @@ class Fleet:
         """Model workers that have exited, with their wait status (None when another waitpid got it first)."""
         gone = []
         for slot, handle in list(self.workers.items()):
+            status: int | None
             try:
                 pid, status = os.waitpid(handle.pid, os.WNOHANG)
             except ChildProcessError:
-                pid, status = handle.pid, None  # type: ignore[assignment]
+                pid, status = handle.pid, None
             if pid:
                 del self.workers[slot]
                 handle.ctl.close()

@@ -178,7 +178,7 @@ def _asked(func: Any, allowed: tuple[str, ...], where: str, what: str, skip_firs
     names: list[str] = []
     for p in params:
         if p.kind is p.VAR_KEYWORD:
-            return tuple(a for a in allowed if a not in names)
+            return (*names, *(a for a in allowed if a not in names))
         if p.kind is p.VAR_POSITIONAL:
             raise LoadError(f"{what} takes *{p.name}; ask for arguments by name: {', '.join(allowed)}", where)
         if p.name not in allowed:

@@ -25,9 +25,9 @@ from . import probe
 from .apis import ApiRecord, Replica, api_state, route, write_routes
 from .config import Config, ConfigError, load_api_settings
 from .fleet import Fleet, ModelWorkerHandle, describe_exit
-from .loader import ApiSource, name_problem, scan
+from .loader import name_problem, scan
 from .model_worker import Device
-from .placement import WorkerSlot, Want, place
+from .placement import Want, WorkerSlot, place
 from .scoreboard import MAX_APIS, MAX_HTTP, Scoreboard
 
 log = logging.getLogger("predictord.master")
@@ -218,7 +218,7 @@ class Master(Arbiter):  # type: ignore[misc]
                     handle.loading.pop(name)
                     handle.stopping = True
                     self.fleet.kill(handle, signal.SIGKILL)
-        for name, (proc, version, deadline, _) in list(self.probes.items()):
+        for name, (proc, _, deadline, _) in list(self.probes.items()):
             if now > deadline:
                 proc.kill()
                 timeout = self.pconfig.predictors.load_timeout
@@ -260,8 +260,8 @@ class Master(Arbiter):  # type: ignore[misc]
                     log.info("loading API %s version %s on model worker %d (%s)", name, record.version,
                              handle.slot, handle.device.label)
         for name in list(handle.loaded):
-            record = self.apis.get(name)
-            if (record is None or handle.slot not in record.placement) and name not in handle.unloading:
+            kept = self.apis.get(name)
+            if (kept is None or handle.slot not in kept.placement) and name not in handle.unloading:
                 if handle.send({"op": "unload", "api": name}):
                     handle.unloading.add(name)
                     log.info("unloading API %s from model worker %d (%s)", name, handle.slot, handle.device.label)

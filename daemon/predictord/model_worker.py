@@ -25,8 +25,21 @@ from starlette.exceptions import HTTPException
 
 from . import payload as pl
 from .loader import ApiSource, LoadError, Signature, instantiate, load_class
-from .protocol import ABORT, CANCEL, CHUNK, CONTROL, END, JOB, REPLY, START, FrameProtocol, FrameReader, control
-from .protocol import split_header, with_header
+from .protocol import (
+    ABORT,
+    CANCEL,
+    CHUNK,
+    CONTROL,
+    END,
+    JOB,
+    REPLY,
+    START,
+    FrameProtocol,
+    FrameReader,
+    control,
+    split_header,
+    with_header,
+)
 from .scoreboard import Scoreboard
 
 log = logging.getLogger("predictord.model")
@@ -96,6 +109,25 @@ class JobConnection(FrameProtocol):
     def reply(self, job_id: int, status: int, headers: list[pl.Header], body: bytes) -> None:
         if not self.closed:
             self.send(REPLY, job_id, *with_header((status, headers), body))
+
+
+def _offer(names: tuple[str, ...], payload: Any, query: bytes, headers: Any, response: Any = None) -> dict[str, Any]:
+    """The arguments a predictor method asked for, by name."""
+    kwargs: dict[str, Any] = {}
+    for name in names:
+        if name == "payload":
+            kwargs[name] = payload
+        elif name == "query_params":
+            kwargs[name] = QueryParams(query)
+        elif name == "headers":
+            kwargs[name] = Headers(raw=headers or [])
+        elif name == "response":
+            kwargs[name] = response
+    return kwargs
+
+
+def _next(iterator: Any, default: object) -> Any:
+    return next(iterator, default)
 
 
 class ModelWorker:
@@ -294,22 +326,24 @@ class ModelWorker:
     async def _answer(self, api: LoadedApi, job: Job) -> None:
         name, content_type, query, headers, request_id, _ = job.header
         result: Any = None
+        payload: Any = None
         try:
             payload = await pl.parse_form(content_type, job.body) if pl.is_form(content_type) else None
             if api.signature.is_async:
                 if payload is None:
                     payload = pl.parse_body(content_type, job.body)
-                result = await api.instance.predict(**self._kwargs(api, payload, query, headers))
+                result = await api.instance.predict(**_offer(api.signature.predict_args, payload, query, headers))
                 reply = pl.to_reply(result)
             else:
-                result, reply = await self.loop.run_in_executor(api.executor, self._predict_sync, api, job, payload)
+                payload, result, reply = await self.loop.run_in_executor(api.executor, self._predict_sync, api, job,
+                                                                         payload)
         except pl.BadPayload as e:
-            reply = pl.Reply(400, [(b"content-type", b"application/json")], pl.error_body(str(e), request_id=request_id))
+            reply = pl.Reply(400, [(b"content-type", b"application/json")],
+                             pl.error_body(str(e), request_id=request_id))
         except HTTPException as e:
-            reply = pl.Reply(e.status_code, [(b"content-type", b"application/json"), *(e.headers or {}).items()],
+            extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (e.headers or {}).items()]
+            reply = pl.Reply(e.status_code, [(b"content-type", b"application/json"), *extra],
                              pl.error_body(str(e.detail), request_id=request_id))
-            reply.headers = [(k.encode() if isinstance(k, str) else k, v.encode() if isinstance(v, str) else v)
-                             for k, v in reply.headers]
         except Exception as e:  # noqa: BLE001 - user code failed: log the traceback, answer 500 without it
             log.error("API %s request %s: predict() raised %s: %s", name, request_id, type(e).__name__, e,
                       exc_info=True)
@@ -321,33 +355,19 @@ class ModelWorker:
         else:
             await self._stream(api, job, reply)
         if api.signature.post_predict_args is not None and reply.status < 500:
-            self.loop.run_in_executor(api.executor, self._post_predict, api, job, result)
+            self.loop.run_in_executor(api.executor, self._post_predict, api, job, payload, result)
 
-    def _kwargs(self, api: LoadedApi, payload: Any, query: bytes, headers: Any) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {}
-        for arg in api.signature.predict_args:
-            if arg == "payload":
-                kwargs[arg] = payload
-            elif arg == "query_params":
-                kwargs[arg] = QueryParams(query)
-            elif arg == "headers":
-                kwargs[arg] = Headers(raw=headers or [])
-        return kwargs
-
-    def _predict_sync(self, api: LoadedApi, job: Job, payload: Any) -> tuple[Any, pl.Reply]:
+    def _predict_sync(self, api: LoadedApi, job: Job, payload: Any) -> tuple[Any, Any, pl.Reply]:
         _, content_type, query, headers, _, _ = job.header
         if payload is None:
             payload = pl.parse_body(content_type, job.body)
-        result = api.instance.predict(**self._kwargs(api, payload, query, headers))
-        return result, pl.to_reply(result)
+        result = api.instance.predict(**_offer(api.signature.predict_args, payload, query, headers))
+        return payload, result, pl.to_reply(result)
 
-    def _post_predict(self, api: LoadedApi, job: Job, result: Any) -> None:
-        _, content_type, query, headers, request_id, _ = job.header
-        offered = {"response": result, **self._kwargs(api, None, query, headers)}
-        if "payload" in (api.signature.post_predict_args or ()):
-            offered["payload"] = job.body
+    def _post_predict(self, api: LoadedApi, job: Job, payload: Any, result: Any) -> None:
+        _, _, query, headers, request_id, _ = job.header
         try:
-            api.instance.post_predict(**{a: offered.get(a) for a in api.signature.post_predict_args or ()})
+            api.instance.post_predict(**_offer(api.signature.post_predict_args or (), payload, query, headers, result))
         except Exception:  # noqa: BLE001 - the response is gone already; the log is the only place for this
             log.exception("API %s request %s: post_predict() raised", api.name, request_id)
 
@@ -365,7 +385,7 @@ class ModelWorker:
             else:
                 done = object()
                 while not conn.closed:
-                    part = await self.loop.run_in_executor(api.executor, next, stream, done)
+                    part = await self.loop.run_in_executor(api.executor, _next, stream, done)
                     if part is done:
                         break
                     conn.send(CHUNK, job_id, pl.chunk_bytes(part))

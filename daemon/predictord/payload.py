@@ -94,7 +94,8 @@ def _json_default(value: Any) -> Any:
 
 def to_json(value: Any) -> bytes:
     try:
-        return json.dumps(value, default=_json_default, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+        text = json.dumps(value, default=_json_default, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        return text.encode()
     except ValueError as e:
         if "Out of range float" in str(e):
             raise TypeError("predict() returned NaN or infinity, which JSON cannot carry") from None
@@ -118,7 +119,7 @@ def _headers(media: str, extra: list[Header] | None = None) -> list[Header]:
 def to_reply(result: Any) -> Reply:
     """A predictor's return value as a response, following the contract in DESIGN.md section 1."""
     if isinstance(result, StreamingResponse):
-        return Reply(result.status_code, list(result.raw_headers), stream=result.body_iterator)
+        return Reply(result.status_code, list(result.raw_headers), stream=aiter(result.body_iterator))
     if isinstance(result, Response):
         return Reply(result.status_code, list(result.raw_headers), bytes(result.body))
     if isinstance(result, (bytes, bytearray, memoryview)):

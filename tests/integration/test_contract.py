@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import Daemon
+from harness import Daemon, wait_until
 
 PREDICTORS = {
     "echo.py": '''
@@ -72,6 +74,20 @@ class PythonPredictor:
             return object()
         return {"unknown": kind}
 ''',
+    "post.py": '''
+from pathlib import Path
+
+
+class PythonPredictor:
+    def __init__(self, config, predictor_dir):
+        self.dir = Path(predictor_dir)
+
+    def predict(self, payload):
+        return {"n": payload["n"]}
+
+    def post_predict(self, response, payload):
+        (self.dir / f"post-{response['n']}.log").write_text(repr(payload))
+''',
     "aio.py": '''
 import asyncio
 
@@ -101,8 +117,8 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 
 def test_every_api_ready(daemon: Daemon) -> None:
     status = daemon.status()
-    assert {n: a["state"] for n, a in status["apis"].items()} == dict.fromkeys(["aio", "echo", "form", "kinds"],
-                                                                                "ready")
+    names = ["aio", "echo", "form", "kinds", "post"]
+    assert {n: a["state"] for n, a in status["apis"].items()} == dict.fromkeys(names, "ready")
     assert daemon.get("/readyz").status_code == 200
     assert daemon.get("/healthz").json()["status"] == "ok"
 
@@ -116,7 +132,8 @@ def test_json_payload_query_headers_and_config(daemon: Daemon) -> None:
 
 
 def test_text_payload_honours_charset(daemon: Daemon) -> None:
-    r = daemon.post("/echo", content="caf\xe9".encode("latin-1"), headers={"Content-Type": "text/plain; charset=latin-1"})
+    latin = {"Content-Type": "text/plain; charset=latin-1"}
+    r = daemon.post("/echo", content="caf\xe9".encode("latin-1"), headers=latin)
     assert r.json()["payload"] == "café" and r.json()["type"] == "str"
     r = daemon.post("/echo", content="naïve".encode(), headers={"Content-Type": "text/plain"})
     assert r.json()["payload"] == "naïve"
@@ -176,6 +193,27 @@ def test_generator_streams(daemon: Daemon) -> None:
 def test_async_predict_and_init_extras(daemon: Daemon) -> None:
     r = daemon.post("/aio", json=[1])
     assert r.json() == {"async": True, "device": "cpu", "dir": str(daemon.predictors), "got": [1]}
+
+
+def test_post_predict_runs_after_the_response(daemon: Daemon) -> None:
+    r = daemon.post("/post", json={"n": 5})
+    assert r.json() == {"n": 5}
+    log = daemon.predictors / "post-5.log"
+    wait_until(log.exists, 10, "post_predict to write its file")
+    assert log.read_text() == "{'n': 5}"  # the parsed payload, as predict() saw it
+
+
+def test_status_command_prints_apis_and_workers(daemon: Daemon) -> None:
+    cmd = [sys.executable, "-m", "predictord", "status", "--config", str(daemon.config_path), "--port",
+           str(daemon.port)]
+    table = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split()[:4] == ["API", "STATE", "VERSION", "WHERE"]
+    echo = next(line for line in lines if line.startswith("echo "))
+    assert "ready" in echo and "cpu#0" in echo
+    raw = subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=30)
+    assert set(json.loads(raw.stdout)["apis"]) == set(daemon.status()["apis"])
 
 
 def test_http_exception_keeps_its_status(daemon: Daemon) -> None:

@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from predictord.config import ConfigError, describe_options, find_config, load_api_settings, load_config
+
+
+def write(tmp_path: Path, text: str, name: str = "config.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_defaults_without_a_file() -> None:
+    c = load_config(None)
+    assert (c.server.host, c.server.port, c.server.http_workers) == ("127.0.0.1", 8080, 2)
+    assert c.workers.gpus == "all" and c.workers.preload == ("torch",)
+
+
+def test_values_are_read_and_dir_is_relative_to_the_file(tmp_path: Path) -> None:
+    p = write(tmp_path, '[server]\nport = 9000\ngraceful_timeout = 5\n[predictors]\ndir = "apis"\n'
+                        '[workers]\ncpu = 3\ngpus = [0, 2]\n')
+    c = load_config(p)
+    assert c.server.port == 9000 and c.server.graceful_timeout == 5.0
+    assert c.workers.cpu == 3 and c.workers.gpus == (0, 2)
+    assert c.predictors_dir == (tmp_path / "apis").resolve()
+
+
+@pytest.mark.parametrize("text,message", [
+    ('[server]\nport = "x"\n', "[server]: port: expected an integer, found 'x'"),
+    ("[server]\nport = 70000\n", "[server]: port: expected a number from 0 to 65535, found 70000"),
+    ("[server]\nport = true\n", "[server]: port: expected an integer, found True"),
+    ('[server]\nlog_level = "loud"\n', "[server]: log_level: expected one of 'debug', 'info'"),
+    ("[server]\nprot = 1\n", "[server]: unknown key 'prot'; allowed: host, port"),
+    ("[serve]\nport = 1\n", "unknown table [serve]; allowed: server, predictors, workers"),
+    ('[workers]\ngpus = "some"\n', '[workers]: gpus: expected "all", "none" or a list of GPU indices'),
+    ("[workers]\ncpu = -1\n", "[workers]: cpu: expected a number from 0 to 64, found -1"),
+    ('[predictors]\nload_timeout = "long"\n', "[predictors]: load_timeout: expected a number, found 'long'"),
+    ("[server\n", "not valid TOML"),
+])
+def test_bad_values_name_file_key_expected_and_found(tmp_path: Path, text: str, message: str) -> None:
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value).startswith(str(p.resolve()) if "unknown table" in message else str(p))
+    assert message in str(e.value)
+
+
+def test_api_settings(tmp_path: Path) -> None:
+    p = write(tmp_path, '[config]\nk = "v"\n[serving]\ndevice = "cpu"\nreplicas = 2\ntimeout = 5\n', "a.toml")
+    s = load_api_settings(p)
+    assert s.config == {"k": "v"}
+    assert (s.serving.device, s.serving.replicas, s.serving.timeout, s.serving.queue_limit) == ("cpu", 2, 5.0, 64)
+    assert load_api_settings(tmp_path / "missing.toml").serving.device == "any"
+    with pytest.raises(ConfigError, match=r"\[serving\]: device: expected one of 'any', 'cpu', 'gpu', found 'tpu'"):
+        load_api_settings(write(tmp_path, '[serving]\ndevice = "tpu"\n', "b.toml"))
+
+
+def test_config_search_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PREDICTORD_CONFIG", raising=False)
+    assert find_config("x.toml") == Path("x.toml")
+    monkeypatch.setenv("PREDICTORD_CONFIG", "/env.toml")
+    assert find_config(None) == Path("/env.toml")
+    monkeypatch.delenv("PREDICTORD_CONFIG")
+    write(tmp_path, "")
+    expected = Path("/etc/predictord/config.toml") if Path("/etc/predictord/config.toml").is_file() else Path(
+        "config.toml")
+    assert find_config(None) == expected
+
+
+def test_every_option_is_documented() -> None:
+    table = describe_options()
+    for key in ("host", "port", "http_workers", "dir", "load_timeout", "cpu", "gpus", "preload", "device",
+                "replicas", "timeout", "queue_limit"):
+        assert f"`{key}`" in table

@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from predictord.loader import LoadError, inspect_class, is_ignored, load_class, name_problem, scan, source_for
+
+
+def src(tmp_path: Path, text: str, name: str = "p.py") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def sig_of(tmp_path: Path, text: str):  # type: ignore[no-untyped-def]
+    return load_class(source_for(src(tmp_path, text)), f"t_{abs(hash(text))}")[1]
+
+
+def test_arguments_are_found_by_name(tmp_path: Path) -> None:
+    s = sig_of(tmp_path, "class PythonPredictor:\n  def __init__(self, config, device): pass\n"
+                         "  def predict(self, headers, payload): pass\n")
+    assert s.predict_args == ("headers", "payload") and s.init_args == ("config", "device") and not s.is_async
+    s = sig_of(tmp_path, "class PythonPredictor:\n  async def predict(self, payload): pass\n"
+                         "  def post_predict(self, response, payload): pass\n")
+    assert s.is_async and s.init_args == () and s.post_predict_args == ("response", "payload")
+    s = sig_of(tmp_path, "class PythonPredictor:\n  def predict(self, payload, **kw): pass\n")
+    assert s.predict_args == ("payload", "query_params", "headers")
+
+
+@pytest.mark.parametrize("text,message", [
+    ("class PythonPredictor:\n  def predict(self, body): pass\n",
+     "predict() asks for 'body'; allowed: payload, query_params, headers"),
+    ("class PythonPredictor:\n  def __init__(self, cfg): pass\n  def predict(self, payload): pass\n",
+     "__init__() asks for 'cfg'; allowed: config, device, predictor_dir"),
+    ("class PythonPredictor:\n  def predict(self, *args): pass\n", "predict() takes *args"),
+    ("class PythonPredictor:\n  pass\n", "has no predict method"),
+    ("PythonPredictor = 3\n", "PythonPredictor is a int, not a class"),
+    ("class Other:\n  pass\n", "no class named PythonPredictor"),
+])
+def test_contract_violations_name_the_problem(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(LoadError) as e:
+        sig_of(tmp_path, text)
+    assert message in e.value.message
+    assert e.value.file == str(tmp_path / "p.py")
+
+
+def test_errors_point_at_file_and_line(tmp_path: Path) -> None:
+    with pytest.raises(LoadError) as e:
+        sig_of(tmp_path, "x = 1\ny = (\n")
+    assert e.value.line == 2 and "syntax error" in e.value.message
+    with pytest.raises(LoadError) as e:
+        sig_of(tmp_path, "import os\nraise KeyError('k')\n")
+    assert (e.value.line, e.value.message) == (2, "importing it raised KeyError: 'k'")
+
+
+def test_names() -> None:
+    assert name_problem("sentiment-v2_a") is None
+    assert "reserved" in (name_problem("healthz") or "")
+    for bad in ("Upper", "-lead", "sp ace", "dot.ted", "x" * 64):
+        assert "not a valid API name" in (name_problem(bad) or ""), bad
+    for ignored in (".hidden.py", "a.py~", ".a.py.swp", "x.tmp", "__pycache__"):
+        assert is_ignored(ignored)
+
+
+def test_scan_finds_files_and_folders(tmp_path: Path) -> None:
+    src(tmp_path, "", "one.py")
+    src(tmp_path, "", "one.toml")
+    (tmp_path / "two").mkdir()
+    src(tmp_path / "two", "", "predictor.py")
+    (tmp_path / "assets").mkdir()  # no predictor.py: not an API
+    src(tmp_path, "", ".hidden.py")
+    src(tmp_path, "", "notes.txt")
+    found = scan(tmp_path)
+    assert sorted(found) == ["one", "two"]
+    assert found["two"].root == tmp_path / "two" and found["one"].settings == tmp_path / "one.toml"
+
+
+def test_version_changes_with_code_settings_and_assets(tmp_path: Path) -> None:
+    folder = tmp_path / "api"
+    folder.mkdir()
+    src(folder, "a = 1", "predictor.py")
+    s = source_for(folder)
+    v1 = s.version()
+    src(folder, "a = 2", "predictor.py")
+    v2 = s.version()
+    src(folder, "[config]", "predictor.toml")
+    v3 = s.version()
+    src(folder, "weights", "w.bin")
+    v4 = s.version()
+    src(folder, "junk", ".swp")
+    assert len({v1, v2, v3, v4}) == 4 and s.version() == v4
+
+
+def test_inspect_rejects_non_class(tmp_path: Path) -> None:
+    with pytest.raises(LoadError):
+        inspect_class(lambda: None, source_for(src(tmp_path, "")))

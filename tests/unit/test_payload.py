@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+from starlette.responses import JSONResponse
+
+from predictord.payload import BadPayload, chunk_bytes, media_type, parse_body, parse_form, to_reply
+
+
+def test_media_type() -> None:
+    assert media_type("Text/Plain; charset=\"Latin-1\"") == ("text/plain", {"charset": "Latin-1"})
+    assert media_type("") == ("", {})
+
+
+def test_parse_by_content_type() -> None:
+    assert parse_body("application/json", b'{"a": [1]}') == {"a": [1]}
+    assert parse_body("application/vnd.api+json", b"[1]") == [1]
+    assert parse_body("text/plain; charset=latin-1", "é".encode("latin-1")) == "é"
+    assert parse_body("text/plain", "é".encode()) == "é"
+    assert parse_body("image/png", b"\x89PNG") == b"\x89PNG"
+    assert parse_body("", b"raw") == b"raw"
+
+
+@pytest.mark.parametrize("content_type,body,message", [
+    ("application/json", b"", "the body is empty"),
+    ("application/json", b"{", "malformed JSON"),
+    ("application/json", b"\xff", "not valid UTF-8"),
+    ("application/json", b"[" * 100000 + b"]" * 100000, "nested too deeply"),
+    ("text/plain", b"\xff", "not valid utf-8"),
+    ("text/plain; charset=nope", b"x", "unknown charset 'nope'"),
+])
+def test_bad_bodies_are_bad_payloads(content_type: str, body: bytes, message: str) -> None:
+    with pytest.raises(BadPayload, match=message):
+        parse_body(content_type, body)
+
+
+def test_forms() -> None:
+    form = asyncio.run(parse_form("application/x-www-form-urlencoded", b"a=1&b=x+y"))
+    assert dict(form) == {"a": "1", "b": "x y"}
+    body = b'--B\r\nContent-Disposition: form-data; name="f"; filename="t.txt"\r\n\r\nhi\r\n--B--\r\n'
+    form = asyncio.run(parse_form("multipart/form-data; boundary=B", body))
+    assert form["f"].filename == "t.txt"
+
+
+def test_replies() -> None:
+    r = to_reply({"a": np.arange(2), "b": torch.tensor(1.5), "c": np.float64(2.0)})
+    assert (r.status, r.body) == (200, b'{"a":[0,1],"b":1.5,"c":2.0}')
+    assert to_reply("hé").headers == [(b"content-type", b"text/plain; charset=utf-8")]
+    assert to_reply("hé").body == "hé".encode()
+    assert to_reply(b"\x00").headers == [(b"content-type", b"application/octet-stream")]
+    r = to_reply(JSONResponse({"e": 1}, status_code=400))
+    assert r.status == 400 and r.body == b'{"e":1}'
+    assert to_reply(x for x in "ab").stream is not None
+    with pytest.raises(TypeError, match="NaN"):
+        to_reply(float("nan"))
+    with pytest.raises(TypeError, match="not JSON-serializable"):
+        to_reply({"x": object()})
+
+
+def test_stream_parts() -> None:
+    assert chunk_bytes(b"a") == b"a" and chunk_bytes("é") == "é".encode() and chunk_bytes({"k": 1}) == b'{"k":1}\n'
