@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from .front import Front
 from .gpus import discover
 from .master import Master
 from .model_worker import Device
+from .placement import plan_slots
 from .scoreboard import MAX_HTTP, Scoreboard
 
 log = logging.getLogger("predictord.master")
@@ -44,19 +46,23 @@ def preload(modules: tuple[str, ...]) -> None:
 class PredictordApp(BaseApplication):  # type: ignore[misc]
     """gunicorn's application: settings from config.toml, the ASGI front as the app."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, reload: Callable[[], Config]) -> None:
         self.pconfig = config
+        self.reload_config = reload
         self.runtime = Path(tempfile.mkdtemp(prefix="predictord-", dir=os.environ.get("RUNTIME_DIRECTORY")))
         self.scoreboard = Scoreboard()
         self.scoreboard.http_slots = min(MAX_HTTP, config.server.http_workers * 2 + 2)
-        gpus, summary = discover(config.workers.gpus)
-        log.info(summary)
-        self.devices = {i: Device("gpu", g.index) for i, g in enumerate(gpus)}
-        for _ in range(config.workers.cpu):
-            self.devices[len(self.devices)] = Device("cpu")
+        self.devices = self.roll_devices({}, config)
         cores = len(os.sched_getaffinity(0))
         self.torch_threads = max(1, cores // max(1, len(self.devices)))
         super().__init__()
+
+    def roll_devices(self, current: dict[int, Device], config: Config) -> dict[int, Device]:
+        """Model worker slots for a config: one per GPU found through NVML, plus the CPU workers."""
+        gpus, summary = discover(config.workers.gpus)
+        log.info(summary)
+        wanted = [Device("gpu", g.index) for g in gpus] + [Device("cpu")] * config.workers.cpu
+        return plan_slots(current, wanted)
 
     def load_config(self) -> None:
         s = self.pconfig.server
@@ -85,10 +91,10 @@ class PredictordApp(BaseApplication):  # type: ignore[misc]
         return Front(self.scoreboard, self.runtime / "routes.json", self.pconfig.server.max_body_bytes)
 
 
-def serve(config: Config) -> None:
+def serve(config: Config, reload: Callable[[], Config]) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT."""
     setup_logging(config.server.log_level)
     # gunicorn would say READY=1 before any model is loaded; the daemon speaks to systemd itself.
     os.environ.pop("NOTIFY_SOCKET", None)
     log.info("config: %s; predictors: %s", config.path or "(defaults)", config.predictors_dir)
-    Master(PredictordApp(config)).run()
+    Master(PredictordApp(config, reload)).run()

@@ -114,4 +114,4 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(status(config, args.json))
     from .app import serve
 
-    serve(config)
+    serve(config, reload=lambda: _load(args))

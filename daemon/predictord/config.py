@@ -7,6 +7,7 @@ messages, ``predictord --help-config`` and the README's table.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -80,6 +81,9 @@ class PredictorsConfig:
 
     dir: str = opt("predictors", "Directory of predictors (NAME.py or NAME/predictor.py); relative to this file.")
     load_timeout: float = opt(120.0, "Seconds a predictor's __init__ may take before it is killed.", _in_range(0.1))
+    watch: bool = opt(True, "Reload an API when its files change (else only on SIGHUP).")
+    debounce: float = opt(1.0, "Seconds of quiet, with sizes and mtimes stable, before a change is loaded.",
+                          _in_range(0.05, 60))
 
 
 @dataclass(frozen=True)
@@ -236,7 +240,7 @@ def describe_options() -> str:
     ):
         for table, cls in tables.items():
             for f in dataclasses.fields(cls):
-                default = f.default
-                shown = f'"{default}"' if isinstance(default, str) else repr(default).replace("'", '"')
+                default = list(f.default) if isinstance(f.default, tuple) else f.default
+                shown = json.dumps(default) if isinstance(default, (str, list)) else repr(default)
                 lines.append(f"| {file} | [{table}] | `{f.name}` | `{shown}` | {f.metadata['help']} |")
     return "\n".join(lines)

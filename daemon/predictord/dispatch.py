@@ -21,6 +21,9 @@ from .scoreboard import Scoreboard
 log = logging.getLogger("predictord.http")
 
 
+Answer = tuple[int, list[tuple[bytes, bytes]], str, bytes | None]  # status, headers, version, body (None: stream)
+
+
 class WorkerLost(Exception):
     """The model worker holding a job went away before it answered."""
 
@@ -30,7 +33,7 @@ class PendingJob:
     """A job sent to a model worker and not yet settled."""
 
     api_slot: int
-    future: asyncio.Future[tuple[int, list[tuple[bytes, bytes]], bytes | None]]
+    future: asyncio.Future[Answer]
     stream: asyncio.Queue[bytes | BaseException | None] | None = None
 
 
@@ -51,13 +54,13 @@ class ModelLink(FrameProtocol):
         if kind == REPLY:
             self._settle(job_id, job)
             if not job.future.done():
-                (status, headers), body = split_header(payload)
-                job.future.set_result((status, headers, body))
+                (status, headers, version), body = split_header(payload)
+                job.future.set_result((status, headers, version, body))
         elif kind == START:
-            (status, headers), _ = split_header(payload)
+            (status, headers, version), _ = split_header(payload)
             job.stream = asyncio.Queue()
             if not job.future.done():
-                job.future.set_result((status, headers, None))
+                job.future.set_result((status, headers, version, None))
         elif kind == CHUNK and job.stream is not None:
             job.stream.put_nowait(bytes(payload))
         elif kind in (END, ABORT):
@@ -150,7 +153,7 @@ class Dispatcher:
         return self.scoreboard.api_outstanding(route["slot"]) - capacity
 
     async def submit(self, replica: list[Any], api_slot: int, header: tuple[Any, ...], body: bytes,
-                     timeout: float) -> tuple[PendingJob, tuple[int, list[tuple[bytes, bytes]], bytes | None]]:
+                     timeout: float) -> tuple[PendingJob, Answer]:
         """Send a job and wait for its first answer; TimeoutError past the deadline, WorkerLost if it dies."""
         link = await self.link(replica[0], replica[1])
         job_id = next(self.job_ids)

@@ -29,6 +29,17 @@ class TooLarge(Exception):
     """The request body is over [server] max_body_bytes."""
 
 
+def _closing(send: Any) -> Any:
+    """``send`` that adds ``Connection: close`` to the response, so the client does not reuse the connection."""
+
+    async def wrapped(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+        await send(message)
+
+    return wrapped
+
+
 def _json(obj: Any) -> bytes:
     return json.dumps(obj, default=str, separators=(",", ":")).encode()
 
@@ -40,6 +51,7 @@ class Front:
         self.scoreboard = scoreboard
         self.routes_path = routes_path
         self.max_body = max_body
+        self.draining = False  # set by the HTTP worker on shutdown: answer with Connection: close
         self._dispatcher: Dispatcher | None = None
 
     @property
@@ -55,6 +67,8 @@ class Front:
             return
         if scope["type"] != "http":
             return
+        if self.draining:
+            send = _closing(send)
         request_id = ""
         for key, value in scope["headers"]:
             if key == b"x-request-id":
@@ -147,8 +161,8 @@ class Front:
         header = (name, content_type, scope["query_string"], headers, request_id, route["timeout"])
         remaining = route["timeout"] - (time.monotonic() - started)
         try:
-            job, (status, out_headers, out_body) = await dispatcher.submit(replica, route["slot"], header, body,
-                                                                             remaining)
+            job, (status, out_headers, version, out_body) = await dispatcher.submit(replica, route["slot"], header,
+                                                                                      body, remaining)
         except TimeoutError:
             await self._error(send, 504, f"API {name!r} did not answer within {route['timeout']:g}s "
                               "([serving] timeout)", request_id)
@@ -160,7 +174,9 @@ class Front:
             await self._error(send, 503, f"API {name!r}: its model worker is not reachable ({e.strerror}); retry",
                               request_id, [(b"retry-after", b"1")])
             return
-        extra = [(b"x-request-id", request_id.encode()), (b"x-predictor-version", replica[3].encode())]
+        extra = [(b"x-request-id", request_id.encode("latin-1"))]
+        if version:
+            extra.append((b"x-predictor-version", version.encode()))
         if status == 504 and not out_body:  # the worker dropped it from its queue after our deadline
             await self._error(send, 504, f"API {name!r} did not answer in time", request_id)
             return
@@ -204,7 +220,7 @@ class Front:
                     headers: list[tuple[bytes, bytes]] | None = None) -> None:
         await send({"type": "http.response.start", "status": status, "headers": [
             (b"content-type", JSON), (b"content-length", str(len(body)).encode()),
-            (b"x-request-id", request_id.encode()), *(headers or [])]})
+            (b"x-request-id", request_id.encode("latin-1")), *(headers or [])]})
         await send({"type": "http.response.body", "body": body})
 
     async def _error(self, send: Any, status: int, message: str, request_id: str,

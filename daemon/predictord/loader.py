@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import inspect
+import os
 import re
 import sys
 import traceback
@@ -218,8 +219,12 @@ def import_module(source: ApiSource, module_name: str) -> ModuleType:
         raise LoadError("cannot be imported as a Python module", str(source.code))
     module = importlib.util.module_from_spec(spec)
     root = str(source.root)
-    if source.folder is not None and root not in sys.path:
-        sys.path.insert(0, root)
+    if source.folder is not None:
+        # A new version must import its own helpers, not the ones an older version left in sys.modules.
+        for name in modules_under(source.folder):
+            del sys.modules[name]
+        if root not in sys.path:
+            sys.path.insert(0, root)
     sys.modules[module_name] = module
     try:
         spec.loader.exec_module(module)
@@ -227,6 +232,12 @@ def import_module(source: ApiSource, module_name: str) -> ModuleType:
         sys.modules.pop(module_name, None)
         raise error_from_exception(e, source, "importing it") from None
     return module
+
+
+def modules_under(folder: Path) -> list[str]:
+    """Names of the imported modules whose file is inside ``folder`` (a predictor's helpers)."""
+    prefix = str(folder) + os.sep
+    return [name for name, m in list(sys.modules.items()) if (getattr(m, "__file__", None) or "").startswith(prefix)]
 
 
 def load_class(source: ApiSource, module_name: str) -> tuple[Any, Signature]:

@@ -29,6 +29,7 @@ from .loader import name_problem, scan
 from .model_worker import Device
 from .placement import Want, WorkerSlot, place
 from .scoreboard import MAX_APIS, MAX_HTTP, Scoreboard
+from .watcher import PredictorWatcher
 
 log = logging.getLogger("predictord.master")
 
@@ -50,6 +51,7 @@ class Master(Arbiter):  # type: ignore[misc]
         self.stopping = False
         self.dirty = True
         self.started_at = time.time()
+        self.watcher: PredictorWatcher | None = None
         super().__init__(app)
 
     # -- the loop ---------------------------------------------------------------------------------------------------
@@ -69,6 +71,17 @@ class Master(Arbiter):  # type: ignore[misc]
         for listener in self.LISTENERS:
             log.info("predictord listening on %s (master pid %d)", listener, self.pid)
         self.sync_sources()
+        self.start_watcher()
+
+    def start_watcher(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+            self.watcher = None
+        p = self.pconfig.predictors
+        if p.watch and self.pconfig.predictors_dir.is_dir():
+            self.watcher = PredictorWatcher(self.pconfig.predictors_dir, p.debounce, self.wakeup)
+            self.watcher.start()
+            log.info("watching %s for changes (debounce %.2gs)", self.pconfig.predictors_dir, p.debounce)
 
     def close_master_channels(self) -> None:
         """In a forked child: close the master's own channels (its wake-up pipe, control sockets, probes)."""
@@ -94,7 +107,8 @@ class Master(Arbiter):  # type: ignore[misc]
         """Sleep until a signal, a model worker's message, or a probe's output; handle the last two here."""
         handles = {h.ctl.fileno(): h for h in self.fleet.workers.values()}
         probes = {p.stdout.fileno(): name for name, (p, _, _, _) in self.probes.items() if p.stdout}
-        wait = 0.0 if not self.SIG_QUEUE.empty() else timeout
+        due = self.watcher.next_due() if self.watcher else None
+        wait = 0.0 if not self.SIG_QUEUE.empty() else timeout if due is None else min(timeout, due)
         try:
             ready, _, _ = select.select([self.wake_r, *handles, *probes], [], [], wait)
         except InterruptedError:
@@ -115,13 +129,37 @@ class Master(Arbiter):  # type: ignore[misc]
         return signals
 
     def handle_hup(self) -> None:
-        """SIGHUP: rescan the predictors directory (new, changed and removed APIs)."""
-        log.info("SIGHUP: rescanning %s", self.pconfig.predictors_dir)
+        """SIGHUP: re-read config.toml, roll the workers it changes, and rescan the predictors directory."""
+        log.info("SIGHUP: reloading %s and rescanning the predictors", self.pconfig.path or "(defaults)")
+        try:
+            new = self.app.reload_config()
+        except ConfigError as e:
+            log.error("SIGHUP: %s; keeping the running configuration", e)
+            new = self.pconfig
+        if new != self.pconfig:
+            self.apply_config(new)
         self.sync_sources()
+
+    def apply_config(self, new: Config) -> None:
+        old, self.pconfig = self.pconfig, new
+        if (old.server.host, old.server.port) != (new.server.host, new.server.port):
+            log.warning("SIGHUP: a new listen address takes a restart; still listening on %s:%d",
+                        old.server.host, old.server.port)
+        if old.workers.preload != new.workers.preload:
+            log.warning("SIGHUP: a new preload list takes a restart")
+        logging.getLogger().setLevel(new.server.log_level.upper())
+        self.num_workers = new.server.http_workers
+        running = {h.slot: h.device for h in self.fleet.workers.values()}
+        self.devices = self.app.roll_devices({**running, **self.devices}, new)
+        if old.predictors != new.predictors or old.predictors_dir != new.predictors_dir:
+            self.start_watcher()
+        self.replace()
 
     def stop(self, graceful: bool = True) -> None:
         """HTTP workers first (they finish their requests, which need the model workers), then model workers."""
         self.stopping = True
+        if self.watcher is not None:
+            self.watcher.stop()
         super().stop(graceful)
         self.fleet.stop_all(self.pconfig.server.graceful_timeout if graceful else 1.0)
         for proc, _, _, _ in self.probes.values():
@@ -230,16 +268,39 @@ class Master(Arbiter):  # type: ignore[misc]
         super().manage_workers()
         if self.stopping:
             return
+        if self.watcher is not None:
+            changed = self.watcher.step()
+            if changed:
+                self.sync_sources(only=changed)
         now = time.monotonic()
         for slot, device in self.devices.items():
             if slot not in self.fleet.workers and now >= self.respawn_at.get(slot, 0.0):
                 self.fleet.spawn(slot, device)
                 self.dirty = True
-        for handle in self.fleet.workers.values():
-            if handle.up and not handle.stopping:
+        for handle in list(self.fleet.workers.values()):
+            if handle.slot not in self.devices:
+                self._retire_when_replaced(handle)
+            elif handle.up and not handle.stopping:
                 self._reconcile_worker(handle)
         if self.dirty:
             self.publish()
+
+    def _served_elsewhere(self, name: str, handle: ModelWorkerHandle) -> bool:
+        """Another worker that placement wants for this API has it loaded (make before break)."""
+        record = self.apis.get(name)
+        return record is None or any(
+            name in h.loaded and h.slot in record.placement and not h.stopping
+            for h in self.fleet.workers.values() if h is not handle)
+
+    def _retire_when_replaced(self, handle: ModelWorkerHandle) -> None:
+        """A worker whose slot is no longer wanted keeps serving until its APIs are ready elsewhere, then drains."""
+        if handle.stopping or not all(self._served_elsewhere(n, handle) for n in handle.loaded):
+            return
+        log.info("retiring model worker %d (%s) pid %d: its slot is no longer configured", handle.slot,
+                 handle.device.label, handle.pid)
+        handle.stopping = True
+        self.publish()  # out of the routes first, then drain what it holds
+        self.fleet.kill(handle, signal.SIGTERM)
 
     def _reconcile_worker(self, handle: ModelWorkerHandle) -> None:
         """Send the loads and unloads that make this worker serve what placement wants of it."""
@@ -247,7 +308,12 @@ class Master(Arbiter):  # type: ignore[misc]
             wanted = record.settings is not None and handle.slot in record.placement
             if not wanted or record.version in record.failed_versions or record.probing:
                 continue
-            if handle.loaded.get(name) != record.version and name not in handle.loading:
+            if handle.loading:
+                break  # one load at a time per worker, so a hanging __init__ is blamed on the right API
+            if handle.loaded.get(name) != record.version:
+                others = [h for h in self.fleet.workers.values() if h is not handle]
+                if any(name in h.loading for h in others) and any(name in h.loaded for h in others + [handle]):
+                    continue  # rolling a new version: one replica at a time while an old one serves
                 assert record.settings is not None
                 serving = record.settings.serving
                 message = {"op": "load", "source": record.source, "version": record.version,
@@ -261,23 +327,33 @@ class Master(Arbiter):  # type: ignore[misc]
                              handle.slot, handle.device.label)
         for name in list(handle.loaded):
             kept = self.apis.get(name)
-            if (kept is None or handle.slot not in kept.placement) and name not in handle.unloading:
+            unwanted = kept is None or handle.slot not in kept.placement
+            if unwanted and name not in handle.unloading and self._served_elsewhere(name, handle):
                 if handle.send({"op": "unload", "api": name}):
                     handle.unloading.add(name)
                     log.info("unloading API %s from model worker %d (%s)", name, handle.slot, handle.device.label)
 
     # -- APIs: scan, probe, place ----------------------------------------------------------------------------------
-    def sync_sources(self) -> None:
-        """Make the API records match the directory: probe new and changed APIs, drop removed ones."""
+    def sync_sources(self, only: set[str] | None = None) -> None:
+        """Make the API records match the directory (or just the APIs in ``only``): probe new and changed APIs,
+        drop removed ones."""
         found = scan(self.pconfig.predictors_dir)
+        if only is not None:
+            found = {n: s for n, s in found.items() if n in only}
         for name in set(self.apis) - set(found):
-            log.info("API %s was removed; unloading it", name)
-            del self.apis[name]
+            if only is None or name in only:
+                log.info("API %s was removed; unloading it", name)
+                del self.apis[name]
         for name, source in found.items():
             version = source.version()
             record = self.apis.get(name)
             if record is not None and record.version == version and record.source == source:
                 continue
+            if record is not None:
+                log.info("API %s changed (version %s -> %s); checking the new version", name, record.version,
+                         version)
+            else:
+                log.info("API %s found (version %s); checking it", name, version)
             if record is None:
                 used = {r.slot for r in self.apis.values()}
                 free = sorted(set(range(MAX_APIS)) - used)

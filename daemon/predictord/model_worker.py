@@ -24,7 +24,7 @@ from starlette.datastructures import Headers, QueryParams
 from starlette.exceptions import HTTPException
 
 from . import payload as pl
-from .loader import ApiSource, LoadError, Signature, instantiate, load_class
+from .loader import ApiSource, LoadError, Signature, instantiate, load_class, modules_under
 from .protocol import (
     ABORT,
     CANCEL,
@@ -44,6 +44,7 @@ from .scoreboard import Scoreboard
 
 log = logging.getLogger("predictord.model")
 HUNG_GRACE = 5.0  # seconds past its request timeout before a running predict counts as hung
+DRAIN_QUIET = 0.5
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ class LoadedApi:
     executor: ThreadPoolExecutor
     queue: deque[Job] = field(default_factory=deque)
     running: dict[int, Job] = field(default_factory=dict)
+    modules: dict[str, Any] = field(default_factory=dict)  # what its import added to sys.modules
 
 
 class JobConnection(FrameProtocol):
@@ -106,9 +108,9 @@ class JobConnection(FrameProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
 
-    def reply(self, job_id: int, status: int, headers: list[pl.Header], body: bytes) -> None:
+    def reply(self, job_id: int, status: int, headers: list[pl.Header], body: bytes, version: str = "") -> None:
         if not self.closed:
-            self.send(REPLY, job_id, *with_header((status, headers), body))
+            self.send(REPLY, job_id, *with_header((status, headers, version), body))
 
 
 def _offer(names: tuple[str, ...], payload: Any, query: bytes, headers: Any, response: Any = None) -> dict[str, Any]:
@@ -190,8 +192,12 @@ class ModelWorker:
         self.stopping = True
 
     async def _drain(self) -> None:
-        """Finish what was accepted, then go."""
-        while any(a.queue or a.running for a in self.apis.values()):
+        """Finish what was accepted, and go once no job has come for DRAIN_QUIET seconds (a job sent just before
+        the HTTP workers saw the new routes still gets its answer)."""
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < DRAIN_QUIET:
+            if any(a.queue or a.running for a in self.apis.values()):
+                quiet_since = time.monotonic()
             self._beat()
             await asyncio.sleep(0.05)
 
@@ -266,11 +272,15 @@ class ModelWorker:
     def _load_blocking(self, m: dict[str, Any]) -> LoadedApi:
         source: ApiSource = m["source"]
         module_name = f"predictord_api_{source.name.replace('-', '_')}_{m['version']}"
+        before = set(sys.modules)
         cls, signature = load_class(source, module_name)
+        modules = {n: sys.modules[n] for n in set(sys.modules) - before
+                   if n == module_name or (source.folder is not None and n in modules_under(source.folder))}
         instance = instantiate(cls, signature, source, m["config"], self.device.torch_device)
         threads = m["serving"].get("threads", 1)
         return LoadedApi(source.name, m["version"], instance, signature, threads, m["serving"]["timeout"],
-                         ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"predict-{source.name}"))
+                         ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"predict-{source.name}"),
+                         modules=modules)
 
     async def _unload(self, name: str) -> None:
         api = self.apis.pop(name, None)
@@ -284,6 +294,10 @@ class ModelWorker:
             await asyncio.sleep(0.05)
         api.executor.shutdown(wait=False)
         api.instance = None
+        for name, module in api.modules.items():
+            if sys.modules.get(name) is module:  # a newer version may have imported its own under that name
+                del sys.modules[name]
+        api.modules.clear()
         gc.collect()
         torch = sys.modules.get("torch")
         if torch is not None and self.device.kind == "gpu" and torch.cuda.is_initialized():
@@ -351,7 +365,7 @@ class ModelWorker:
                 f"API {name!r} failed while handling this request ({type(e).__name__}); "
                 "the traceback is in the daemon's log", api=name, request_id=request_id))
         if reply.stream is None:
-            job.conn.reply(job.job_id, reply.status, reply.headers, reply.body)
+            job.conn.reply(job.job_id, reply.status, reply.headers, reply.body, api.version)
         else:
             await self._stream(api, job, reply)
         if api.signature.post_predict_args is not None and reply.status < 500:
@@ -374,7 +388,7 @@ class ModelWorker:
     async def _stream(self, api: LoadedApi, job: Job, reply: pl.Reply) -> None:
         """Send a generator's parts as they come; a failure midway aborts the response."""
         conn, job_id = job.conn, job.job_id
-        conn.send(START, job_id, *with_header((reply.status, reply.headers)))
+        conn.send(START, job_id, *with_header((reply.status, reply.headers, api.version)))
         stream = reply.stream
         try:
             if hasattr(stream, "__anext__"):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -67,3 +70,18 @@ def place(
             note = f"asked for {want.replicas} replicas on {kind}; only {len(chosen)} {kind} worker(s) exist"
         result[name] = Placement(chosen, note=note)
     return result
+
+
+def plan_slots(current: Mapping[int, T], wanted: Sequence[T]) -> dict[int, T]:
+    """Model worker slots for the wanted devices: those already running keep their slots, new ones get free slots,
+    the rest are dropped (the master retires them once their APIs are served elsewhere)."""
+    remaining = list(wanted)
+    plan: dict[int, T] = {}
+    for slot, device in sorted(current.items()):
+        if device in remaining:
+            remaining.remove(device)
+            plan[slot] = device
+    free = (s for s in range(10**6) if s not in current and s not in plan)
+    for device in remaining:
+        plan[next(free)] = device
+    return plan

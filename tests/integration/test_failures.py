@@ -56,8 +56,12 @@ def test_predict_that_kills_its_worker_gets_502_and_worker_is_replaced(make_daem
     assert "exited while handling this request" in r.json()["error"]
     d.wait_for_log(r"model worker \d \(cpu\) pid \d+ exited with status 3")
     assert d.post("/ok", json={}).status_code == 200
-    wait_until(lambda: d.status()["apis"]["exit"]["state"] == "ready" and d.worker_pids() != before, 30,
-               "a replacement worker with exit loaded")
+    def replaced() -> bool:
+        s = d.status()  # one snapshot: the state and the pids must come from the same routing table
+        pids = {w["slot"]: w["pid"] for w in s["workers"]}
+        return s["apis"]["exit"]["state"] == "ready" and pids != before
+
+    wait_until(replaced, 30, "a replacement worker with exit loaded")
     assert d.post("/exit", json={}).json() == {"alive": True}
 
 

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from predictord.placement import Want, WorkerSlot, place
+from predictord.placement import Want, WorkerSlot, place, plan_slots
 
 CPU2 = [WorkerSlot(0, "cpu", "cpu"), WorkerSlot(1, "cpu", "cpu")]
 MIXED = [WorkerSlot(0, "gpu", "gpu0"), WorkerSlot(1, "gpu", "gpu1"), WorkerSlot(2, "cpu", "cpu")]
@@ -31,3 +31,10 @@ def test_more_replicas_than_workers_is_a_note() -> None:
 def test_current_placement_is_kept() -> None:
     p = place(CPU2, {"a": Want("any", 1), "b": Want("any", 1)}, {"a": [1], "b": [0]})
     assert p["a"].slots == (1,) and p["b"].slots == (0,)
+
+
+def test_plan_slots_keeps_running_workers_and_adds_or_drops() -> None:
+    assert plan_slots({}, ["gpu0", "cpu", "cpu"]) == {0: "gpu0", 1: "cpu", 2: "cpu"}
+    assert plan_slots({0: "gpu0", 1: "cpu"}, ["gpu0", "cpu", "cpu"]) == {0: "gpu0", 1: "cpu", 2: "cpu"}
+    assert plan_slots({0: "gpu0", 1: "cpu", 2: "cpu"}, ["cpu"]) == {1: "cpu"}
+    assert plan_slots({1: "cpu"}, ["cpu", "cpu"]) == {1: "cpu", 0: "cpu"}

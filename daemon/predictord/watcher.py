@@ -1,0 +1,145 @@
+"""File events in the predictors directory, turned into "API NAME changed" once its files have settled.
+
+watchdog's thread only records which API an event touched and wakes the master; the master calls ``step()`` from
+its loop. An API is handed back when it has had no event for ``debounce`` seconds *and* two looks at its files'
+sizes and mtimes (after half the quiet period, and at its end) agree. So an editor's atomic save (a move onto the
+file), vim's delete-then-write, or a ``cp -r`` of large weights still being written never load a half-written API,
+and a delete takes effect only after the quiet period (vim deletes briefly).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from .loader import is_ignored
+
+IGNORED_EVENTS = ("opened", "closed_no_write")  # reads (ours included) change nothing
+Fingerprint = tuple[tuple[str, int, int], ...]
+
+
+def api_of(directory: Path, path: str) -> str | None:
+    """The API a path belongs to (NAME.py, NAME.toml, anything under NAME/), or None."""
+    try:
+        parts = Path(path).relative_to(directory).parts
+    except ValueError:
+        return None
+    if not parts or any(is_ignored(p) for p in parts):
+        return None
+    if len(parts) == 1:
+        stem, dot, suffix = parts[0].rpartition(".")
+        if dot and suffix in ("py", "toml"):
+            return stem
+        if dot:
+            return None  # some other file beside the predictors (notes.txt): not an API
+    return parts[0]
+
+
+def fingerprint(directory: Path, name: str) -> Fingerprint:
+    """Size and mtime of every file an API is made of (empty when it is gone)."""
+    seen: list[tuple[str, int, int]] = []
+    for candidate in (directory / f"{name}.py", directory / f"{name}.toml"):
+        try:
+            st = candidate.stat()
+            seen.append((candidate.name, st.st_size, st.st_mtime_ns))
+        except OSError:
+            pass
+    folder = directory / name
+    if folder.is_dir():
+        for root, dirs, files in os.walk(folder):
+            dirs[:] = [d for d in dirs if not is_ignored(d)]
+            for f in files:
+                if is_ignored(f):
+                    continue
+                p = os.path.join(root, f)
+                try:
+                    st = os.stat(p)
+                except OSError:
+                    continue
+                seen.append((os.path.relpath(p, directory), st.st_size, st.st_mtime_ns))
+    return tuple(sorted(seen))
+
+
+class PredictorWatcher(FileSystemEventHandler):
+    """Per-API debounce of the watched directory's events."""
+
+    def __init__(self, directory: Path, debounce: float, wake: Callable[[], None]) -> None:
+        self.directory = directory
+        self.debounce = debounce
+        self.wake = wake
+        self._lock = threading.Lock()
+        self._pending: dict[str, float] = {}  # API -> time of its last event or look
+        self._looks: dict[str, tuple[Fingerprint, float]] = {}  # API -> (what a look saw, when)
+        self._observer: Observer | None = None  # type: ignore[valid-type]
+
+    # -- watchdog's thread ----------------------------------------------------------------------------------------
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in IGNORED_EVENTS:
+            return
+        for path in (event.src_path, getattr(event, "dest_path", "")):
+            if path:
+                self.touch(os.fsdecode(path))
+
+    def touch(self, path: str) -> None:
+        name = api_of(self.directory, path)
+        if name is None:
+            return
+        with self._lock:
+            first = name not in self._pending
+            self._pending[name] = time.monotonic()
+            self._looks.pop(name, None)  # a new event: the files must settle again
+        if first:
+            self.wake()
+
+    # -- the master's loop ----------------------------------------------------------------------------------------
+    def _due(self, name: str) -> float:
+        """When this API's next look is due (monotonic time)."""
+        last = self._pending[name]
+        look = self._looks.get(name)
+        if look is None:
+            return last + self.debounce / 2
+        return max(last + self.debounce, look[1] + self.debounce / 2)
+
+    def step(self, now: float | None = None) -> set[str]:
+        """APIs whose files have settled since their last event; each is handed back once."""
+        now = time.monotonic() if now is None else now
+        settled: set[str] = set()
+        with self._lock:
+            due = [n for n in self._pending if self._due(n) <= now]
+        for name in due:
+            seen = fingerprint(self.directory, name)
+            with self._lock:
+                if name not in self._pending or self._due(name) > now:
+                    continue  # an event came in meanwhile
+                look = self._looks.get(name)
+                if look is not None and look[0] == seen:
+                    del self._pending[name], self._looks[name]
+                    settled.add(name)
+                else:  # the first look, or the files changed between looks: look again
+                    self._looks[name] = (seen, now)
+        return settled
+
+    def next_due(self) -> float | None:
+        """Seconds until the next step has something to do (None: nothing pending)."""
+        with self._lock:
+            if not self._pending:
+                return None
+            return max(0.0, min(self._due(n) for n in self._pending) - time.monotonic())
+
+    def start(self) -> None:
+        observer = Observer()
+        observer.schedule(self, str(self.directory), recursive=True)
+        observer.daemon = True
+        observer.start()
+        self._observer = observer
+
+    def stop(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer = None
