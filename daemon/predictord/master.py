@@ -224,8 +224,8 @@ class Master(Arbiter):  # type: ignore[misc]
             handle.loaded[name] = version
             if record is not None:
                 record.loaded_at.setdefault(version, time.time())
-                if record.error and record.error.get("version") == version:
-                    record.error = None
+                if version == record.version:
+                    record.error = None  # the wanted version serves: older failures are history (in the log)
             log.info("API %s version %s ready on model worker %d (%s)", name, version, handle.slot,
                      handle.device.label)
         elif record is not None:

@@ -1,0 +1,304 @@
+"""Hot reload with the file operations users really do, under load: nothing fails, versions only move forward."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from broken import SLOW
+from harness import Daemon, wait_until
+
+FAST = "[predictors]\ndebounce = 0.3\n"
+
+
+def gen(n: int, sleep: float = 0.0) -> str:
+    """A predictor that says which generation of its file answered."""
+    return f'''
+import time
+
+
+class PythonPredictor:
+    def __init__(self, config):
+        self.generation = {n}
+
+    def predict(self, payload):
+        time.sleep({sleep})
+        return {{"generation": self.generation}}
+'''
+
+
+def atomic_save(path: Path, text: str) -> None:
+    """What most editors do: write a temp file beside it, then rename it over the original."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def vim_save(path: Path, text: str) -> None:
+    """vim's default: rename the original to a backup, write the file anew, delete the backup."""
+    backup = path.with_name(path.name + "~")
+    os.rename(path, backup)
+    path.write_text(text)
+    os.remove(backup)
+
+
+def serving(d: Daemon, name: str) -> dict[str, Any] | None:
+    r = d.get(f"/{name}")
+    return r.json() if r.status_code == 200 else None
+
+
+def wait_new_version(d: Daemon, name: str, old: str, timeout: float = 30) -> str:
+    """Wait until the API serves exactly one version, other than ``old``; return it."""
+    def check() -> str | None:
+        s = serving(d, name)
+        if s and s["state"] == "ready" and len(s["version"]["serving"]) == 1 and s["version"]["serving"][0] != old:
+            return str(s["version"]["serving"][0])
+        return None
+
+    return wait_until(check, timeout, f"a new version of {name}")  # type: ignore[no-any-return]
+
+
+class Load:
+    """Keep-alive clients hammering APIs until stopped (bounded: a deadline and a request cap)."""
+
+    def __init__(self, d: Daemon, targets: dict[str, int], seconds: float = 120, cap: int = 200_000) -> None:
+        self.d = d
+        self.stop_at = time.monotonic() + seconds
+        self.cap = cap
+        self.stopped = threading.Event()
+        self.results: dict[str, list[list[tuple[int, str, Any]]]] = {name: [] for name in targets}
+        self.threads = [threading.Thread(target=self._client, args=(name,), daemon=True)
+                        for name, n in targets.items() for _ in range(n)]
+
+    def _client(self, name: str) -> None:
+        seen: list[tuple[int, str, Any]] = []
+        self.results[name].append(seen)
+        with httpx.Client(timeout=30) as client:
+            while not self.stopped.is_set() and time.monotonic() < self.stop_at and len(seen) < self.cap:
+                try:
+                    r = client.post(self.d.url(f"/{name}"), json={})
+                    body = r.json() if r.status_code == 200 else r.text
+                    seen.append((r.status_code, r.headers.get("x-predictor-version", ""), body))
+                except httpx.HTTPError as e:
+                    seen.append((0, "", repr(e)))
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        for t in self.threads:
+            t.join(60)
+
+    def failures(self, name: str) -> list[tuple[int, str, Any]]:
+        return [r for client in self.results[name] for r in client if r[0] != 200]
+
+    def count(self, name: str) -> int:
+        return sum(len(c) for c in self.results[name])
+
+
+def test_new_api_is_served_when_dropped_in(make_daemon: Callable[..., Daemon]) -> None:
+    d = make_daemon({"a.py": gen(1)}, FAST)
+    d.wait_settled()
+    assert d.post("/new", json={}).status_code == 404
+    atomic_save(d.predictors / "new.py", gen(7))
+    wait_until(lambda: d.post("/new", json={}).status_code == 200, 30, "new to be served")
+    assert d.post("/new", json={}).json() == {"generation": 7}
+    d.wait_for_log(r"API new found \(version \w+\); checking it")
+
+
+@pytest.mark.parametrize("save", [atomic_save, vim_save], ids=["atomic-rename", "vim"])
+def test_edit_takes_over(make_daemon: Callable[..., Daemon], save: Callable[[Path, str], None]) -> None:
+    d = make_daemon({"a.py": gen(1)}, FAST)
+    d.wait_settled()
+    old = d.get("/a").json()["version"]["serving"][0]
+    save(d.predictors / "a.py", gen(2))
+    new = wait_new_version(d, "a", old)
+    r = d.post("/a", json={})
+    assert r.json() == {"generation": 2} and r.headers["x-predictor-version"] == new
+    assert "is broken" not in d.logs()
+    assert d.logs().count("API a changed") == 1, "one save, one reload (vim's delete did not unload it)"
+    assert "API a was removed" not in d.logs()
+
+
+def test_in_place_write_in_two_chunks_never_loads_half(make_daemon: Callable[..., Daemon]) -> None:
+    d = make_daemon({"a.py": gen(1)}, FAST)
+    d.wait_settled()
+    old = d.get("/a").json()["version"]["serving"][0]
+    text = gen(2)
+    with open(d.predictors / "a.py", "w") as f:
+        f.write(text[: len(text) // 2])  # half a class: a syntax error if it were loaded
+        f.flush()
+        time.sleep(0.2)  # a slow writer: longer than half the quiet period, shorter than all of it
+        f.write(text[len(text) // 2:])
+    wait_new_version(d, "a", old)
+    assert d.post("/a", json={}).json() == {"generation": 2}
+    assert "is broken" not in d.logs() and "syntax error" not in d.logs()
+
+
+FOLDER = '''
+from pathlib import Path
+
+
+class PythonPredictor:
+    def __init__(self, config, predictor_dir):
+        size = (Path(predictor_dir) / "weights.bin").stat().st_size
+        if size != config["size"]:
+            raise RuntimeError(f"weights.bin is {size} bytes, expected {config['size']}: loaded half-copied")
+        self.size = size
+
+    def predict(self, payload):
+        return {"size": self.size}
+'''
+
+
+def stage_folder(root: Path, name: str, size: int) -> Path:
+    folder = root / "staging" / name
+    folder.mkdir(parents=True)
+    (folder / "predictor.py").write_text(FOLDER)
+    (folder / "predictor.toml").write_text(f"[config]\nsize = {size}\n")
+    with open(folder / "weights.bin", "wb") as f:
+        chunk = os.urandom(1 << 20)
+        for _ in range(size >> 20):
+            f.write(chunk)
+    return folder
+
+
+def test_mv_of_a_folder(make_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    d = make_daemon({"a.py": gen(1)}, FAST)
+    d.wait_settled()
+    folder = stage_folder(tmp_path, "moved", 1 << 20)
+    os.rename(folder, d.predictors / "moved")
+    wait_until(lambda: d.post("/moved", json={}).status_code == 200, 30, "moved to be served")
+    assert d.post("/moved", json={}).json() == {"size": 1 << 20}
+
+
+def test_cp_r_of_a_folder_with_large_weights_loads_only_when_complete(make_daemon: Callable[..., Daemon],
+                                                                      tmp_path: Path) -> None:
+    d = make_daemon({"a.py": gen(1)}, FAST)
+    d.wait_settled()
+    size = 128 << 20
+    folder = stage_folder(tmp_path, "big", size)
+    subprocess.run(["cp", "-r", str(folder), str(d.predictors / "big")], check=True, timeout=120)
+    wait_until(lambda: d.post("/big", json={}).status_code == 200, 60, "big to be served")
+    assert d.post("/big", json={}).json() == {"size": size}
+    assert "loaded half-copied" not in d.logs()
+    assert len(d.get("/big").json()["version"]["serving"]) == 1
+
+
+def test_rm_unloads_after_in_flight_requests_finish(make_daemon: Callable[..., Daemon]) -> None:
+    d = make_daemon({"slow.py": SLOW, "a.py": gen(1)}, FAST)
+    d.wait_settled()
+    result: list[httpx.Response] = []
+    t = threading.Thread(target=lambda: result.append(d.post("/slow", json={"sleep": 2})))
+    t.start()
+    wait_until(lambda: d.get("/slow").json()["outstanding"] == 1, 10, "a request in flight")
+    os.remove(d.predictors / "slow.py")
+    wait_until(lambda: d.post("/slow", json={}).status_code == 404, 30, "slow to be gone")
+    t.join(30)
+    assert result[0].status_code == 200 and result[0].json() == {"slept": 2}
+    d.wait_for_log(r"unloading API slow from model worker")
+    assert d.post("/a", json={}).status_code == 200
+
+
+def test_rm_r_of_a_folder(make_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    d = make_daemon({"a.py": gen(1)}, FAST)
+    folder = stage_folder(tmp_path, "gone", 1 << 20)
+    shutil.copytree(folder, d.predictors / "gone")
+    wait_until(lambda: d.post("/gone", json={}).status_code == 200, 30, "gone to be served")
+    shutil.rmtree(d.predictors / "gone")
+    wait_until(lambda: d.post("/gone", json={}).status_code == 404, 30, "gone to be removed")
+    assert "gone" not in d.status()["apis"]
+
+
+MEMORY = '''
+import numpy as np
+
+
+class PythonPredictor:
+    def __init__(self, config):
+        self.weights = np.ones(300 * 2**20 // 8)  # 300 MiB
+
+    def predict(self, payload):
+        return {"sum": float(self.weights[:4].sum())}
+'''
+
+
+def test_deleted_api_returns_its_memory(make_daemon: Callable[..., Daemon]) -> None:
+    psutil = pytest.importorskip("psutil")
+    d = make_daemon({"mem.py": MEMORY, "mem.toml": '[serving]\ndevice = "cpu"\n', "a.py": gen(1)}, FAST)
+    status = d.wait_settled()
+    pid = status["apis"]["mem"]["replicas"][0]["pid"]
+    assert d.post("/mem", json={}).json() == {"sum": 4.0}
+    loaded = psutil.Process(pid).memory_info().rss
+    os.remove(d.predictors / "mem.py")
+    wait_until(lambda: psutil.Process(pid).memory_info().rss < loaded - 250 * 2**20, 30,
+               "the worker's RSS to drop by the 300 MiB the API held")
+
+
+def test_broken_change_keeps_old_version_then_fix_loads(make_daemon: Callable[..., Daemon]) -> None:
+    d = make_daemon({"a.py": gen(1), "b.py": gen(100)}, FAST)
+    d.wait_settled()
+    old = d.get("/a").json()["version"]["serving"][0]
+    with Load(d, {"a": 3, "b": 1}) as load:
+        atomic_save(d.predictors / "a.py", "class PythonPredictor:\n    def predict(self, payload)\n")
+        d.wait_for_log(r"API a version \w+ is broken: .*a\.py:2: syntax error")
+        s = d.get("/a").json()
+        assert s["state"] == "ready" and s["version"]["serving"] == [old] and s["version"]["wanted"] != old
+        assert s["error"]["line"] == 2 and s["error"]["file"].endswith("a.py")
+        atomic_save(d.predictors / "a.py", gen(2))
+        new = wait_new_version(d, "a", old)
+    assert load.failures("a") == [] and load.failures("b") == []
+    assert d.logs().count("is broken") == 1
+    assert d.get("/a").json()["error"] is None
+    for client in load.results["a"]:
+        versions = [v for _, v, _ in client]
+        assert set(versions) <= {old, new}
+        assert versions == sorted(versions, key=lambda v: v == new), "old until the fix, then new"
+
+
+def test_twenty_reloads_under_load_fail_nothing(make_daemon: Callable[..., Daemon]) -> None:
+    d = make_daemon({"a.py": gen(0, 0.002), "b.py": gen(100, 0.002)}, FAST + "[workers]\ncpu = 2\n")
+    d.wait_settled()
+    versions = [d.get("/a").json()["version"]["serving"][0]]
+    with Load(d, {"a": 4, "b": 2}) as load:
+        for n in range(1, 21):
+            atomic_save(d.predictors / "a.py", gen(n, 0.002))
+            versions.append(wait_new_version(d, "a", versions[-1]))
+        time.sleep(0.2)  # let every client see the last version
+    assert load.failures("a") == [] and load.failures("b") == []
+    assert load.count("a") > 100 and load.count("b") > 50
+    order = {v: i for i, v in enumerate(versions)}
+    for client in load.results["a"]:
+        seen = [order[v] for _, v, _ in client]
+        assert seen == sorted(seen), "a client saw a version go back"
+        assert all(body == {"generation": order[v]} for _, v, body in client), "header and body disagree"
+    assert {body["generation"] for client in load.results["b"] for _, _, body in client} == {100}
+
+
+def test_sighup_rolls_new_workers_and_keeps_serving(make_daemon: Callable[..., Daemon]) -> None:
+    d = make_daemon({"a.py": gen(1), "a.toml": "[serving]\nreplicas = 2\n"}, FAST)
+    d.wait_settled()
+    assert len(d.status()["workers"]) == 1
+    with Load(d, {"a": 3}) as load:
+        text = d.config_path.read_text().replace("cpu = 1", "cpu = 2")
+        d.config_path.write_text(text)
+        assert d.proc is not None
+        os.kill(d.proc.pid, signal.SIGHUP)
+        wait_until(lambda: len(d.get("/a").json()["replicas"]) == 2, 30, "a second replica on the new worker")
+        d.config_path.write_text("[server]\nport = 'broken'\n")
+        os.kill(d.proc.pid, signal.SIGHUP)
+        d.wait_for_log(r"SIGHUP: .*port: expected an integer.*keeping the running configuration")
+    assert load.failures("a") == []
+    assert d.get("/healthz").status_code == 200
