@@ -241,6 +241,6 @@ def describe_options() -> str:
         for table, cls in tables.items():
             for f in dataclasses.fields(cls):
                 default = list(f.default) if isinstance(f.default, tuple) else f.default
-                shown = json.dumps(default) if isinstance(default, (str, list)) else repr(default)
+                shown = json.dumps(default) if isinstance(default, (str, list, bool)) else repr(default)
                 lines.append(f"| {file} | [{table}] | `{f.name}` | `{shown}` | {f.metadata['help']} |")
     return "\n".join(lines)
