@@ -4,7 +4,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test unit integration lint clean
+# Installed layout (FHS): the package in a venv under /opt, config in /etc, predictors and state in /var/lib.
+PREFIX ?= /opt/predictord
+SYSCONFDIR ?= /etc/predictord
+STATEDIR ?= /var/lib/predictord
+UNITDIR ?= /etc/systemd/system
+DESTDIR ?=
+SERVICE_USER ?= predictord
+# The service user must be able to run it: the system's Python, not one under a home directory (pyenv).
+INSTALL_PYTHON ?= /usr/bin/python3
+
+.PHONY: run test unit integration lint clean bench install install-venv install-files install-user uninstall
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -31,3 +41,48 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info daemon/*.egg-info
+
+bench: $(STAMP)
+	$(BIN)/python bench/reload.py --reloads 20
+
+# `sudo make install`: the package, the predictord user, config, predictors directory and units.
+# `make install-files DESTDIR=/tmp/stage` stages the files alone (no venv, no user) to look at them.
+install: install-venv install-files install-user
+	@if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	@echo
+	@echo "predictord is installed. Next:"
+	@echo "  sudo systemctl enable --now predictord"
+	@echo "  curl -X POST localhost:8080/hello -H 'Content-Type: application/json' -d '{\"name\": \"Ada\"}'"
+	@echo "Predictors go in $(STATEDIR)/predictors (owned by root, e.g. sudo install -m 644 NAME.py $(STATEDIR)/predictors/)."
+
+install-venv:
+	@[ -n "$(DESTDIR)" ] || [ "$$(id -u)" = 0 ] || { echo "make install needs root: sudo make install"; exit 1; }
+	$(INSTALL_PYTHON) -m venv $(DESTDIR)$(PREFIX)/venv
+	$(DESTDIR)$(PREFIX)/venv/bin/pip install -q --upgrade pip
+	$(DESTDIR)$(PREFIX)/venv/bin/pip install -q torch==2.13.0
+	$(DESTDIR)$(PREFIX)/venv/bin/pip install -q .
+
+install-files:
+	install -d -m 0755 $(DESTDIR)$(SYSCONFDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(STATEDIR)
+	install -m 0644 systemd/predictord.service systemd/predictord.socket $(DESTDIR)$(UNITDIR)/
+	[ -e $(DESTDIR)$(SYSCONFDIR)/config.toml ] || install -m 0644 systemd/config.toml $(DESTDIR)$(SYSCONFDIR)/config.toml
+	@if [ ! -d $(DESTDIR)$(STATEDIR)/predictors ]; then \
+		install -d -m 0755 $(DESTDIR)$(STATEDIR)/predictors && \
+		install -m 0644 predictors/hello.py predictors/hello.toml $(DESTDIR)$(STATEDIR)/predictors/; fi
+
+install-user:
+	getent passwd $(SERVICE_USER) >/dev/null || useradd --system --user-group --home-dir $(STATEDIR) \
+		--shell /usr/sbin/nologin --comment "predictord serving daemon" $(SERVICE_USER)
+	chown $(SERVICE_USER):$(SERVICE_USER) $(STATEDIR)
+
+# Removes what install added; leaves $(STATEDIR)/predictors (your predictors) and a config you changed.
+uninstall:
+	@[ "$$(id -u)" = 0 ] || { echo "make uninstall needs root: sudo make uninstall"; exit 1; }
+	-@if [ -d /run/systemd/system ]; then systemctl disable --now predictord.socket predictord.service; fi
+	rm -f $(UNITDIR)/predictord.service $(UNITDIR)/predictord.socket
+	-@if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	rm -rf $(PREFIX)
+	@if cmp -s systemd/config.toml $(SYSCONFDIR)/config.toml; then rm -f $(SYSCONFDIR)/config.toml; \
+		rmdir --ignore-fail-on-non-empty $(SYSCONFDIR); else echo "kept $(SYSCONFDIR)/config.toml (changed)"; fi
+	-getent passwd $(SERVICE_USER) >/dev/null && userdel $(SERVICE_USER)
+	@echo "kept $(STATEDIR)/predictors (your predictors); remove it yourself if you want it gone"

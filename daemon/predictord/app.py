@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -13,22 +12,17 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
+from . import logs
 from .config import Config
 from .front import Front
 from .gpus import discover
 from .master import Master
 from .model_worker import Device
+from .notify import Notifier
 from .placement import plan_slots
 from .scoreboard import MAX_HTTP, Scoreboard
 
 log = logging.getLogger("predictord.master")
-LOG_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr, force=True)
-
-
 def preload(modules: tuple[str, ...]) -> None:
     """Import libraries once in the master, so every forked worker shares them copy-on-write."""
     for name in modules:
@@ -93,8 +87,8 @@ class PredictordApp(BaseApplication):  # type: ignore[misc]
 
 def serve(config: Config, reload: Callable[[], Config]) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT."""
-    setup_logging(config.server.log_level)
+    logs.setup(config.server.log_level)
     # gunicorn would say READY=1 before any model is loaded; the daemon speaks to systemd itself.
-    os.environ.pop("NOTIFY_SOCKET", None)
+    notifier = Notifier.from_environment()
     log.info("config: %s; predictors: %s", config.path or "(defaults)", config.predictors_dir)
-    Master(PredictordApp(config, reload)).run()
+    Master(PredictordApp(config, reload), notifier).run()

@@ -129,13 +129,15 @@ class Front:
     async def _predict(self, scope: Scope, receive: Any, send: Any, name: str, route: dict[str, Any],
                        request_id: str) -> None:
         started = time.monotonic()
+        if not route["replicas"] and route["status"]["state"] == "loading":
+            route = await self._wait_loaded(name, route, started)
         replicas = route["replicas"]
         if not replicas:
             status = route["status"]
             if status["state"] == "failed" and status["error"]:
                 e = status["error"]
-                where = f"{e['file']}:{e['line']}" if e.get("line") else e.get("file")
-                message = f"API {name!r} failed to load: {where}: {e['message']}"
+                where = f"{e['file']}:{e['line']}: " if e.get("line") else f"{e['file']}: " if e.get("file") else ""
+                message = f"API {name!r} failed to load: {where}{e['message']}"
             else:
                 message = f"API {name!r} is {status['state']}; retry shortly"
             await self._error(send, 503, message, request_id, [(b"retry-after", b"1")])
@@ -197,6 +199,17 @@ class Front:
                 raise part  # uvicorn closes the connection: the client sees a truncated response
             await send({"type": "http.response.body", "body": part, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
+
+    async def _wait_loaded(self, name: str, route: dict[str, Any], started: float) -> dict[str, Any]:
+        """An API still loading (the daemon just started, or it was just added): wait for it, within the request's
+        deadline, rather than refuse; a request sent before a socket-activated start is answered this way."""
+        deadline = started + min(route["timeout"], 30.0)
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            fresh = self.dispatcher.routes()["apis"].get(name)
+            if fresh is None or fresh["replicas"] or fresh["status"]["state"] != "loading":
+                return fresh or route
+        return route
 
     async def _read_body(self, scope: Scope, receive: Any) -> bytes:
         for key, value in scope["headers"]:

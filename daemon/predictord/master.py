@@ -21,12 +21,13 @@ from typing import Any
 
 from gunicorn.arbiter import Arbiter
 
-from . import probe
+from . import logs, permissions, probe
 from .apis import ApiRecord, Replica, api_state, route, write_routes
 from .config import Config, ConfigError, load_api_settings
 from .fleet import Fleet, ModelWorkerHandle, describe_exit
 from .loader import name_problem, scan
 from .model_worker import Device
+from .notify import Notifier
 from .placement import Want, WorkerSlot, place
 from .scoreboard import MAX_APIS, MAX_HTTP, Scoreboard
 from .watcher import PredictorWatcher
@@ -37,7 +38,8 @@ log = logging.getLogger("predictord.master")
 class Master(Arbiter):  # type: ignore[misc]
     """gunicorn's Arbiter plus model workers, API records, probes and the routing table."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, notifier: Notifier) -> None:
+        self.notifier = notifier
         self.pconfig: Config = app.pconfig
         self.scoreboard: Scoreboard = app.scoreboard
         self.runtime: Path = app.runtime
@@ -53,6 +55,8 @@ class Master(Arbiter):  # type: ignore[misc]
         self.started_at = time.time()
         self.watcher: PredictorWatcher | None = None
         super().__init__(app)
+        for handler in self.log.error_log.handlers:
+            logs.adopt(handler)  # gunicorn's own lines in the daemon's format
 
     # -- the loop ---------------------------------------------------------------------------------------------------
     def init_signals(self) -> None:
@@ -71,6 +75,7 @@ class Master(Arbiter):  # type: ignore[misc]
         for listener in self.LISTENERS:
             log.info("predictord listening on %s (master pid %d)", listener, self.pid)
         self.sync_sources()
+        self.publish()  # before any HTTP worker exists: a first request (socket activation) finds every API
         self.start_watcher()
 
     def start_watcher(self) -> None:
@@ -128,8 +133,28 @@ class Master(Arbiter):  # type: ignore[misc]
         signals: list[int] = super().wait_for_signals(timeout=0)
         return signals
 
+    def handle_term(self) -> None:
+        """SIGTERM: stop accepting, let in-flight requests finish (graceful_timeout), exit 0."""
+        self.notifier.stopping()
+        log.info("SIGTERM: draining in-flight requests, then stopping")
+        raise StopIteration
+
+    def handle_int(self) -> None:
+        """SIGINT (Ctrl-C in a terminal): the same graceful stop as SIGTERM."""
+        self.notifier.stopping()
+        log.info("SIGINT: draining in-flight requests, then stopping")
+        raise StopIteration
+
+    def handle_quit(self) -> None:
+        """SIGQUIT: stop at once."""
+        self.notifier.stopping()
+        log.info("SIGQUIT: stopping at once")
+        self.stop(graceful=False)
+        raise StopIteration
+
     def handle_hup(self) -> None:
         """SIGHUP: re-read config.toml, roll the workers it changes, and rescan the predictors directory."""
+        self.notifier.reloading()
         log.info("SIGHUP: reloading %s and rescanning the predictors", self.pconfig.path or "(defaults)")
         try:
             new = self.app.reload_config()
@@ -173,6 +198,7 @@ class Master(Arbiter):  # type: ignore[misc]
 
     def post_fork_http(self, worker: Any) -> None:
         os.environ["PREDICTORD_HTTP_SLOT"] = str(worker.slot)
+        logs.set_role(f"http{worker.slot}")
         self.close_master_channels()
 
     def http_worker_exited(self, worker: Any) -> None:
@@ -268,6 +294,7 @@ class Master(Arbiter):  # type: ignore[misc]
         super().manage_workers()
         if self.stopping:
             return
+        self.notifier.watchdog()
         if self.watcher is not None:
             changed = self.watcher.step()
             if changed:
@@ -347,9 +374,12 @@ class Master(Arbiter):  # type: ignore[misc]
         for name, source in found.items():
             version = source.version()
             record = self.apis.get(name)
+            refused = record is not None and (record.error or {}).get("kind") == "permissions"
             if record is not None and record.version == version and record.source == source:
-                continue
-            if record is not None:
+                if not refused:
+                    continue
+                record.failed_versions.discard(version)  # a chmod or chown changes no content: check again
+            elif record is not None:
                 log.info("API %s changed (version %s -> %s); checking the new version", name, record.version,
                          version)
             else:
@@ -369,8 +399,13 @@ class Master(Arbiter):  # type: ignore[misc]
 
     def start_probe(self, record: ApiRecord) -> None:
         problem = name_problem(record.name)
+        if not problem and self.pconfig.predictors.check_permissions:
+            problem = permissions.check_source(record.source, self.pconfig.predictors_dir)
+            if problem:
+                log.error("API %s refused: %s", record.name, problem)
         if problem:
-            record.fail({"message": problem, "file": str(record.source.code), "line": None})
+            kind = "name" if name_problem(record.name) else "permissions"
+            record.fail({"message": problem, "file": None, "line": None, "kind": kind})
             return
         old = self.probes.pop(record.name, None)
         if old is not None:
@@ -443,6 +478,17 @@ class Master(Arbiter):  # type: ignore[misc]
                                 "version": record.version}
         self.dirty = True
 
+    def tell_systemd(self, apis: dict[str, Any], down: list[int]) -> None:
+        """READY=1 once every API is ready or has failed for its own reasons; STATUS= always."""
+        states = [a["status"]["state"] for a in apis.values()]
+        counts = {s: states.count(s) for s in ("ready", "loading", "failed")}
+        text = (f"{counts['ready']} APIs ready, {counts['loading']} loading, {counts['failed']} failed; "
+                f"{len(self.fleet.workers) - len(down)}/{len(self.devices)} model workers up")
+        if counts["loading"] == 0 and not self.probes and not down:
+            self.notifier.set_ready(text)
+        else:
+            self.notifier.status(text)
+
     # -- the routing table -----------------------------------------------------------------------------------------
     def replicas(self, name: str) -> list[Replica]:
         return [Replica(h.slot, h.pid, h.device.label, h.socket_path, h.loaded[name], h.threads.get(name, 1))
@@ -465,5 +511,6 @@ class Master(Arbiter):  # type: ignore[misc]
         })
         self.scoreboard.bump_routes()
         self.dirty = False
+        self.tell_systemd(apis, down)
         states = {n: api_state(r, self.replicas(n)) for n, r in self.apis.items()}
         log.debug("routes published: %s", states)

@@ -23,6 +23,7 @@ from typing import Any
 from starlette.datastructures import Headers, QueryParams
 from starlette.exceptions import HTTPException
 
+from . import logs
 from . import payload as pl
 from .loader import ApiSource, LoadError, Signature, instantiate, load_class, modules_under
 from .protocol import (
@@ -166,6 +167,7 @@ class ModelWorker:
         os.environ["CUDA_VISIBLE_DEVICES"] = "" if self.device.kind == "cpu" else str(self.device.index)
         os.environ["OMP_NUM_THREADS"] = str(self.torch_threads)
         os.environ["PREDICTORD_WORKER"] = f"{self.slot}:{self.device.label}"
+        logs.set_role(f"model{self.slot}:{self.device.label}")
         torch = sys.modules.get("torch")
         if torch is not None:
             torch.set_num_threads(self.torch_threads)

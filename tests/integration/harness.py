@@ -47,7 +47,7 @@ class Daemon:
         path.write_text(text)
         return path
 
-    def start(self) -> Daemon:
+    def write_config(self) -> None:
         base = {"server": 'host = "127.0.0.1"\nport = 0\nhttp_workers = 2\nlog_level = "info"\n',
                 "predictors": 'dir = "predictors"\nload_timeout = 20\n',
                 "workers": 'cpu = 1\ngpus = "none"\npreload = ["torch"]\n'}
@@ -56,6 +56,9 @@ class Daemon:
             tables.setdefault(t, {}).update(self._keys(v))  # the test's keys override the base
         text = "".join(f"[{t}]\n" + "".join(lines.values()) + "\n" for t, lines in tables.items())
         self.config_path.write_text(text)
+
+    def start(self) -> Daemon:
+        self.write_config()
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         env.pop("PREDICTORD_CONFIG", None)
         self.log = self.log_path.open("ab")

@@ -1,0 +1,49 @@
+"""Logging: one event per line with level, pid and the process's role (master, http0, model1:gpu0).
+
+Under systemd (JOURNAL_STREAM is set) a traceback is folded into its event's line, so journald stores one entry
+per event; in a terminal it keeps its lines.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+FORMAT = "%(asctime)s %(levelname)s [%(process)d %(role)s] %(name)s: %(message)s"
+_role = "master"
+
+
+def set_role(role: str) -> None:
+    """Name this process in every log line it writes from now on (call right after a fork)."""
+    global _role
+    _role = role
+
+
+class RoleFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.role = _role
+        return True
+
+
+class OneLineFormatter(logging.Formatter):
+    """Folds multi-line messages and tracebacks into one line (for journald)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).replace("\n", " \u23ce ")
+
+
+def formatter() -> logging.Formatter:
+    return OneLineFormatter(FORMAT) if os.environ.get("JOURNAL_STREAM") else logging.Formatter(FORMAT)
+
+
+def adopt(handler: logging.Handler) -> None:
+    """Give a handler (ours or gunicorn's) the daemon's format and the role of the writing process."""
+    handler.setFormatter(formatter())
+    handler.addFilter(RoleFilter())
+
+
+def setup(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    adopt(handler)
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)

@@ -1,0 +1,238 @@
+"""Running as a system service: units, the notify protocol, socket activation, signals, a guarded directory."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from broken import OK, SLOW
+from harness import Daemon, wait_until
+
+REPO = Path(__file__).resolve().parents[2]
+ANALYZE = shutil.which("systemd-analyze")
+needs_systemd_tools = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed")
+
+
+def unit_with_local_exec(tmp_path: Path) -> Path:
+    """The service unit as installed, but starting this checkout's predictord (verify checks the executable)."""
+    text = (REPO / "systemd" / "predictord.service").read_text()
+    local = Path(sys.executable).parent / "predictord"
+    unit = tmp_path / "predictord.service"
+    unit.write_text(text.replace("/opt/predictord/venv/bin/predictord", str(local)))
+    shutil.copy(REPO / "systemd" / "predictord.socket", tmp_path / "predictord.socket")
+    return unit
+
+
+@needs_systemd_tools
+def test_units_verify_with_empty_stderr(tmp_path: Path) -> None:
+    unit = unit_with_local_exec(tmp_path)
+    r = subprocess.run([ANALYZE, "verify", str(unit), str(tmp_path / "predictord.socket")], capture_output=True,
+                       text=True, timeout=60)
+    assert (r.returncode, r.stderr) == (0, ""), r.stderr  # verify exits 0 on parse errors: stderr is the verdict
+
+
+@needs_systemd_tools
+def test_security_exposure_is_in_the_ok_band(tmp_path: Path) -> None:
+    r = subprocess.run([ANALYZE, "security", "--offline=true", str(unit_with_local_exec(tmp_path))],
+                       capture_output=True, text=True, timeout=60)
+    m = re.search(r"Overall exposure level for predictord.service: ([\d.]+) (\w+)", r.stdout)
+    assert m, r.stdout[-2000:] + r.stderr
+    assert float(m.group(1)) <= 2.0 and m.group(2) in ("SAFE", "OK"), m.group(0)
+
+
+def test_install_files_stage_the_fhs_layout(tmp_path: Path) -> None:
+    r = subprocess.run(["make", "-s", "install-files", f"DESTDIR={tmp_path}"], cwd=REPO, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    for path, mode in [("etc/systemd/system/predictord.service", 0o644), ("etc/systemd/system/predictord.socket", 0o644),
+                       ("etc/predictord/config.toml", 0o644), ("var/lib/predictord/predictors", 0o755),
+                       ("var/lib/predictord/predictors/hello.py", 0o644)]:
+        assert (tmp_path / path).exists(), path
+        assert (tmp_path / path).stat().st_mode & 0o777 == mode, path
+    config = (tmp_path / "etc/predictord/config.toml").read_text()
+    assert "check_permissions = true" in config and 'dir = "/var/lib/predictord/predictors"' in config
+    check = subprocess.run([sys.executable, "-m", "predictord", "options"], capture_output=True, text=True)
+    assert check.returncode == 0
+
+
+class NotifySocket:
+    """A datagram socket standing in for systemd's NOTIFY_SOCKET: it records every message with its time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[tuple[float, str]] = []
+        self.closed = False
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        while not self.closed:
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.messages.append((time.monotonic(), data.decode()))
+
+    def find(self, key: str) -> list[float]:
+        return [t for t, m in self.messages if key in m.splitlines()]
+
+    def close(self) -> None:
+        self.closed = True
+        self.thread.join(2)
+        self.sock.close()
+
+
+@pytest.fixture
+def notify(tmp_path: Path) -> Iterator[NotifySocket]:
+    n = NotifySocket(tmp_path / "notify.sock")
+    yield n
+    n.close()
+
+
+SLOW_INIT = '''
+import time
+
+
+class PythonPredictor:
+    def __init__(self, config):
+        time.sleep(3)
+
+    def predict(self, payload):
+        return {"ready": True}
+'''
+
+
+def test_notify_ready_after_models_load_reloading_and_stopping(tmp_path: Path, notify: NotifySocket) -> None:
+    d = Daemon(tmp_path / "d", env={"NOTIFY_SOCKET": str(notify.path)})
+    d.write("slow.py", SLOW_INIT)
+    d.start()
+    try:
+        ready = wait_until(lambda: notify.find("READY=1"), 60, "READY=1")[0]
+        loaded = d.wait_for_log(r"API slow version \w+ ready on model worker")
+        assert loaded and d.get("/slow").json()["state"] == "ready"
+        listening = [t for t, m in notify.messages if "STATUS=" in m]
+        assert listening and min(listening) < ready, "STATUS lines came while it loaded"
+        assert any("1 APIs ready, 0 loading, 0 failed" in m for _, m in notify.messages)
+        assert d.proc is not None
+        os.kill(d.proc.pid, signal.SIGHUP)
+        reloading = wait_until(lambda: notify.find("RELOADING=1"), 30, "RELOADING=1")[0]
+        wait_until(lambda: any(t > reloading for t in notify.find("READY=1")), 30, "READY=1 after the reload")
+        assert len(notify.find("READY=1")) == 2, "exactly one READY per start or reload: gunicorn's own is gone"
+    finally:
+        code = d.stop(signal.SIGTERM)
+    assert notify.find("STOPPING=1") and code == 0
+
+
+def test_ready_waits_for_a_slow_init_before_it_is_sent(tmp_path: Path, notify: NotifySocket) -> None:
+    d = Daemon(tmp_path / "d", env={"NOTIFY_SOCKET": str(notify.path)})
+    d.write("slow.py", SLOW_INIT)
+    start = time.monotonic()
+    d.start()
+    try:
+        ready = wait_until(lambda: notify.find("READY=1"), 60, "READY=1")[0]
+        assert ready - start >= 3, "READY=1 came before the 3 s __init__ finished"
+    finally:
+        d.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="systemd-socket-activate missing")
+def test_socket_activation_answers_the_first_request(tmp_path: Path) -> None:
+    d = Daemon(tmp_path / "d")
+    d.write("slow.py", SLOW_INIT)
+    d.write_config()
+    port = free_port()
+    log = d.log_path.open("ab")
+    proc = subprocess.Popen(["systemd-socket-activate", "-l", f"127.0.0.1:{port}", sys.executable, "-m",
+                             "predictord", "--config", str(d.config_path)], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, cwd=d.root)
+    try:
+        wait_until(lambda: "Listening on 127.0.0.1" in d.logs(), 10, "systemd-socket-activate to listen")
+        # The daemon is not running yet: this request starts it, waits in the backlog, and gets the real answer.
+        r = httpx.post(f"http://127.0.0.1:{port}/slow", json={}, timeout=60)
+        assert r.status_code == 200 and r.json() == {"ready": True}
+        assert "Execing" in d.logs()
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            log.close()
+
+
+def test_sigterm_under_load_finishes_accepted_requests_and_leaves_no_orphans(
+        make_daemon: Callable[..., Daemon]) -> None:
+    d = make_daemon({"slow.py": SLOW, "ok.py": OK}, "[workers]\ncpu = 2\n")
+    d.wait_settled()
+    assert d.proc is not None
+    results: list[int | str] = []
+
+    def call() -> None:
+        try:
+            results.append(httpx.post(d.url("/slow"), json={"sleep": 1.5}, timeout=30).status_code)
+        except httpx.HTTPError as e:
+            results.append(repr(e))
+
+    threads = [threading.Thread(target=call) for _ in range(6)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: d.get("/slow").json()["outstanding"] == 6, 10, "6 requests in flight")
+    os.kill(d.proc.pid, signal.SIGTERM)
+    for t in threads:
+        t.join(30)
+    assert results == [200] * 6, results
+    assert d.proc.wait(30) == 0
+    assert "SIGTERM: draining in-flight requests" in d.logs()
+    with pytest.raises(ProcessLookupError):
+        os.killpg(d.proc.pid, 0)  # nothing of the daemon's process group is left
+
+
+def test_unsafe_predictor_files_are_refused_with_the_fix(make_daemon: Callable[..., Daemon]) -> None:
+    d = make_daemon({"good.py": OK, "world.py": OK, "group.py": OK, "foreign.py": OK, "folder/predictor.py": OK},
+                    "[predictors]\ncheck_permissions = true\n", start=False)
+    p = d.predictors
+    os.chmod(p / "world.py", 0o666)
+    os.chmod(p / "group.py", 0o664)
+    os.chown(p / "group.py", 0, 65534)  # a group that is not the service's
+    os.chown(p / "foreign.py", 65534, 0)  # another unprivileged user
+    os.chmod(p / "folder", 0o777)
+    d.start()
+    status = d.wait_settled()
+    errors = {n: (a["error"] or {}).get("message", "") for n, a in status["apis"].items()}
+    assert status["apis"]["good"]["state"] == "ready" and d.post("/good", json={}).status_code == 200
+    assert f"{p / 'world.py'}: mode 0666 lets anyone write it. Fix: chmod o-w {p / 'world.py'}" == errors["world"]
+    assert re.match(rf"{p / 'group.py'}: mode 0664 lets group \w+ write it, which is not the service's group",
+                    errors["group"])
+    assert f"{p / 'foreign.py'}: owned by nobody, not by root or the service user root" in errors["foreign"]
+    assert "Fix: chown root" in errors["foreign"]
+    assert f"{p / 'folder'}: mode 0777 lets anyone write it" in errors["folder"]
+    for name in ("world", "group", "foreign", "folder"):
+        assert d.post(f"/{name}", json={}).status_code == 503
+        d.wait_for_log(rf"API {name} refused: ")
+    os.chmod(p / "world.py", 0o644)  # the fix the message gave: the watcher sees the chmod and checks again
+    wait_until(lambda: d.post("/world", json={}).status_code == 200, 30, "world to load once fixed")
