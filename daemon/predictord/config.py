@@ -122,6 +122,12 @@ class ServingConfig:
     replicas: int = opt(1, "Model workers that load this API.", _in_range(1, 64))
     timeout: float = opt(60.0, "Seconds a request may take, queueing included, before it gets 504.", _in_range(0.001))
     queue_limit: int = opt(64, "Requests that may wait for a replica; more get 503 with Retry-After.", _in_range(0))
+    threads: int = opt(1, "predict() calls at once per replica (for predictors that release the GIL or wait on I/O).",
+                       _in_range(1, 256))
+    max_batch_size: int = opt(1, "Requests per predict() call; above 1, predict() gets lists and returns a list.",
+                              _in_range(1, 4096))
+    batch_wait_ms: float = opt(5.0, "Milliseconds a batch waits for more requests before it runs with fewer.",
+                               _in_range(0, 10000))
 
 
 @dataclass(frozen=True)

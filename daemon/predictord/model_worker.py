@@ -15,32 +15,14 @@ import signal
 import socket
 import sys
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from starlette.datastructures import Headers, QueryParams
-from starlette.exceptions import HTTPException
-
 from . import logs
-from . import payload as pl
-from .loader import ApiSource, LoadError, Signature, instantiate, load_class, modules_under
-from .protocol import (
-    ABORT,
-    CANCEL,
-    CHUNK,
-    CONTROL,
-    END,
-    JOB,
-    REPLY,
-    START,
-    FrameProtocol,
-    FrameReader,
-    control,
-    split_header,
-    with_header,
-)
+from .jobs import JobRunner, LoadedApi
+from .loader import ApiSource, LoadError, instantiate, load_class, modules_under
+from .protocol import CONTROL, FrameReader, control
 from .scoreboard import Scoreboard
 
 log = logging.getLogger("predictord.model")
@@ -62,75 +44,6 @@ class Device:
     @property
     def torch_device(self) -> str:
         return "cpu" if self.kind == "cpu" else "cuda"
-
-
-@dataclass
-class Job:
-    """One request taken from an HTTP worker's connection."""
-
-    conn: JobConnection
-    job_id: int
-    header: tuple[Any, ...]
-    body: bytes
-    started: float = 0.0
-
-
-@dataclass
-class LoadedApi:
-    """A predictor instance loaded in this worker, with its queue and its threads."""
-
-    name: str
-    version: str
-    instance: Any
-    signature: Signature
-    threads: int
-    timeout: float
-    executor: ThreadPoolExecutor
-    queue: deque[Job] = field(default_factory=deque)
-    running: dict[int, Job] = field(default_factory=dict)
-    modules: dict[str, Any] = field(default_factory=dict)  # what its import added to sys.modules
-
-
-class JobConnection(FrameProtocol):
-    """One HTTP worker's connection: jobs in, replies out."""
-
-    def __init__(self, worker: ModelWorker) -> None:
-        super().__init__()
-        self.worker = worker
-        self.closed = False
-
-    def frame_received(self, kind: int, job_id: int, payload: memoryview) -> None:
-        if kind == JOB:
-            header, body = split_header(payload)
-            self.worker.submit(Job(self, job_id, header, body))
-        elif kind == CANCEL:
-            self.worker.cancel(self, job_id)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-
-    def reply(self, job_id: int, status: int, headers: list[pl.Header], body: bytes, version: str = "") -> None:
-        if not self.closed:
-            self.send(REPLY, job_id, *with_header((status, headers, version), body))
-
-
-def _offer(names: tuple[str, ...], payload: Any, query: bytes, headers: Any, response: Any = None) -> dict[str, Any]:
-    """The arguments a predictor method asked for, by name."""
-    kwargs: dict[str, Any] = {}
-    for name in names:
-        if name == "payload":
-            kwargs[name] = payload
-        elif name == "query_params":
-            kwargs[name] = QueryParams(query)
-        elif name == "headers":
-            kwargs[name] = Headers(raw=headers or [])
-        elif name == "response":
-            kwargs[name] = response
-    return kwargs
-
-
-def _next(iterator: Any, default: object) -> Any:
-    return next(iterator, default)
 
 
 class ModelWorker:
@@ -178,7 +91,7 @@ class ModelWorker:
     async def _serve(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.loop.add_signal_handler(signal.SIGTERM, self._begin_stop)
-        server = await self.loop.create_unix_server(lambda: JobConnection(self), self.socket_path)
+        server = await self.loop.create_unix_server(JobRunner(self.apis, self.loop).connection(), self.socket_path)
         self.ctl.setblocking(False)
         reader = FrameReader(self._control_frame)
         self.loop.add_reader(self.ctl.fileno(), self._read_control, reader)
@@ -198,7 +111,7 @@ class ModelWorker:
         the HTTP workers saw the new routes still gets its answer)."""
         quiet_since = time.monotonic()
         while time.monotonic() - quiet_since < DRAIN_QUIET:
-            if any(a.queue or a.running for a in self.apis.values()):
+            if any(a.busy for a in self.apis.values()):
                 quiet_since = time.monotonic()
             self._beat()
             await asyncio.sleep(0.05)
@@ -209,8 +122,8 @@ class ModelWorker:
         for api in self.apis.values():
             for job in api.running.values():
                 if now - job.started > api.timeout + HUNG_GRACE:
-                    if not getattr(job, "reported", False):
-                        job.reported = True  # type: ignore[attr-defined]
+                    if not job.reported:
+                        job.reported = True
                         self._tell_master({"op": "hung", "api": api.name, "seconds": round(now - job.started, 1),
                                            "request_id": job.header[4]})
                     return
@@ -279,9 +192,11 @@ class ModelWorker:
         modules = {n: sys.modules[n] for n in set(sys.modules) - before
                    if n == module_name or (source.folder is not None and n in modules_under(source.folder))}
         instance = instantiate(cls, signature, source, m["config"], self.device.torch_device)
-        threads = m["serving"].get("threads", 1)
-        return LoadedApi(source.name, m["version"], instance, signature, threads, m["serving"]["timeout"],
+        serving = m["serving"]
+        threads = serving["threads"]
+        return LoadedApi(source.name, m["version"], instance, signature, threads, serving["timeout"],
                          ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"predict-{source.name}"),
+                         max_batch_size=serving["max_batch_size"], batch_wait=serving["batch_wait_ms"] / 1000,
                          modules=modules)
 
     async def _unload(self, name: str) -> None:
@@ -292,7 +207,7 @@ class ModelWorker:
 
     async def _retire(self, api: LoadedApi) -> None:
         """Let an API's accepted jobs finish, then drop its instance and give its memory back."""
-        while api.queue or api.running:
+        while api.busy:
             await asyncio.sleep(0.05)
         api.executor.shutdown(wait=False)
         api.instance = None
@@ -304,112 +219,3 @@ class ModelWorker:
         torch = sys.modules.get("torch")
         if torch is not None and self.device.kind == "gpu" and torch.cuda.is_initialized():
             torch.cuda.empty_cache()
-
-    # -- jobs -----------------------------------------------------------------------------------------------------
-    def submit(self, job: Job) -> None:
-        api = self.apis.get(job.header[0])
-        if api is None:
-            body = pl.error_body(f"API {job.header[0]!r} is not loaded on this worker; retry", request_id=job.header[4])
-            job.conn.reply(job.job_id, 503, [(b"content-type", b"application/json"), (b"retry-after", b"1")], body)
-            return
-        api.queue.append(job)
-        if len(api.running) < api.threads:
-            self._start_next(api)
-
-    def cancel(self, conn: JobConnection, job_id: int) -> None:
-        """The HTTP worker gave up on a job (deadline): drop it if it has not started."""
-        for api in self.apis.values():
-            for job in api.queue:
-                if job.conn is conn and job.job_id == job_id:
-                    api.queue.remove(job)
-                    conn.reply(job_id, 504, [], b"")
-                    return
-
-    def _start_next(self, api: LoadedApi) -> None:
-        while api.queue and len(api.running) < api.threads:
-            job = api.queue.popleft()
-            job.started = time.monotonic()
-            api.running[id(job)] = job
-            self.loop.create_task(self._run(api, job))
-
-    async def _run(self, api: LoadedApi, job: Job) -> None:
-        try:
-            await self._answer(api, job)
-        finally:
-            api.running.pop(id(job), None)
-            self._start_next(api)
-
-    async def _answer(self, api: LoadedApi, job: Job) -> None:
-        name, content_type, query, headers, request_id, _ = job.header
-        result: Any = None
-        payload: Any = None
-        try:
-            payload = await pl.parse_form(content_type, job.body) if pl.is_form(content_type) else None
-            if api.signature.is_async:
-                if payload is None:
-                    payload = pl.parse_body(content_type, job.body)
-                result = await api.instance.predict(**_offer(api.signature.predict_args, payload, query, headers))
-                reply = pl.to_reply(result)
-            else:
-                payload, result, reply = await self.loop.run_in_executor(api.executor, self._predict_sync, api, job,
-                                                                         payload)
-        except pl.BadPayload as e:
-            reply = pl.Reply(400, [(b"content-type", b"application/json")],
-                             pl.error_body(str(e), request_id=request_id))
-        except HTTPException as e:
-            extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (e.headers or {}).items()]
-            reply = pl.Reply(e.status_code, [(b"content-type", b"application/json"), *extra],
-                             pl.error_body(str(e.detail), request_id=request_id))
-        except Exception as e:  # noqa: BLE001 - user code failed: log the traceback, answer 500 without it
-            log.error("API %s request %s: predict() raised %s: %s", name, request_id, type(e).__name__, e,
-                      exc_info=True)
-            reply = pl.Reply(500, [(b"content-type", b"application/json")], pl.error_body(
-                f"API {name!r} failed while handling this request ({type(e).__name__}); "
-                "the traceback is in the daemon's log", api=name, request_id=request_id))
-        if reply.stream is None:
-            job.conn.reply(job.job_id, reply.status, reply.headers, reply.body, api.version)
-        else:
-            await self._stream(api, job, reply)
-        if api.signature.post_predict_args is not None and reply.status < 500:
-            self.loop.run_in_executor(api.executor, self._post_predict, api, job, payload, result)
-
-    def _predict_sync(self, api: LoadedApi, job: Job, payload: Any) -> tuple[Any, Any, pl.Reply]:
-        _, content_type, query, headers, _, _ = job.header
-        if payload is None:
-            payload = pl.parse_body(content_type, job.body)
-        result = api.instance.predict(**_offer(api.signature.predict_args, payload, query, headers))
-        return payload, result, pl.to_reply(result)
-
-    def _post_predict(self, api: LoadedApi, job: Job, payload: Any, result: Any) -> None:
-        _, _, query, headers, request_id, _ = job.header
-        try:
-            api.instance.post_predict(**_offer(api.signature.post_predict_args or (), payload, query, headers, result))
-        except Exception:  # noqa: BLE001 - the response is gone already; the log is the only place for this
-            log.exception("API %s request %s: post_predict() raised", api.name, request_id)
-
-    async def _stream(self, api: LoadedApi, job: Job, reply: pl.Reply) -> None:
-        """Send a generator's parts as they come; a failure midway aborts the response."""
-        conn, job_id = job.conn, job.job_id
-        conn.send(START, job_id, *with_header((reply.status, reply.headers, api.version)))
-        stream = reply.stream
-        try:
-            if hasattr(stream, "__anext__"):
-                async for part in stream:  # type: ignore[union-attr]
-                    if conn.closed:
-                        return
-                    conn.send(CHUNK, job_id, pl.chunk_bytes(part))
-            else:
-                done = object()
-                while not conn.closed:
-                    part = await self.loop.run_in_executor(api.executor, _next, stream, done)
-                    if part is done:
-                        break
-                    conn.send(CHUNK, job_id, pl.chunk_bytes(part))
-        except Exception as e:  # noqa: BLE001 - user code failed midway: log it, cut the response
-            log.error("API %s request %s: the streamed response failed: %s", api.name, job.header[4], e,
-                      exc_info=True)
-            if not conn.closed:
-                conn.send(ABORT, job_id, str(e).encode())
-            return
-        if not conn.closed:
-            conn.send(END, job_id)

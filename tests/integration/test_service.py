@@ -55,9 +55,9 @@ def test_install_files_stage_the_fhs_layout(tmp_path: Path) -> None:
     r = subprocess.run(["make", "-s", "install-files", f"DESTDIR={tmp_path}"], cwd=REPO, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    for path, mode in [("etc/systemd/system/predictord.service", 0o644), ("etc/systemd/system/predictord.socket", 0o644),
-                       ("etc/predictord/config.toml", 0o644), ("var/lib/predictord/predictors", 0o755),
-                       ("var/lib/predictord/predictors/hello.py", 0o644)]:
+    units = "etc/systemd/system/predictord"
+    for path, mode in [(f"{units}.service", 0o644), (f"{units}.socket", 0o644), ("etc/predictord/config.toml", 0o644),
+                       ("var/lib/predictord/predictors", 0o755), ("var/lib/predictord/predictors/hello.py", 0o644)]:
         assert (tmp_path / path).exists(), path
         assert (tmp_path / path).stat().st_mode & 0o777 == mode, path
     config = (tmp_path / "etc/predictord/config.toml").read_text()

@@ -1,0 +1,320 @@
+"""Running jobs inside a model worker: per-API queues, threads, batches, and turning results into replies.
+
+A job waits in its API's queue until one of the API's ``threads`` runners is free. A runner of a batching API
+(``max_batch_size > 1``) takes up to that many queued jobs, waits at most ``batch_wait_ms`` for more (on an event,
+not a thread), and calls ``predict`` once with lists. Sync predictors run in the API's thread pool, async ones on
+the loop; either way the loop keeps reading jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.datastructures import Headers, QueryParams
+from starlette.exceptions import HTTPException
+
+from . import payload as pl
+from .loader import Signature
+from .protocol import ABORT, CANCEL, CHUNK, END, JOB, REPLY, START, FrameProtocol, split_header, with_header
+
+log = logging.getLogger("predictord.model")
+JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+@dataclass
+class Job:
+    """One request taken from an HTTP worker's connection."""
+
+    conn: JobConnection
+    job_id: int
+    header: tuple[Any, ...]  # api, content type, query string, headers or None, request id, timeout
+    body: bytes
+    started: float = 0.0
+    reported: bool = False  # told the master it hung
+
+    @property
+    def request_id(self) -> str:
+        return str(self.header[4])
+
+
+@dataclass
+class LoadedApi:
+    """A predictor instance loaded in this worker, with its queue and its runners."""
+
+    name: str
+    version: str
+    instance: Any
+    signature: Signature
+    threads: int
+    timeout: float
+    executor: ThreadPoolExecutor
+    max_batch_size: int = 1
+    batch_wait: float = 0.0  # seconds
+    queue: deque[Job] = field(default_factory=deque)
+    running: dict[int, Job] = field(default_factory=dict)
+    runners: int = 0
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    modules: dict[str, Any] = field(default_factory=dict)  # what its import added to sys.modules
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue or self.running or self.runners)
+
+
+class JobConnection(FrameProtocol):
+    """One HTTP worker's connection: jobs in, replies out."""
+
+    def __init__(self, runner: JobRunner) -> None:
+        super().__init__()
+        self.runner = runner
+        self.closed = False
+
+    def frame_received(self, kind: int, job_id: int, payload: memoryview) -> None:
+        if kind == JOB:
+            header, body = split_header(payload)
+            self.runner.submit(Job(self, job_id, header, body))
+        elif kind == CANCEL:
+            self.runner.cancel(self, job_id)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+
+    def reply(self, job_id: int, status: int, headers: list[pl.Header], body: bytes, version: str = "") -> None:
+        if not self.closed:
+            self.send(REPLY, job_id, *with_header((status, headers, version), body))
+
+
+def offer(names: tuple[str, ...], payload: Any, query: bytes, headers: Any, response: Any = None) -> dict[str, Any]:
+    """The arguments a predictor method asked for, by name."""
+    kwargs: dict[str, Any] = {}
+    for name in names:
+        if name == "payload":
+            kwargs[name] = payload
+        elif name == "query_params":
+            kwargs[name] = QueryParams(query)
+        elif name == "headers":
+            kwargs[name] = Headers(raw=headers or [])
+        elif name == "response":
+            kwargs[name] = response
+    return kwargs
+
+
+def error_reply(status: int, message: str, job: Job, **extra: Any) -> pl.Reply:
+    return pl.Reply(status, list(JSON_HEADERS), pl.error_body(message, request_id=job.request_id, **extra))
+
+
+def failure_reply(api: LoadedApi, job: Job, e: Exception) -> pl.Reply:
+    """The reply for a predictor that raised: its HTTPException as is, anything else a 500 without internals."""
+    if isinstance(e, pl.BadPayload):
+        return error_reply(400, str(e), job)
+    if isinstance(e, HTTPException):
+        reply = error_reply(e.status_code, str(e.detail), job)
+        reply.headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (e.headers or {}).items()]
+        return reply
+    log.error("API %s request %s: predict() raised %s: %s", api.name, job.request_id, type(e).__name__, e,
+              exc_info=e)
+    return error_reply(500, f"API {api.name!r} failed while handling this request ({type(e).__name__}); the "
+                            "traceback is in the daemon's log", job, api=api.name)
+
+
+def _next(iterator: Any, default: object) -> Any:
+    return next(iterator, default)
+
+
+class JobRunner:
+    """Queues, runners and replies for the APIs loaded in one model worker."""
+
+    def __init__(self, apis: dict[str, LoadedApi], loop: asyncio.AbstractEventLoop) -> None:
+        self.apis = apis
+        self.loop = loop
+
+    def connection(self) -> Callable[[], JobConnection]:
+        return lambda: JobConnection(self)
+
+    def submit(self, job: Job) -> None:
+        api = self.apis.get(job.header[0])
+        if api is None:
+            reply = error_reply(503, f"API {job.header[0]!r} is not loaded on this worker; retry", job)
+            job.conn.reply(job.job_id, reply.status, reply.headers + [(b"retry-after", b"1")], reply.body)
+            return
+        api.queue.append(job)
+        api.arrived.set()
+        self.start_runners(api)
+
+    def cancel(self, conn: JobConnection, job_id: int) -> None:
+        """The HTTP worker gave up on a job (deadline): drop it if it has not started."""
+        for api in self.apis.values():
+            for job in api.queue:
+                if job.conn is conn and job.job_id == job_id:
+                    api.queue.remove(job)
+                    conn.reply(job_id, 504, [], b"")
+                    return
+
+    def start_runners(self, api: LoadedApi) -> None:
+        while api.queue and api.runners < api.threads:
+            api.runners += 1  # the job leaves the queue now, so the next loop turn sees the true queue
+            self.loop.create_task(self._runner(api, api.queue.popleft()))
+
+    async def _runner(self, api: LoadedApi, first: Job) -> None:
+        batch = [first]
+        try:
+            if api.max_batch_size > 1:
+                await self._fill(api, batch)
+            now = time.monotonic()
+            for job in batch:
+                job.started = now
+                api.running[id(job)] = job
+            if api.max_batch_size > 1:
+                await self._answer_batch(api, batch)
+            else:
+                await self._answer(api, batch[0])
+        finally:
+            for job in batch:
+                api.running.pop(id(job), None)
+            api.runners -= 1
+            self.start_runners(api)
+
+    async def _fill(self, api: LoadedApi, batch: list[Job]) -> None:
+        """Take more queued jobs into the batch, waiting at most batch_wait for them to arrive."""
+        deadline = time.monotonic() + api.batch_wait
+        while len(batch) < api.max_batch_size:
+            while api.queue and len(batch) < api.max_batch_size:
+                batch.append(api.queue.popleft())
+            remaining = deadline - time.monotonic()
+            if len(batch) >= api.max_batch_size or remaining <= 0:
+                return
+            api.arrived.clear()
+            try:
+                await asyncio.wait_for(api.arrived.wait(), remaining)
+            except TimeoutError:
+                return
+
+    # -- one request ----------------------------------------------------------------------------------------------
+    async def _answer(self, api: LoadedApi, job: Job) -> None:
+        _, content_type, query, headers, _, _ = job.header
+        result: Any = None
+        payload: Any = None
+        try:
+            payload = await pl.parse_form(content_type, job.body) if pl.is_form(content_type) else None
+            if api.signature.is_async:
+                if payload is None:
+                    payload = pl.parse_body(content_type, job.body)
+                result = await api.instance.predict(**offer(api.signature.predict_args, payload, query, headers))
+                reply = pl.to_reply(result)
+            else:
+                payload, result, reply = await self.loop.run_in_executor(api.executor, self._predict_sync, api, job,
+                                                                         payload)
+        except Exception as e:  # noqa: BLE001 - user code: every failure becomes a clear reply
+            reply = failure_reply(api, job, e)
+        if reply.stream is None:
+            job.conn.reply(job.job_id, reply.status, reply.headers, reply.body, api.version)
+        else:
+            await self._stream(api, job, reply)
+        if api.signature.post_predict_args is not None and reply.status < 500:
+            self.loop.run_in_executor(api.executor, self._post_predict, api, job, payload, result)
+
+    def _predict_sync(self, api: LoadedApi, job: Job, payload: Any) -> tuple[Any, Any, pl.Reply]:
+        _, content_type, query, headers, _, _ = job.header
+        if payload is None:
+            payload = pl.parse_body(content_type, job.body)
+        result = api.instance.predict(**offer(api.signature.predict_args, payload, query, headers))
+        return payload, result, pl.to_reply(result)
+
+    def _post_predict(self, api: LoadedApi, job: Job, payload: Any, result: Any) -> None:
+        _, _, query, headers, _, _ = job.header
+        try:
+            api.instance.post_predict(**offer(api.signature.post_predict_args or (), payload, query, headers, result))
+        except Exception:  # noqa: BLE001 - the response is gone already; the log is the only place for this
+            log.exception("API %s request %s: post_predict() raised", api.name, job.request_id)
+
+    async def _stream(self, api: LoadedApi, job: Job, reply: pl.Reply) -> None:
+        """Send a generator's parts as they come; a failure midway aborts the response."""
+        conn, job_id = job.conn, job.job_id
+        conn.send(START, job_id, *with_header((reply.status, reply.headers, api.version)))
+        stream = reply.stream
+        try:
+            if hasattr(stream, "__anext__"):
+                async for part in stream:  # type: ignore[union-attr]
+                    if conn.closed:
+                        return
+                    conn.send(CHUNK, job_id, pl.chunk_bytes(part))
+            else:
+                done = object()
+                while not conn.closed:
+                    part = await self.loop.run_in_executor(api.executor, _next, stream, done)
+                    if part is done:
+                        break
+                    conn.send(CHUNK, job_id, pl.chunk_bytes(part))
+        except Exception as e:  # noqa: BLE001 - user code failed midway: log it, cut the response
+            log.error("API %s request %s: the streamed response failed: %s", api.name, job.request_id, e,
+                      exc_info=True)
+            if not conn.closed:
+                conn.send(ABORT, job_id, str(e).encode())
+            return
+        if not conn.closed:
+            conn.send(END, job_id)
+
+    # -- a batch --------------------------------------------------------------------------------------------------
+    async def _answer_batch(self, api: LoadedApi, batch: list[Job]) -> None:
+        """Parse each payload (a bad one fails alone), call predict once with lists, answer each request."""
+        good: list[Job] = []
+        payloads: list[Any] = []
+        for job in batch:
+            content_type = job.header[1]
+            try:
+                payloads.append(await pl.parse_form(content_type, job.body) if pl.is_form(content_type)
+                                else pl.parse_body(content_type, job.body))
+                good.append(job)
+            except pl.BadPayload as e:
+                self._send(api, job, error_reply(400, str(e), job))
+        if not good:
+            return
+        try:
+            if api.signature.is_async:
+                results = await api.instance.predict(**self._batch_args(api, good, payloads))
+            else:
+                results = await self.loop.run_in_executor(
+                    api.executor, lambda: api.instance.predict(**self._batch_args(api, good, payloads)))
+            if not isinstance(results, (list, tuple)) or len(results) != len(good):
+                got = f"{len(results)} results" if isinstance(results, (list, tuple)) else type(results).__name__
+                raise TypeError(f"predict() returned {got} for a batch of {len(good)}; a batching predictor must "
+                                "return a list with one result per payload")
+            replies = [pl.to_reply(r) for r in results]
+        except Exception as e:  # noqa: BLE001 - the whole batch failed: each request gets the clear reply
+            replies = [failure_reply(api, job, e) for job in good]
+            results = None
+        for job, reply in zip(good, replies, strict=True):
+            if reply.stream is not None:
+                reply = error_reply(500, "a batched predict() cannot stream its results", job, api=api.name)
+            self._send(api, job, reply)
+        if api.signature.post_predict_args is not None and results is not None:
+            self.loop.run_in_executor(api.executor, self._post_predict_batch, api, good, payloads, list(results))
+
+    def _post_predict_batch(self, api: LoadedApi, jobs: list[Job], payloads: list[Any], results: list[Any]) -> None:
+        """post_predict of a batching predictor gets lists, like its predict."""
+        offered = {**self._batch_args(api, jobs, payloads), "payload": payloads, "response": results}
+        try:
+            api.instance.post_predict(**{n: offered.get(n) for n in api.signature.post_predict_args or ()})
+        except Exception:  # noqa: BLE001 - the responses are gone already; the log is the only place for this
+            log.exception("API %s: post_predict() raised after a batch of %d", api.name, len(jobs))
+
+    def _batch_args(self, api: LoadedApi, jobs: list[Job], payloads: list[Any]) -> dict[str, Any]:
+        args: dict[str, Any] = {}
+        for name in api.signature.predict_args:
+            if name == "payload":
+                args[name] = payloads
+            elif name == "query_params":
+                args[name] = [QueryParams(j.header[2]) for j in jobs]
+            elif name == "headers":
+                args[name] = [Headers(raw=j.header[3] or []) for j in jobs]
+        return args
+
+    def _send(self, api: LoadedApi, job: Job, reply: pl.Reply) -> None:
+        job.conn.reply(job.job_id, reply.status, reply.headers, reply.body, api.version)

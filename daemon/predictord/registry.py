@@ -1,0 +1,196 @@
+"""The master's API registry: scanning the directory, probing new versions, placing replicas, and publishing the
+routing table the HTTP workers read. A mixin of the Master, kept apart so each file holds one concern."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from . import permissions, probe
+from .apis import ApiRecord, Replica, api_state, route, write_routes
+from .config import Config, ConfigError, load_api_settings
+from .fleet import Fleet
+from .loader import name_problem, scan
+from .model_worker import Device
+from .notify import Notifier
+from .placement import Want, WorkerSlot, place
+from .scoreboard import MAX_APIS, Scoreboard
+
+log = logging.getLogger("predictord.master")
+Probe = tuple[subprocess.Popen[bytes], str, float, list[bytes]]  # process, version, deadline, output so far
+
+
+class ApiRegistry:
+    """API records, their probes and placement, and the routing table (the Master provides the state below)."""
+
+    pconfig: Config
+    apis: dict[str, ApiRecord]
+    probes: dict[str, Probe]
+    fleet: Fleet
+    devices: dict[int, Device]
+    dirty: bool
+    scoreboard: Scoreboard
+    routes_path: Path
+    notifier: Notifier
+    started_at: float
+    pid: int
+
+    # -- APIs: scan, probe, place ----------------------------------------------------------------------------------
+    def sync_sources(self, only: set[str] | None = None) -> None:
+        """Make the API records match the directory (or just the APIs in ``only``): probe new and changed APIs,
+        drop removed ones."""
+        found = scan(self.pconfig.predictors_dir)
+        if only is not None:
+            found = {n: s for n, s in found.items() if n in only}
+        for name in set(self.apis) - set(found):
+            if only is None or name in only:
+                log.info("API %s was removed; unloading it", name)
+                del self.apis[name]
+        for name, source in found.items():
+            version = source.version()
+            record = self.apis.get(name)
+            refused = record is not None and (record.error or {}).get("kind") == "permissions"
+            if record is not None and record.version == version and record.source == source:
+                if not refused:
+                    continue
+                record.failed_versions.discard(version)  # a chmod or chown changes no content: check again
+            elif record is not None:
+                log.info("API %s changed (version %s -> %s); checking the new version", name, record.version,
+                         version)
+            else:
+                log.info("API %s found (version %s); checking it", name, version)
+            if record is None:
+                used = {r.slot for r in self.apis.values()}
+                free = sorted(set(range(MAX_APIS)) - used)
+                if not free:
+                    log.error("API %s: more than %d APIs; not loading it", name, MAX_APIS)
+                    continue
+                record = ApiRecord(name, free[0], source, version)
+                self.apis[name] = record
+            record.source, record.version = source, version
+            self.start_probe(record)
+        self.replace()
+        self.dirty = True
+
+    def start_probe(self, record: ApiRecord) -> None:
+        problem = name_problem(record.name)
+        if not problem and self.pconfig.predictors.check_permissions:
+            problem = permissions.check_source(record.source, self.pconfig.predictors_dir)
+            if problem:
+                log.error("API %s refused: %s", record.name, problem)
+        if problem:
+            kind = "name" if name_problem(record.name) else "permissions"
+            record.fail({"message": problem, "file": None, "line": None, "kind": kind})
+            return
+        old = self.probes.pop(record.name, None)
+        if old is not None:
+            old[0].kill()
+        record.probing = True
+        proc = probe.start(record.source.folder or record.source.code, init=False, stderr=tempfile.TemporaryFile())
+        os.set_blocking(proc.stdout.fileno(), False)  # type: ignore[union-attr]
+        deadline = time.monotonic() + self.pconfig.predictors.load_timeout
+        self.probes[record.name] = (proc, record.version, deadline, [])
+
+    def read_probe(self, name: str) -> None:
+        proc, version, _, chunks = self.probes[name]
+        assert proc.stdout is not None
+        try:
+            data = proc.stdout.read()
+        except BlockingIOError:
+            return
+        if data:
+            chunks.append(data)
+            return
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        stderr = b""
+        if proc.stderr:
+            proc.stderr.seek(0)
+            stderr = proc.stderr.read()
+        self.finish_probe(name, probe.outcome(self.apis[name].source.code if name in self.apis else Path(name),
+                                              b"".join(chunks), stderr or b"", proc.returncode))
+
+    def finish_probe(self, name: str, result: dict[str, Any]) -> None:
+        proc, version, _, _ = self.probes.pop(name)
+        for stream in (proc.stdout, proc.stderr):
+            if stream:
+                stream.close()
+        record = self.apis.get(name)
+        if record is None or record.version != version:
+            return  # removed or changed meanwhile; a newer probe decides
+        record.probing = False
+        self.dirty = True
+        if not result["ok"]:
+            record.fail(result["error"], version)
+            e = result["error"]
+            where = f"{e.get('file')}:{e.get('line')}" if e.get("line") else str(e.get("file"))
+            log.error("API %s version %s is broken: %s: %s", name, version, where, e["message"])
+            return
+        try:
+            record.settings = load_api_settings(record.source.settings)
+        except ConfigError as err:
+            record.fail({"message": str(err), "file": str(record.source.settings), "line": None}, version)
+            log.error("API %s: %s", name, err)
+            return
+        record.signature = result["signature"]
+        log.info("API %s version %s passed its checks: predict(%s)", name, version,
+                 ", ".join(result["signature"]["predict"]))
+        self.replace()
+
+    def replace(self) -> None:
+        """Recompute where every API goes (pure placement), keeping what already runs where it is."""
+        slots = [WorkerSlot(s, d.kind, d.label) for s, d in self.devices.items()]
+        wants = {n: Want(r.settings.serving.device, r.settings.serving.replicas)
+                 for n, r in self.apis.items() if r.settings is not None}
+        placed = place(slots, wants, {n: r.placement for n, r in self.apis.items()})
+        for name, p in placed.items():
+            record = self.apis[name]
+            record.placement, record.note = p.slots, p.note
+            if p.error:
+                record.error = {"message": p.error, "file": str(record.source.settings), "line": None,
+                                "version": record.version}
+        self.dirty = True
+
+    def tell_systemd(self, apis: dict[str, Any], down: list[int]) -> None:
+        """READY=1 once every API is ready or has failed for its own reasons; STATUS= always."""
+        states = [a["status"]["state"] for a in apis.values()]
+        counts = {s: states.count(s) for s in ("ready", "loading", "failed")}
+        text = (f"{counts['ready']} APIs ready, {counts['loading']} loading, {counts['failed']} failed; "
+                f"{len(self.fleet.workers) - len(down)}/{len(self.devices)} model workers up")
+        if counts["loading"] == 0 and not self.probes and not down:
+            self.notifier.set_ready(text)
+        else:
+            self.notifier.status(text)
+
+    # -- the routing table -----------------------------------------------------------------------------------------
+    def replicas(self, name: str) -> list[Replica]:
+        return [Replica(h.slot, h.pid, h.device.label, h.socket_path, h.loaded[name], h.threads.get(name, 1))
+                for h in self.fleet.workers.values()
+                if name in h.loaded and name not in h.unloading and not h.stopping]
+
+    def publish(self) -> None:
+        """Write the routing table and bump its version; HTTP workers pick it up on their next request."""
+        apis = {name: route(record, self.replicas(name)) for name, record in self.apis.items()}
+        workers = [{"slot": h.slot, "pid": h.pid, "device": h.device.label, "up": h.up,
+                    "apis": dict(h.loaded), "loading": sorted(h.loading)} for h in self.fleet.workers.values()]
+        not_ready = {n: a["status"]["state"] for n, a in apis.items() if a["status"]["state"] != "ready"}
+        down = [s for s in self.devices if s not in self.fleet.workers or not self.fleet.workers[s].up]
+        write_routes(self.routes_path, {
+            "apis": apis,
+            "workers": workers,
+            "daemon": {"pid": self.pid, "started_at": self.started_at, "predictors_dir":
+                       str(self.pconfig.predictors_dir), "ready": not not_ready and not down and not self.probes,
+                       "not_ready": not_ready, "workers_down": down},
+        })
+        self.scoreboard.bump_routes()
+        self.dirty = False
+        self.tell_systemd(apis, down)
+        states = {n: api_state(r, self.replicas(n)) for n, r in self.apis.items()}
+        log.debug("routes published: %s", states)

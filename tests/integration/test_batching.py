@@ -1,0 +1,82 @@
+"""Server-side batching across connections and HTTP workers, and threads per replica."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Callable
+
+import httpx
+from harness import Daemon
+
+BATCHED = '''
+class PythonPredictor:
+    def __init__(self, config):
+        pass
+
+    def predict(self, payload, query_params):
+        if any(p.get("wrong") for p in payload):
+            return []
+        return [{"x": p["x"] * 2, "batch": len(payload), "q": q.get("q")} for p, q in zip(payload, query_params)]
+'''
+
+THREADED = '''
+import threading
+import time
+
+
+class PythonPredictor:
+    def __init__(self, config):
+        self.lock = threading.Lock()
+        self.now = 0
+        self.most = 0
+
+    def predict(self, payload):
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        time.sleep(payload["sleep"])
+        with self.lock:
+            self.now -= 1
+            return {"most_at_once": self.most}
+'''
+
+
+def burst(d: Daemon, path: str, bodies: list[object]) -> list[httpx.Response]:
+    """One request per body, each on its own connection, all at once."""
+    def one(body: object) -> httpx.Response:
+        with httpx.Client(timeout=30) as c:
+            return c.post(d.url(path), json=body)
+
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(one, bodies))
+
+
+def test_batches_form_across_connections_and_each_request_gets_its_own_result(
+        make_daemon: Callable[..., Daemon]) -> None:
+    d = make_daemon({"b.py": BATCHED, "b.toml": "[serving]\nmax_batch_size = 16\nbatch_wait_ms = 200\n"})
+    d.wait_settled()
+    rs = burst(d, "/b?q=z", [{"x": i} for i in range(12)])
+    assert [r.status_code for r in rs] == [200] * 12
+    assert [r.json()["x"] for r in rs] == [i * 2 for i in range(12)]
+    assert all(r.json()["q"] == "z" for r in rs)
+    assert max(r.json()["batch"] for r in rs) > 1, "requests from different connections shared a predict() call"
+    assert d.post("/b", json={"x": 5}).json() == {"x": 10, "batch": 1, "q": None}
+
+
+def test_wrong_length_fails_the_batch_clearly(make_daemon: Callable[..., Daemon]) -> None:
+    d = make_daemon({"b.py": BATCHED, "b.toml": "[serving]\nmax_batch_size = 4\nbatch_wait_ms = 0\n"})
+    d.wait_settled()
+    r = d.post("/b", json={"x": 1, "wrong": True})
+    assert r.status_code == 500 and r.json()["api"] == "b"
+    d.wait_for_log(r"predict\(\) returned 0 results for a batch of 1; a batching predictor must return a list")
+    bad = d.post("/b", content=b"{oops", headers={"Content-Type": "application/json"})
+    assert bad.status_code == 400, "a bad payload fails alone, before the batch"
+
+
+def test_threads_run_predicts_at_once(make_daemon: Callable[..., Daemon]) -> None:
+    d = make_daemon({"t.py": THREADED, "t.toml": "[serving]\nthreads = 4\n"})
+    d.wait_settled()
+    rs = burst(d, "/t", [{"sleep": 1.0}] * 4)
+    assert [r.status_code for r in rs] == [200] * 4
+    assert max(r.json()["most_at_once"] for r in rs) >= 2
+    assert d.get("/t").json()["serving"]["threads"] == 4
