@@ -90,6 +90,11 @@ class ModelLink(FrameProtocol):
         self.jobs.clear()
 
 
+def _expire(future: asyncio.Future[Answer]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
+
+
 class Dispatcher:
     """Routes published by the master, and the links to the model workers that serve them."""
 
@@ -155,15 +160,22 @@ class Dispatcher:
     async def submit(self, replica: list[Any], api_slot: int, header: tuple[Any, ...], body: bytes,
                      timeout: float) -> tuple[PendingJob, Answer]:
         """Send a job and wait for its first answer; TimeoutError past the deadline, WorkerLost if it dies."""
-        link = await self.link(replica[0], replica[1])
+        link = self.links.get(replica[0])
+        if link is None or link.lost:
+            link = await self.link(replica[0], replica[1])
         job_id = next(self.job_ids)
-        job = PendingJob(api_slot, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        job = PendingJob(api_slot, loop.create_future())
         link.jobs[job_id] = job
         self.scoreboard.add(self.http_slot, link.slot, api_slot, +1)
         link.send(JOB, job_id, *with_header(header, body))
+        # A plain timer rather than wait_for(shield(...)): two fewer tasks and futures on every request.
+        timer = loop.call_later(max(timeout, 0.0), _expire, job.future)
         try:
-            return job, await asyncio.wait_for(asyncio.shield(job.future), timeout)
+            return job, await job.future
         except TimeoutError:
             if not link.lost and job_id in link.jobs:
                 link.send(CANCEL, job_id)
             raise
+        finally:
+            timer.cancel()

@@ -26,6 +26,7 @@ from .protocol import ABORT, CANCEL, CHUNK, END, JOB, REPLY, START, FrameProtoco
 
 log = logging.getLogger("predictord.model")
 JSON_HEADERS = [(b"content-type", b"application/json")]
+INLINE_BELOW = 0.0005  # seconds: a sync predict this short runs on the loop (a thread hop costs ~50-100 us)
 
 
 @dataclass
@@ -62,6 +63,15 @@ class LoadedApi:
     runners: int = 0
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     modules: dict[str, Any] = field(default_factory=dict)  # what its import added to sys.modules
+
+    seconds: float = 0.01  # moving average of a sync predict (parse and serialize included)
+    inline: bool = False  # run on the loop: the thread hop costs more than predict itself
+
+    def observe(self, seconds: float) -> None:
+        """Predicts far shorter than a thread hand-off run on the loop (only with threads = 1, where nothing
+        would run beside them anyway); a slow one sends them back to the thread."""
+        self.seconds += (seconds - self.seconds) * 0.1
+        self.inline = self.threads == 1 and self.seconds < INLINE_BELOW
 
     @property
     def busy(self) -> bool:
@@ -163,21 +173,28 @@ class JobRunner:
             self.loop.create_task(self._runner(api, api.queue.popleft()))
 
     async def _runner(self, api: LoadedApi, first: Job) -> None:
+        """Answer jobs (or batches) until the queue is empty: one task per burst, not one per request."""
         batch = [first]
         try:
-            if api.max_batch_size > 1:
-                await self._fill(api, batch)
-            now = time.monotonic()
-            for job in batch:
-                job.started = now
-                api.running[id(job)] = job
-            if api.max_batch_size > 1:
-                await self._answer_batch(api, batch)
-            else:
-                await self._answer(api, batch[0])
+            while True:
+                if api.max_batch_size > 1:
+                    await self._fill(api, batch)
+                now = time.monotonic()
+                for job in batch:
+                    job.started = now
+                    api.running[id(job)] = job
+                try:
+                    if api.max_batch_size > 1:
+                        await self._answer_batch(api, batch)
+                    else:
+                        await self._answer(api, batch[0])
+                finally:
+                    for job in batch:
+                        api.running.pop(id(job), None)
+                if not api.queue or api.runners > api.threads:  # threads lowered by a reload: this one stops
+                    return
+                batch = [api.queue.popleft()]
         finally:
-            for job in batch:
-                api.running.pop(id(job), None)
             api.runners -= 1
             self.start_runners(api)
 
@@ -208,6 +225,8 @@ class JobRunner:
                     payload = pl.parse_body(content_type, job.body)
                 result = await api.instance.predict(**offer(api.signature.predict_args, payload, query, headers))
                 reply = pl.to_reply(result)
+            elif api.inline:
+                payload, result, reply = self._predict_sync(api, job, payload)
             else:
                 payload, result, reply = await self.loop.run_in_executor(api.executor, self._predict_sync, api, job,
                                                                          payload)
@@ -222,10 +241,14 @@ class JobRunner:
 
     def _predict_sync(self, api: LoadedApi, job: Job, payload: Any) -> tuple[Any, Any, pl.Reply]:
         _, content_type, query, headers, _, _ = job.header
-        if payload is None:
-            payload = pl.parse_body(content_type, job.body)
-        result = api.instance.predict(**offer(api.signature.predict_args, payload, query, headers))
-        return payload, result, pl.to_reply(result)
+        started = time.perf_counter()
+        try:
+            if payload is None:
+                payload = pl.parse_body(content_type, job.body)
+            result = api.instance.predict(**offer(api.signature.predict_args, payload, query, headers))
+            return payload, result, pl.to_reply(result)
+        finally:
+            api.observe(time.perf_counter() - started)
 
     def _post_predict(self, api: LoadedApi, job: Job, payload: Any, result: Any) -> None:
         _, _, query, headers, _, _ = job.header

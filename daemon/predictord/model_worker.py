@@ -46,6 +46,15 @@ class Device:
         return "cpu" if self.kind == "cpu" else "cuda"
 
 
+def _loop_factory() -> Any:
+    """uvloop when installed (uvicorn[standard] brings it): cheaper wake-ups on the job path."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 class ModelWorker:
     """The model worker process's state and event loop."""
 
@@ -68,7 +77,8 @@ class ModelWorker:
         code = 0
         try:
             self._init_process()
-            asyncio.run(self._serve())
+            with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+                runner.run(self._serve())
         except Exception:  # noqa: BLE001 - last resort in a child: log and exit with a code the master names
             log.exception("model worker %s (pid %d) crashed", self.device.label, os.getpid())
             code = 1
