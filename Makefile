@@ -36,7 +36,7 @@ integration: $(STAMP)
 	$(BIN)/python -m pytest -q tests/integration
 
 lint: $(STAMP)
-	$(BIN)/ruff check daemon tests
+	$(BIN)/ruff check daemon tests bench
 	$(BIN)/mypy daemon/predictord
 
 clean:

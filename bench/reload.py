@@ -93,8 +93,8 @@ def main() -> None:
     d.stop()
     base = [s for t, s in b_latency if t < baseline_end]
     during = [s for t, s in b_latency if any(w0 <= t <= w1 for w0, w1 in reload_windows)]
-    print(f"| reloads | debounce | save -> new version p50 | p99 | max | failed a | failed b | "
-          f"b p50 baseline | b p50 during reloads | b p99 baseline | b p99 during reloads |")
+    print("| reloads | debounce | save -> new version p50 | p99 | max | failed a | failed b | "
+          "b p50 baseline | b p50 during reloads | b p99 baseline | b p99 during reloads |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     print(f"| {args.reloads} | {args.debounce:g} s | {statistics.median(delays):.2f} s | {pct(delays, 99):.2f} s | "
           f"{max(delays):.2f} s | {failures['a']} | {failures['b']} | {statistics.median(base) * 1000:.2f} ms | "
