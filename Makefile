@@ -42,7 +42,11 @@ lint: $(STAMP)
 clean:
 	rm -rf $(VENV) build *.egg-info daemon/*.egg-info
 
+# The benchmark suite (under 10 minutes on 2 cores); it needs Debian's wrk and builds LitServe's venv once.
 bench: $(STAMP)
+	@command -v wrk >/dev/null || { echo "bench needs wrk: sudo apt-get install wrk"; exit 1; }
+	$(BIN)/pip install -q psutil httpx
+	$(BIN)/python bench/run.py --seconds 8 --reps 2
 	$(BIN)/python bench/reload.py --reloads 20
 
 # `sudo make install`: the package, the predictord user, config, predictors directory and units.

@@ -47,8 +47,10 @@ class PredictordApp(BaseApplication):  # type: ignore[misc]
         self.scoreboard = Scoreboard()
         self.scoreboard.http_slots = min(MAX_HTTP, config.server.http_workers * 2 + 2)
         self.devices = self.roll_devices({}, config)
+        # Every worker process needs a core now and then; torch threads beyond a worker's share only contend.
         cores = len(os.sched_getaffinity(0))
-        self.torch_threads = max(1, cores // max(1, len(self.devices)))
+        share = cores // max(1, len(self.devices) + config.server.http_workers)
+        self.torch_threads = config.workers.torch_threads or max(1, share)
         super().__init__()
 
     def roll_devices(self, current: dict[int, Device], config: Config) -> dict[int, Device]:

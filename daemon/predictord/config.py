@@ -96,6 +96,8 @@ class WorkersConfig:
     preload: tuple[str, ...] = opt(
         ("torch",), "Modules imported once in the master and shared copy-on-write by all workers.", _module_list
     )
+    torch_threads: int = opt(0, "torch threads per model worker; 0: the cores divided by all worker processes.",
+                             _in_range(0, 1024))
     heartbeat_timeout: float = opt(30.0, "Seconds a model worker may stay silent before it is replaced.", _in_range(1))
 
 
@@ -121,7 +123,7 @@ class ServingConfig:
     device: str = opt("any", "Where it runs: gpu, cpu or any (a GPU when there is one).", _one_of(DEVICES))
     replicas: int = opt(1, "Model workers that load this API.", _in_range(1, 64))
     timeout: float = opt(60.0, "Seconds a request may take, queueing included, before it gets 504.", _in_range(0.001))
-    queue_limit: int = opt(64, "Requests that may wait for a replica; more get 503 with Retry-After.", _in_range(0))
+    queue_limit: int = opt(128, "Requests that may wait for a replica; more get 503 with Retry-After.", _in_range(0))
     threads: int = opt(1, "predict() calls at once per replica (for predictors that release the GIL or wait on I/O).",
                        _in_range(1, 256))
     max_batch_size: int = opt(1, "Requests per predict() call; above 1, predict() gets lists and returns a list.",

@@ -138,18 +138,24 @@ class Dispatcher:
         self.links[slot] = link
         return link
 
-    def choose(self, replicas: list[list[Any]]) -> list[Any]:
-        """The replica with the fewest outstanding jobs per thread; ties go round-robin."""
+    def choose(self, replicas: list[list[Any]], api_slot: int) -> list[Any]:
+        """The replica where a new job should finish first: (jobs ahead per thread + 1) x its service time, over
+        all HTTP workers (shortest expected delay); ties go round-robin."""
         if len(replicas) == 1:
             return replicas[0]
+        board = self.scoreboard
+        times = [board.service(r[0], api_slot) for r in replicas]
+        known = [t for t in times if t > 0]
+        default = min(known) if known else 1.0  # a replica that has not run a job yet counts as the fastest
         self.turn += 1
         n = len(replicas)
-        best, best_load = replicas[0], float("inf")
+        best, best_delay = replicas[0], float("inf")
         for i in range(n):
-            r = replicas[(self.turn + i) % n]
-            load = self.scoreboard.outstanding(r[0]) / r[2]
-            if load < best_load:
-                best, best_load = r, load
+            k = (self.turn + i) % n
+            r = replicas[k]
+            delay = (board.outstanding(r[0]) / r[2] + 1) * (times[k] or default)
+            if delay < best_delay:
+                best, best_delay = r, delay
         return best
 
     def queued(self, route: dict[str, Any]) -> int:

@@ -167,7 +167,7 @@ class Front:
                 content_type = value.decode("latin-1")
         if route["wants_headers"]:
             headers = scope["headers"]
-        replica = dispatcher.choose(replicas)
+        replica = dispatcher.choose(replicas, route["slot"])
         header = (name, content_type, scope["query_string"], headers, request_id, route["timeout"])
         remaining = route["timeout"] - (time.monotonic() - started)
         try:

@@ -58,6 +58,8 @@ class LoadedApi:
     executor: ThreadPoolExecutor
     max_batch_size: int = 1
     batch_wait: float = 0.0  # seconds
+    slot: int = 0  # its column in the scoreboard
+    service: float = 0.0  # moving average of a job's time here, start to reply (published for dispatch)
     queue: deque[Job] = field(default_factory=deque)
     running: dict[int, Job] = field(default_factory=dict)
     runners: int = 0
@@ -141,9 +143,11 @@ def _next(iterator: Any, default: object) -> Any:
 class JobRunner:
     """Queues, runners and replies for the APIs loaded in one model worker."""
 
-    def __init__(self, apis: dict[str, LoadedApi], loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, apis: dict[str, LoadedApi], loop: asyncio.AbstractEventLoop,
+                 publish: Callable[[LoadedApi], None]) -> None:
         self.apis = apis
         self.loop = loop
+        self.publish = publish
 
     def connection(self) -> Callable[[], JobConnection]:
         return lambda: JobConnection(self)
@@ -191,6 +195,9 @@ class JobRunner:
                 finally:
                     for job in batch:
                         api.running.pop(id(job), None)
+                    per_job = (time.monotonic() - now) / len(batch)
+                    api.service = per_job if api.service == 0 else api.service + (per_job - api.service) * 0.2
+                    self.publish(api)
                 if not api.queue or api.runners > api.threads:  # threads lowered by a reload: this one stops
                     return
                 batch = [api.queue.popleft()]

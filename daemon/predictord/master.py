@@ -343,7 +343,8 @@ class Master(ApiRegistry, Arbiter):  # type: ignore[misc]
                 assert record.settings is not None
                 serving = record.settings.serving
                 message = {"op": "load", "source": record.source, "version": record.version,
-                           "config": dict(record.settings.config), "serving": dataclasses.asdict(serving)}
+                           "config": dict(record.settings.config), "serving": dataclasses.asdict(serving),
+                           "slot": record.slot}
                 if handle.send(message):
                     deadline = time.monotonic() + self.pconfig.predictors.load_timeout
                     handle.loading[name] = (record.version, deadline)

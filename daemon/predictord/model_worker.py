@@ -101,7 +101,8 @@ class ModelWorker:
     async def _serve(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.loop.add_signal_handler(signal.SIGTERM, self._begin_stop)
-        server = await self.loop.create_unix_server(JobRunner(self.apis, self.loop).connection(), self.socket_path)
+        runner = JobRunner(self.apis, self.loop, self._publish_service)
+        server = await self.loop.create_unix_server(runner.connection(), self.socket_path)
         self.ctl.setblocking(False)
         reader = FrameReader(self._control_frame)
         self.loop.add_reader(self.ctl.fileno(), self._read_control, reader)
@@ -112,6 +113,9 @@ class ModelWorker:
             await asyncio.sleep(0.5)
         server.close()
         await self._drain()
+
+    def _publish_service(self, api: LoadedApi) -> None:
+        self.scoreboard.set_service(self.slot, api.slot, api.service)
 
     def _begin_stop(self) -> None:
         self.stopping = True
@@ -185,6 +189,8 @@ class ModelWorker:
                                "error": e.as_dict()})
             return
         old = self.apis.get(api.name)
+        if old is None:
+            self.scoreboard.set_service(self.slot, api.slot, 0.0)  # the slot may have served another API before
         self.apis[api.name] = api
         if old is not None:
             self.loop.create_task(self._retire(old))
@@ -207,7 +213,7 @@ class ModelWorker:
         return LoadedApi(source.name, m["version"], instance, signature, threads, serving["timeout"],
                          ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"predict-{source.name}"),
                          max_batch_size=serving["max_batch_size"], batch_wait=serving["batch_wait_ms"] / 1000,
-                         modules=modules)
+                         slot=m["slot"], modules=modules)
 
     async def _unload(self, name: str) -> None:
         api = self.apis.pop(name, None)

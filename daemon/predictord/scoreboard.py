@@ -6,6 +6,8 @@ Each cell has one writer, so no lock is needed (aligned 8-byte stores are atomic
   each API's queue. When model worker ``m`` dies, each HTTP worker sees its connection close and zeroes its own
   cell; when HTTP worker ``h`` dies, the master zeroes its row.
 - Model worker ``m`` stamps ``beat[m]`` (milliseconds) while it is healthy; the master replaces it when it stops.
+- Model worker ``m`` keeps the moving average of its service time for API ``a`` in ``svc[m][a]`` (microseconds), so
+  dispatch can send a job where it will finish first (shortest expected delay), not merely where fewest wait.
 - The master bumps ``routes_version`` whenever it rewrites the routing table, so an HTTP worker notices a change
   with one memory read per request.
 """
@@ -23,7 +25,8 @@ _ROUTES = 0
 _BEAT = 1
 _SENT = _BEAT + MAX_MODEL
 _API = _SENT + MAX_HTTP * MAX_MODEL
-_CELLS = _API + MAX_HTTP * MAX_APIS
+_SVC = _API + MAX_HTTP * MAX_APIS
+_CELLS = _SVC + MAX_MODEL * MAX_APIS
 
 
 class Scoreboard:
@@ -53,6 +56,13 @@ class Scoreboard:
         c = self.cells
         c[_SENT + http_slot * MAX_MODEL + model_slot] += delta
         c[_API + http_slot * MAX_APIS + api_slot] += delta
+
+    def set_service(self, model_slot: int, api_slot: int, seconds: float) -> None:
+        self.cells[_SVC + model_slot * MAX_APIS + api_slot] = int(seconds * 1e6)
+
+    def service(self, model_slot: int, api_slot: int) -> float:
+        """Seconds a job of this API takes on this model worker (moving average; 0 until it has run one)."""
+        return self.cells[_SVC + model_slot * MAX_APIS + api_slot] / 1e6
 
     def outstanding(self, model_slot: int) -> int:
         """Jobs sent to a model worker and not yet answered, over all HTTP workers."""

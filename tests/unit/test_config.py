@@ -52,7 +52,7 @@ def test_api_settings(tmp_path: Path) -> None:
     p = write(tmp_path, '[config]\nk = "v"\n[serving]\ndevice = "cpu"\nreplicas = 2\ntimeout = 5\n', "a.toml")
     s = load_api_settings(p)
     assert s.config == {"k": "v"}
-    assert (s.serving.device, s.serving.replicas, s.serving.timeout, s.serving.queue_limit) == ("cpu", 2, 5.0, 64)
+    assert (s.serving.device, s.serving.replicas, s.serving.timeout, s.serving.queue_limit) == ("cpu", 2, 5.0, 128)
     assert load_api_settings(tmp_path / "missing.toml").serving.device == "any"
     with pytest.raises(ConfigError, match=r"\[serving\]: device: expected one of 'any', 'cpu', 'gpu', found 'tpu'"):
         load_api_settings(write(tmp_path, '[serving]\ndevice = "tpu"\n', "b.toml"))
