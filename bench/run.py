@@ -301,14 +301,17 @@ def overload(seconds: int, reps: int) -> None:
             async def drive() -> None:
                 limits = httpx.Limits(max_connections=400, max_keepalive_connections=400)
                 async with httpx.AsyncClient(timeout=30, limits=limits) as client:
-                    tasks = []
-                    start = time.monotonic()
-                    for i in range(int(rate * seconds)):
-                        delay = start + i / rate - time.monotonic()
-                        if delay > 0:
-                            await asyncio.sleep(delay)
-                        tasks.append(asyncio.create_task(one(client)))
-                    await asyncio.gather(*tasks)
+                    for phase_seconds, keep in ((2, False), (seconds, True)):  # warm the client's connections first
+                        tasks = []
+                        start = time.monotonic()
+                        for i in range(int(rate * phase_seconds)):
+                            delay = start + i / rate - time.monotonic()
+                            if delay > 0:
+                                await asyncio.sleep(delay)
+                            tasks.append(asyncio.create_task(one(client)))
+                        await asyncio.gather(*tasks)
+                        if not keep:
+                            results.clear()
 
             asyncio.run(drive())
             rss_after = sum(p.memory_info().rss for p in tree(server.pid)) / 2**20

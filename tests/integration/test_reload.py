@@ -292,11 +292,15 @@ def test_sighup_rolls_new_workers_and_keeps_serving(make_daemon: Callable[..., D
     d.wait_settled()
     assert len(d.status()["workers"]) == 1
     with Load(d, {"a": 3}) as load:
-        text = d.config_path.read_text().replace("cpu = 1", "cpu = 2")
-        d.config_path.write_text(text)
+        text = d.config_path.read_text()
+        d.config_path.write_text(text.replace("cpu = 1", "cpu = 2"))
         assert d.proc is not None
         os.kill(d.proc.pid, signal.SIGHUP)
         wait_until(lambda: len(d.get("/a").json()["replicas"]) == 2, 30, "a second replica on the new worker")
+        d.config_path.write_text(text)  # and back to one worker: the extra one drains and goes
+        os.kill(d.proc.pid, signal.SIGHUP)
+        d.wait_for_log(r"retiring model worker \d \(cpu\) pid \d+: its slot is no longer configured")
+        wait_until(lambda: len(d.status()["workers"]) == 1, 30, "the retired worker to exit")
         d.config_path.write_text("[server]\nport = 'broken'\n")
         os.kill(d.proc.pid, signal.SIGHUP)
         d.wait_for_log(r"SIGHUP: .*port: expected an integer.*keeping the running configuration")

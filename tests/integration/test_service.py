@@ -139,6 +139,33 @@ def test_notify_ready_after_models_load_reloading_and_stopping(tmp_path: Path, n
     assert notify.find("STOPPING=1") and code == 0
 
 
+def test_watchdog_pings_when_systemd_asks_and_sigquit_stops_at_once(tmp_path: Path, notify: NotifySocket) -> None:
+    d = Daemon(tmp_path / "d", env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "1000000"})
+    d.write("slow.py", SLOW)
+    d.start()
+    d.wait_settled()
+    wait_until(lambda: len(notify.find("WATCHDOG=1")) >= 3, 30, "three WATCHDOG=1 pings")
+    result: list[int | str] = []
+    t = threading.Thread(target=lambda: result.append(_status(d, "/slow", {"sleep": 20})))
+    t.start()
+    wait_until(lambda: d.get("/slow").json()["outstanding"] == 1, 10, "a request in flight")
+    assert d.proc is not None
+    started = time.monotonic()
+    os.kill(d.proc.pid, signal.SIGQUIT)
+    d.proc.wait(15)
+    assert time.monotonic() - started < 15, "SIGQUIT does not wait for the 20 s request"
+    t.join(30)
+    assert result and result[0] != 200
+    d.stop()
+
+
+def _status(d: Daemon, path: str, body: object) -> int | str:
+    try:
+        return httpx.post(d.url(path), json=body, timeout=30).status_code
+    except httpx.HTTPError as e:
+        return repr(e)
+
+
 def test_ready_waits_for_a_slow_init_before_it_is_sent(tmp_path: Path, notify: NotifySocket) -> None:
     d = Daemon(tmp_path / "d", env={"NOTIFY_SOCKET": str(notify.path)})
     d.write("slow.py", SLOW_INIT)
