@@ -12,7 +12,7 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
-from . import logs
+from . import logs, metrics
 from .config import Config
 from .front import Front
 from .gpus import discover
@@ -44,6 +44,8 @@ class PredictordApp(BaseApplication):  # type: ignore[misc]
         self.pconfig = config
         self.reload_config = reload
         self.runtime = Path(tempfile.mkdtemp(prefix="predictord-", dir=os.environ.get("RUNTIME_DIRECTORY")))
+        metrics.prepare(self.runtime / "metrics")
+        metrics.get()  # created in the master, so every forked worker writes to its own files in that folder
         self.scoreboard = Scoreboard()
         self.scoreboard.http_slots = min(MAX_HTTP, config.server.http_workers * 2 + 2)
         self.devices = self.roll_devices({}, config)

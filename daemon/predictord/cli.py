@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import urllib.error
-import urllib.request
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,32 +66,51 @@ def check(path: str, timeout: float) -> int:
     return 1
 
 
+def _ago(seconds: float) -> str:
+    s = max(0, int(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1] for r in rows]
+
+
 def status(config: Config, as_json: bool) -> int:
-    host = config.server.host if config.server.host not in ("0.0.0.0", "::") else "127.0.0.1"
-    url = f"http://{host}:{config.server.port}/"
+    """The running daemon's APIs, workers and recent events, read from its admin socket."""
+    import httpx
+
+    path = config.admin_socket
     try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            data: dict[str, Any] = json.load(r)
-    except (urllib.error.URLError, OSError) as e:
-        print(f"cannot reach predictord at {url}: {e}; is it running (systemctl status predictord)?",
-              file=sys.stderr)
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(path)), timeout=10) as client:
+            data: dict[str, Any] = client.get("http://predictord/admin/status").json()
+    except (httpx.HTTPError, OSError) as e:
+        print(f"cannot reach predictord's admin socket {path}: {e}; is it running (systemctl status predictord), "
+              "and may you open the socket (sudo)?", file=sys.stderr)
         return 1
     if as_json:
         print(json.dumps(data, indent=2))
         return 0
-    rows = [("API", "STATE", "VERSION", "WHERE", "LAST ERROR")]
+    now = time.time()
+    rows = [("API", "STATE", "VERSION", "WHERE", "REQ/S", "P50", "P99", "ERRORS", "LAST ERROR")]
     for name, a in sorted(data["apis"].items()):
         where = ",".join(f"{r['device']}#{r['worker']}" for r in a["replicas"]) or "-"
         err = a.get("error") or {}
         error = f"{err['file']}:{err['line']}: {err['message']}" if err.get("line") else err.get("message", "")
-        rows.append((name, a["state"], ",".join(a["version"]["serving"]) or a["version"]["wanted"], where, error))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[4])
-    print()
-    print("WORKER  PID      DEVICE  APIS")
-    for w in data["workers"]:
-        print(f"{w['slot']:<7} {w['pid']:<8} {w['device']:<7} {', '.join(sorted(w['apis'])) or '-'}")
+        st = a.get("stats") or {}
+        ms = [f"{st[k]:.1f}ms" if st.get(k) is not None else "-" for k in ("p50_ms", "p99_ms")]
+        rows.append((name, a["state"], ",".join(a["version"]["serving"]) or a["version"]["wanted"], where,
+                     f"{st.get('rps', 0):.1f}", *ms, str(st.get("errors", 0)), error))
+    lines = _table(rows)
+    lines += ["", *_table([("WORKER", "PID", "DEVICE", "UPTIME", "RESTARTS", "APIS")] + [
+        (str(w["slot"]), str(w["pid"]), w["device"], _ago(now - w.get("started_at", now)), str(w.get("restarts", 0)),
+         ", ".join(sorted(w["apis"])) or "-") for w in data["workers"] or []])]
+    events = (data.get("events") or [])[-10:]
+    if events:
+        lines += ["", "RECENT EVENTS"]
+        lines += [f"{time.strftime('%H:%M:%S', time.localtime(e['at']))}  {e['kind']:<8} {e['text']}" for e in events]
+    print("\n".join(line.rstrip() for line in lines))
+    print("\nper-API figures are over the last minute; predictord status --json has everything")
     return 0
 
 

@@ -73,6 +73,8 @@ class ServerConfig:
     max_body_bytes: int = opt(100 * 1024 * 1024, "Largest request body accepted; larger gets 413.", _in_range(1))
     graceful_timeout: float = opt(30.0, "Seconds in-flight requests get to finish on shutdown.", _in_range(0))
     log_level: str = opt("info", "Log level: " + ", ".join(LOG_LEVELS) + ".", _one_of(LOG_LEVELS))
+    admin_socket: str = opt("", "Unix socket of `predictord status` (never on the network); empty: "
+                            "$RUNTIME_DIRECTORY/admin.sock, else /run/predictord/admin.sock as root, else in /tmp.")
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,17 @@ class Config:
     predictors: PredictorsConfig = field(default_factory=PredictorsConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     path: str = ""  # the file it came from ("" for the defaults)
+
+    @property
+    def admin_socket(self) -> Path:
+        """Where the admin socket is: the configured path, or the default for how the daemon runs."""
+        if self.server.admin_socket:
+            return Path(self.server.admin_socket)
+        if os.environ.get("RUNTIME_DIRECTORY"):
+            return Path(os.environ["RUNTIME_DIRECTORY"].split(":")[0]) / "admin.sock"
+        if os.geteuid() == 0:
+            return Path("/run/predictord/admin.sock")
+        return Path(f"/tmp/predictord-{os.geteuid()}/admin.sock")
 
     @property
     def predictors_dir(self) -> Path:

@@ -37,6 +37,16 @@ def describe_exit(status: int | None) -> str:
     return EXIT_CODES.get(code, f"exited with status {code} (did a predictor call exit or os._exit?)")
 
 
+def exit_cause(status: int | None) -> str:
+    """A short label for an exit status, for metrics: SIGKILL, exit 3, unknown."""
+    if status is None:
+        return "unknown"
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        return signal.Signals(sig).name if sig in signal.Signals.__members__.values() else f"signal {sig}"
+    return f"exit {os.WEXITSTATUS(status)}"
+
+
 @dataclass
 class ModelWorkerHandle:
     """A running model worker: its process, its control channel, and what it has loaded."""
@@ -48,8 +58,10 @@ class ModelWorkerHandle:
     socket_path: str
     reader: FrameReader
     spawned_at: float
+    started_at: float = field(default_factory=time.time)  # wall clock, for uptime in status
     up: bool = False  # it has said "started"
     stopping: bool = False
+    kill_reason: str = ""  # why the master ended it: heartbeat, load_timeout, retired
     loaded: dict[str, str] = field(default_factory=dict)  # API -> version serving
     loading: dict[str, tuple[str, float]] = field(default_factory=dict)  # API -> (version, deadline)
     unloading: set[str] = field(default_factory=set)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import metrics
 from .dispatch import Dispatcher, WorkerLost
 from .scoreboard import Scoreboard
 
@@ -22,7 +23,8 @@ log = logging.getLogger("predictord.http")
 
 Scope = dict[str, Any]
 JSON = b"application/json"
-OWN_ROUTES = ("/", "/healthz", "/readyz")
+OWN_ROUTES = ("/", "/healthz", "/readyz", "/metrics")
+ADMIN_STATUS = "/admin/status"
 
 
 class TooLarge(Exception):
@@ -55,6 +57,8 @@ class Front:
         self._dispatcher: Dispatcher | None = None
         self._ids = itertools.count()
         self._id_prefix = ""
+        self._counters: dict[tuple[str, int], Any] = {}
+        self._latency: dict[str, Any] = {}
 
     def _new_id(self) -> str:
         """32 hex digits, unique: a random prefix per process (uuid4 costs more than the rest of routing)."""
@@ -84,6 +88,12 @@ class Front:
                 break
         request_id = request_id or self._new_id()
         path, method = scope["path"], scope["method"]
+        if path == ADMIN_STATUS and (scope.get("server") or ("", 0))[1] is None:  # only on the Unix socket
+            routes = self.dispatcher.routes()
+            body = {"apis": {n: a["status"] for n, a in routes["apis"].items()}, **{
+                k: routes.get(k) for k in ("workers", "daemon", "series", "events")}}
+            await self._send(send, 200, _json(body), request_id)
+            return
         if path in OWN_ROUTES:
             if method not in ("GET", "HEAD"):
                 await self._error(send, 405, f"{path} answers GET only", request_id, [(b"allow", b"GET")])
@@ -95,15 +105,44 @@ class Front:
         route = routes["apis"].get(name) if "/" not in name else None
         if route is None:
             await self._error(send, 404, f"no API named {name!r} at {path}; GET / lists the APIs", request_id)
+            self._count(metrics.NO_API, 404)
             return
         if method == "POST":
-            await self._predict(scope, receive, send, name, route, request_id)
+            await self._observed(scope, receive, send, name, route, request_id)
         elif method in ("GET", "HEAD"):
             live = {"outstanding": self.scoreboard.api_outstanding(route["slot"])}
             await self._send(send, 200, _json({**route["status"], **live}), request_id)
         else:
             await self._error(send, 405, f"{path} answers POST (predict) and GET (status)", request_id,
                               [(b"allow", b"GET, POST")])
+
+    def _count(self, api: str, code: int) -> None:
+        key = (api, code)
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._counters[key] = metrics.get().requests.labels(api, f"{code // 100}xx", str(code))
+        counter.inc()
+
+    async def _observed(self, scope: Scope, receive: Any, send: Any, name: str, route: dict[str, Any],
+                        request_id: str) -> None:
+        """A prediction, counted: status code and latency per API (in-flight requests come from the scoreboard,
+        which already counts them, so the hot path pays for two metric updates, not four)."""
+        sent = [0]
+
+        async def sending(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                sent[0] = message["status"]
+            await send(message)
+
+        latency = self._latency.get(name)
+        if latency is None:
+            latency = self._latency[name] = metrics.get().latency.labels(name)
+        started = time.perf_counter()
+        try:
+            await self._predict(scope, receive, sending, name, route, request_id)
+        finally:
+            self._count(name, sent[0] or 500)  # no response started: the client went away, or we failed
+            latency.observe(time.perf_counter() - started)
 
     async def _lifespan(self, receive: Any, send: Any) -> None:
         while True:
@@ -120,6 +159,12 @@ class Front:
         daemon = routes["daemon"]
         if path == "/healthz":
             await self._send(send, 200, _json({"status": "ok", "pid": os.getpid()}), request_id)
+        elif path == "/metrics":
+            text = metrics.exposition(self._live_rows)
+            await send({"type": "http.response.start", "status": 200, "headers": [
+                (b"content-type", b"text/plain; version=0.0.4; charset=utf-8"),
+                (b"content-length", str(len(text)).encode()), (b"x-request-id", request_id.encode("latin-1"))]})
+            await send({"type": "http.response.body", "body": text})
         elif path == "/readyz":
             if daemon.get("ready"):
                 await self._send(send, 200, _json({"ready": True}), request_id)
@@ -133,6 +178,14 @@ class Front:
             body = {"apis": {n: a["status"] for n, a in routes["apis"].items()}, "workers": routes["workers"],
                     "daemon": daemon}
             await self._send(send, 200, _json(body), request_id)
+
+    def _live_rows(self) -> list[tuple[str, int, int]]:
+        """(api, outstanding, queued) for every API, from the scoreboard."""
+        rows = []
+        for name, route in self.dispatcher.routes()["apis"].items():
+            outstanding = self.scoreboard.api_outstanding(route["slot"])
+            rows.append((name, outstanding, max(0, self.dispatcher.queued(route))))
+        return rows
 
     async def _predict(self, scope: Scope, receive: Any, send: Any, name: str, route: dict[str, Any],
                        request_id: str) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 from starlette.datastructures import Headers, QueryParams
 from starlette.exceptions import HTTPException
 
+from . import metrics
 from . import payload as pl
 from .loader import Signature
 from .protocol import ABORT, CANCEL, CHUNK, END, JOB, REPLY, START, FrameProtocol, split_header, with_header
@@ -37,6 +38,7 @@ class Job:
     job_id: int
     header: tuple[Any, ...]  # api, content type, query string, headers or None, request id, timeout
     body: bytes
+    arrived: float = 0.0
     started: float = 0.0
     reported: bool = False  # told the master it hung
 
@@ -74,6 +76,15 @@ class LoadedApi:
         would run beside them anyway); a slow one sends them back to the thread."""
         self.seconds += (seconds - self.seconds) * 0.1
         self.inline = self.threads == 1 and self.seconds < INLINE_BELOW
+
+    _observers: tuple[Any, Any, Any] | None = None
+
+    def observers(self) -> tuple[Any, Any, Any]:
+        """This API's queue-wait, predict-time and batch-size histograms (labelled once)."""
+        if self._observers is None:
+            m = metrics.get()
+            self._observers = (m.queue_wait.labels(self.name), m.predict.labels(self.name), m.batch.labels(self.name))
+        return self._observers
 
     @property
     def busy(self) -> bool:
@@ -158,6 +169,7 @@ class JobRunner:
             reply = error_reply(503, f"API {job.header[0]!r} is not loaded on this worker; retry", job)
             job.conn.reply(job.job_id, reply.status, reply.headers + [(b"retry-after", b"1")], reply.body)
             return
+        job.arrived = time.monotonic()
         api.queue.append(job)
         api.arrived.set()
         self.start_runners(api)
@@ -184,9 +196,11 @@ class JobRunner:
                 if api.max_batch_size > 1:
                     await self._fill(api, batch)
                 now = time.monotonic()
+                queue_wait, predict_time, batch_size = api.observers()
                 for job in batch:
                     job.started = now
                     api.running[id(job)] = job
+                    queue_wait.observe(now - job.arrived)
                 try:
                     if api.max_batch_size > 1:
                         await self._answer_batch(api, batch)
@@ -195,7 +209,10 @@ class JobRunner:
                 finally:
                     for job in batch:
                         api.running.pop(id(job), None)
-                    per_job = (time.monotonic() - now) / len(batch)
+                    took = time.monotonic() - now
+                    predict_time.observe(took)
+                    batch_size.observe(len(batch))
+                    per_job = took / len(batch)
                     api.service = per_job if api.service == 0 else api.service + (per_job - api.service) * 0.2
                     self.publish(api)
                 if not api.queue or api.runners > api.threads:  # threads lowered by a reload: this one stops

@@ -16,22 +16,26 @@ import shutil
 import signal
 import subprocess
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
+from gunicorn import sock as gunicorn_sock
 from gunicorn.arbiter import Arbiter
 
-from . import logs
+from . import logs, metrics
 from .apis import ApiRecord
 from .config import Config, ConfigError
-from .fleet import Fleet, ModelWorkerHandle, describe_exit
+from .fleet import Fleet, ModelWorkerHandle, describe_exit, exit_cause
 from .model_worker import Device
 from .notify import Notifier
 from .registry import ApiRegistry
 from .scoreboard import MAX_HTTP, Scoreboard
+from .stats import History, read_snapshot
 from .watcher import PredictorWatcher
 
 log = logging.getLogger("predictord.master")
+SAMPLE_EVERY = 5.0  # seconds between the samples behind status's recent figures
 
 
 class Master(ApiRegistry, Arbiter):  # type: ignore[misc]
@@ -53,6 +57,11 @@ class Master(ApiRegistry, Arbiter):  # type: ignore[misc]
         self.dirty = True
         self.started_at = time.time()
         self.watcher: PredictorWatcher | None = None
+        self.exported: set[str] = set()  # APIs whose gauges were set
+        self.history = History()
+        self.next_sample = 0.0
+        self.events: deque[dict[str, Any]] = deque(maxlen=50)  # recent loads, reloads, failures, restarts
+        self.restarts: dict[int, int] = {}  # model worker slot -> unplanned exits
         super().__init__(app)
         for handler in self.log.error_log.handlers:
             logs.adopt(handler)  # gunicorn's own lines in the daemon's format
@@ -71,11 +80,24 @@ class Master(ApiRegistry, Arbiter):  # type: ignore[misc]
 
     def start(self) -> None:
         super().start()
+        self.open_admin_socket()
         for listener in self.LISTENERS:
             log.info("predictord listening on %s (master pid %d)", listener, self.pid)
         self.sync_sources()
         self.publish()  # before any HTTP worker exists: a first request (socket activation) finds every API
         self.start_watcher()
+
+    def open_admin_socket(self) -> None:
+        """A Unix socket beside the TCP listener, for `predictord status`: the HTTP workers serve /admin/ only on
+        it, so the admin surface is never on the network (also under socket activation, where gunicorn binds
+        nothing itself)."""
+        path = self.pconfig.admin_socket
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+            self.LISTENERS.append(gunicorn_sock.UnixSocket(str(path), self.cfg, self.log))
+            log.info("admin socket: %s", path)
+        except (OSError, ValueError) as e:
+            log.warning("no admin socket at %s (%s); `predictord status` will not reach this daemon", path, e)
 
     def start_watcher(self) -> None:
         if self.watcher is not None:
@@ -202,6 +224,9 @@ class Master(ApiRegistry, Arbiter):  # type: ignore[misc]
 
     def http_worker_exited(self, worker: Any) -> None:
         self.scoreboard.clear_http(worker.slot)
+        metrics.process_gone(worker.pid)
+        if not self.stopping and len(self.WORKERS) < self.num_workers:  # not a planned scale-down
+            metrics.get().restarts.labels("http", "exit").inc()
 
     # -- model workers ---------------------------------------------------------------------------------------------
     def reap_workers(self) -> None:
@@ -223,6 +248,12 @@ class Master(ApiRegistry, Arbiter):  # type: ignore[misc]
                 log.error("API %s version %s failed: the model worker %s while loading it", name, version, how)
         if not self.stopping:
             self.respawn_at[handle.slot] = time.monotonic() + self.fleet.backoff(handle.slot)
+            if handle.kill_reason != "retired":
+                cause = handle.kill_reason or exit_cause(status)
+                metrics.get().restarts.labels("model", cause).inc()
+                self.restarts[handle.slot] = self.restarts.get(handle.slot, 0) + 1
+                self.event("restart", f"model worker {handle.slot} ({handle.device.label}) pid {handle.pid} {how}")
+        metrics.process_gone(handle.pid)
         self.dirty = True
 
     def handle_model_message(self, handle: ModelWorkerHandle, m: dict[str, Any]) -> None:
@@ -245,7 +276,10 @@ class Master(ApiRegistry, Arbiter):  # type: ignore[misc]
         name, version = m["api"], m["version"]
         handle.loading.pop(name, None)
         record = self.apis.get(name)
+        kind = "reload" if record is not None and (set(record.loaded_at) - {version}) else "load"
+        metrics.get().loads.labels(name, kind, "ok" if m["ok"] else "failed").inc()
         if m["ok"]:
+            metrics.get().load_seconds.labels(name).observe(m["seconds"])
             handle.loaded[name] = version
             if record is not None:
                 record.loaded_at.setdefault(version, time.time())
@@ -253,9 +287,12 @@ class Master(ApiRegistry, Arbiter):  # type: ignore[misc]
                     record.error = None  # the wanted version serves: older failures are history (in the log)
             log.info("API %s version %s ready on model worker %d (%s)", name, version, handle.slot,
                      handle.device.label)
+            self.event(kind, f"API {name} version {version} ready on {handle.device.label} (worker {handle.slot}) "
+                             f"in {m['seconds']:.2f}s")
         elif record is not None:
             if version not in record.failed_versions:
                 log.error("API %s version %s failed to load: %s", name, version, m["error"]["message"])
+                self.event("failed", f"API {name} version {version} failed to load: {m['error']['message']}")
             record.fail(m["error"], version)
 
     def murder_workers(self) -> None:
@@ -268,6 +305,7 @@ class Master(ApiRegistry, Arbiter):  # type: ignore[misc]
                 log.error("model worker %d (%s) pid %d sent no heartbeat for %.0fs; killing it", handle.slot,
                           handle.device.label, handle.pid, silent)
                 handle.stopping = True
+                handle.kill_reason = "heartbeat"
                 self.fleet.kill(handle, signal.SIGKILL)
             for name, (version, deadline) in list(handle.loading.items()):
                 if now > deadline and name in self.apis:
@@ -280,6 +318,7 @@ class Master(ApiRegistry, Arbiter):  # type: ignore[misc]
                               name, version, timeout, handle.slot)
                     handle.loading.pop(name)
                     handle.stopping = True
+                    handle.kill_reason = "load_timeout"
                     self.fleet.kill(handle, signal.SIGKILL)
         for name, (proc, _, deadline, _) in list(self.probes.items()):
             if now > deadline:
@@ -294,6 +333,10 @@ class Master(ApiRegistry, Arbiter):  # type: ignore[misc]
         if self.stopping:
             return
         self.notifier.watchdog()
+        if time.monotonic() >= self.next_sample:
+            self.next_sample = time.monotonic() + SAMPLE_EVERY
+            self.history.add(read_snapshot())
+            self.dirty = True
         if self.watcher is not None:
             changed = self.watcher.step()
             if changed:
@@ -325,6 +368,7 @@ class Master(ApiRegistry, Arbiter):  # type: ignore[misc]
         log.info("retiring model worker %d (%s) pid %d: its slot is no longer configured", handle.slot,
                  handle.device.label, handle.pid)
         handle.stopping = True
+        handle.kill_reason = "retired"
         self.publish()  # out of the routes first, then drain what it holds
         self.fleet.kill(handle, signal.SIGTERM)
 

@@ -8,10 +8,11 @@ import os
 import subprocess
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
-from . import permissions, probe
+from . import metrics, permissions, probe
 from .apis import ApiRecord, Replica, api_state, route, write_routes
 from .config import Config, ConfigError, load_api_settings
 from .fleet import Fleet
@@ -20,6 +21,7 @@ from .model_worker import Device
 from .notify import Notifier
 from .placement import Want, WorkerSlot, place
 from .scoreboard import MAX_APIS, Scoreboard
+from .stats import History
 
 log = logging.getLogger("predictord.master")
 Probe = tuple[subprocess.Popen[bytes], str, float, list[bytes]]  # process, version, deadline, output so far
@@ -39,6 +41,11 @@ class ApiRegistry:
     notifier: Notifier
     started_at: float
     pid: int
+    WORKERS: dict[int, Any]
+    exported: set[str]
+    history: History
+    restarts: dict[int, int]
+    events: deque[dict[str, Any]]
 
     # -- APIs: scan, probe, place ----------------------------------------------------------------------------------
     def sync_sources(self, only: set[str] | None = None) -> None:
@@ -50,6 +57,7 @@ class ApiRegistry:
         for name in set(self.apis) - set(found):
             if only is None or name in only:
                 log.info("API %s was removed; unloading it", name)
+                self.event("removed", f"API {name} was removed")
                 del self.apis[name]
         for name, source in found.items():
             version = source.version()
@@ -128,10 +136,12 @@ class ApiRegistry:
         record.probing = False
         self.dirty = True
         if not result["ok"]:
+            metrics.get().loads.labels(name, "reload" if record.loaded_at else "load", "failed").inc()
             record.fail(result["error"], version)
             e = result["error"]
             where = f"{e.get('file')}:{e.get('line')}" if e.get("line") else str(e.get("file"))
             log.error("API %s version %s is broken: %s: %s", name, version, where, e["message"])
+            self.event("failed", f"API {name} version {version} is broken: {where}: {e['message']}")
             return
         try:
             record.settings = load_api_settings(record.source.settings)
@@ -143,6 +153,11 @@ class ApiRegistry:
         log.info("API %s version %s passed its checks: predict(%s)", name, version,
                  ", ".join(result["signature"]["predict"]))
         self.replace()
+
+    def event(self, kind: str, text: str) -> None:
+        """Something a person looking at `predictord status` wants to know happened."""
+        self.events.append({"at": round(time.time(), 3), "kind": kind, "text": text})
+        self.dirty = True
 
     def replace(self) -> None:
         """Recompute where every API goes (pure placement), keeping what already runs where it is."""
@@ -157,6 +172,24 @@ class ApiRegistry:
                 record.error = {"message": p.error, "file": str(record.source.settings), "line": None,
                                 "version": record.version}
         self.dirty = True
+
+    def export_gauges(self, apis: dict[str, Any]) -> None:
+        """Replicas by state and workers by device, as gauges (set here, in the only process that knows)."""
+        m = metrics.get()
+        for name in set(self.exported) - set(apis):  # a deleted API reads 0, not its last value
+            m.replicas.labels(name, "ready").set(0)
+            m.replicas.labels(name, "loading").set(0)
+        for name, api in apis.items():
+            m.replicas.labels(name, "ready").set(len(api["replicas"]))
+            m.replicas.labels(name, "loading").set(sum(1 for h in self.fleet.workers.values() if name in h.loading))
+        self.exported = set(apis)
+        devices = {d.label: 0 for d in self.devices.values()}
+        for h in self.fleet.workers.values():
+            if h.up and not h.stopping:
+                devices[h.device.label] = devices.get(h.device.label, 0) + 1
+        for label, n in devices.items():
+            m.workers.labels("model", label).set(n)
+        m.workers.labels("http", "cpu").set(len(self.WORKERS))
 
     def tell_systemd(self, apis: dict[str, Any], down: list[int]) -> None:
         """READY=1 once every API is ready or has failed for its own reasons; STATUS= always."""
@@ -178,19 +211,25 @@ class ApiRegistry:
     def publish(self) -> None:
         """Write the routing table and bump its version; HTTP workers pick it up on their next request."""
         apis = {name: route(record, self.replicas(name)) for name, record in self.apis.items()}
-        workers = [{"slot": h.slot, "pid": h.pid, "device": h.device.label, "up": h.up,
-                    "apis": dict(h.loaded), "loading": sorted(h.loading)} for h in self.fleet.workers.values()]
+        for name, api in apis.items():
+            api["status"]["stats"] = self.history.recent(name)
+        workers = [{"slot": h.slot, "pid": h.pid, "device": h.device.label, "up": h.up, "apis": dict(h.loaded),
+                    "loading": sorted(h.loading), "started_at": h.started_at, "restarts": self.restarts.get(h.slot, 0)}
+                   for h in self.fleet.workers.values()]
         not_ready = {n: a["status"]["state"] for n, a in apis.items() if a["status"]["state"] != "ready"}
         down = [s for s in self.devices if s not in self.fleet.workers or not self.fleet.workers[s].up]
         write_routes(self.routes_path, {
             "apis": apis,
             "workers": workers,
+            "series": {name: self.history.series(name) for name in apis},
+            "events": list(self.events),
             "daemon": {"pid": self.pid, "started_at": self.started_at, "predictors_dir":
                        str(self.pconfig.predictors_dir), "ready": not not_ready and not down and not self.probes,
                        "not_ready": not_ready, "workers_down": down},
         })
         self.scoreboard.bump_routes()
         self.dirty = False
+        self.export_gauges(apis)
         self.tell_systemd(apis, down)
         states = {n: api_state(r, self.replicas(n)) for n, r in self.apis.items()}
         log.debug("routes published: %s", states)

@@ -48,7 +48,8 @@ class Daemon:
         return path
 
     def write_config(self) -> None:
-        base = {"server": 'host = "127.0.0.1"\nport = 0\nhttp_workers = 2\nlog_level = "info"\n',
+        base = {"server": f'host = "127.0.0.1"\nport = 0\nhttp_workers = 2\nlog_level = "info"\n'
+                          f'admin_socket = "{self.root / "admin.sock"}"\n',
                 "predictors": 'dir = "predictors"\nload_timeout = 20\n',
                 "workers": 'cpu = 1\ngpus = "none"\npreload = ["torch"]\n'}
         tables = {t: self._keys(v) for t, v in base.items()}

@@ -204,8 +204,7 @@ def test_post_predict_runs_after_the_response(daemon: Daemon) -> None:
 
 
 def test_status_command_prints_apis_and_workers(daemon: Daemon) -> None:
-    cmd = [sys.executable, "-m", "predictord", "status", "--config", str(daemon.config_path), "--port",
-           str(daemon.port)]
+    cmd = [sys.executable, "-m", "predictord", "status", "--config", str(daemon.config_path)]
     table = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()

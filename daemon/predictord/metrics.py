@@ -1,0 +1,104 @@
+"""Prometheus metrics from every process, aggregated with prometheus-client's multiprocess mode.
+
+The master points PROMETHEUS_MULTIPROC_DIR at a folder of its runtime directory before it creates the metrics
+(``get()``), so every forked worker writes its samples there; ``GET /metrics`` merges them, plus the outstanding and
+queued requests read live from the scoreboard.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+ENV = "PROMETHEUS_MULTIPROC_DIR"
+LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+LOAD = (0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+NO_API = "-"  # the label of requests that matched no API (so random paths cannot blow up the label set)
+
+
+class Metrics:
+    """Every metric the daemon exports; one instance per process tree (made in the master, used after fork)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.requests = Counter("predictord_requests", "Requests answered, by API, status class and status code.",
+                                ["api", "class", "code"])
+        self.latency = Histogram("predictord_request_duration_seconds",
+                                 "Time from the request's arrival to its response, queueing included.", ["api"],
+                                 buckets=LATENCY)
+        self.queue_wait = Histogram("predictord_queue_wait_seconds",
+                                    "Time a job waited in its model worker's queue before predict() took it.",
+                                    ["api"], buckets=LATENCY)
+        self.predict = Histogram("predictord_predict_seconds",
+                                 "Time in predict() per call (a whole batch for batching APIs), parsing and "
+                                 "serializing included.", ["api"], buckets=LATENCY)
+        self.batch = Histogram("predictord_batch_size", "Requests per predict() call.", ["api"], buckets=BATCH)
+        self.replicas = Gauge("predictord_replicas", "Replicas of each API by state (ready, loading).",
+                              ["api", "state"], multiprocess_mode="livemostrecent")
+        self.loads = Counter("predictord_loads", "Loads of an API version on a model worker, by kind (load: its "
+                             "first version; reload: a new one) and result.", ["api", "kind", "result"])
+        self.load_seconds = Histogram("predictord_load_duration_seconds", "Time a replica took to load (import and "
+                                      "__init__).", ["api"], buckets=LOAD)
+        self.restarts = Counter("predictord_worker_restarts", "Worker processes that exited unplanned, by kind "
+                                "and cause.", ["kind", "cause"])
+        self.workers = Gauge("predictord_workers", "Worker processes up, by kind and device.", ["kind", "device"],
+                             multiprocess_mode="livemostrecent")
+
+
+_metrics: Metrics | None = None
+
+
+def prepare(directory: Path) -> None:
+    """Call once in the master, before ``get()`` and before any fork."""
+    directory.mkdir(parents=True, exist_ok=True)
+    os.environ[ENV] = str(directory)
+
+
+def get() -> Metrics:
+    global _metrics
+    if _metrics is None:
+        _metrics = Metrics()
+    return _metrics
+
+
+def process_gone(pid: int) -> None:
+    """A worker exited: drop its live gauges (its counters stay in the totals)."""
+    if os.environ.get(ENV):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
+class LiveCollector:
+    """Outstanding and queued requests per API, read from the scoreboard at scrape time."""
+
+    def __init__(self, rows: Any) -> None:
+        self.rows = rows  # () -> iterable of (api, outstanding, queued)
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        outstanding = GaugeMetricFamily("predictord_in_flight_requests", "Requests sent to model workers and not "
+                                        "answered yet (queued or running), over all HTTP workers.", labels=["api"])
+        queued = GaugeMetricFamily("predictord_queued_requests", "Requests waiting for a free replica.",
+                                   labels=["api"])
+        for api, out, waiting in self.rows():
+            outstanding.add_metric([api], out)
+            queued.add_metric([api], waiting)
+        yield outstanding
+        yield queued
+
+
+def exposition(rows: Any) -> bytes:
+    """The Prometheus text format of every process's metrics plus the live ones."""
+    from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    registry.register(LiveCollector(rows))
+    data: bytes = generate_latest(registry)
+    return data
