@@ -14,7 +14,7 @@ SERVICE_USER ?= predictord
 # The service user must be able to run it: the system's Python, not one under a home directory (pyenv).
 INSTALL_PYTHON ?= /usr/bin/python3
 
-.PHONY: run test unit integration lint clean bench install install-venv install-files install-user uninstall
+.PHONY: run test unit integration lint clean bench browser-deps install install-venv install-files install-user uninstall
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ unit: $(STAMP)
 
 integration: $(STAMP)
 	$(BIN)/python -m pytest -q tests/integration
+
+# The status page test drives Debian's chromium with playwright-core; without them it is skipped.
+browser-deps:
+	command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
+	cd tests/browser && npm install --no-audit --no-fund --silent
 
 lint: $(STAMP)
 	$(BIN)/ruff check daemon tests bench

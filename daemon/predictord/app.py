@@ -86,12 +86,13 @@ class PredictordApp(BaseApplication):  # type: ignore[misc]
 
     def load(self) -> Front:
         preload(self.pconfig.workers.preload)
-        return Front(self.scoreboard, self.runtime / "routes.json", self.pconfig.server.max_body_bytes)
+        return Front(self.scoreboard, self.runtime / "routes.json", self.pconfig.server.max_body_bytes,
+                     self.pconfig.server.access_log)
 
 
 def serve(config: Config, reload: Callable[[], Config]) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT."""
-    logs.setup(config.server.log_level)
+    logs.setup(config.server.log_level, config.server.log_format)
     # gunicorn would say READY=1 before any model is loaded; the daemon speaks to systemd itself.
     notifier = Notifier.from_environment()
     log.info("config: %s; predictors: %s", config.path or "(defaults)", config.predictors_dir)

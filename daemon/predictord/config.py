@@ -73,6 +73,10 @@ class ServerConfig:
     max_body_bytes: int = opt(100 * 1024 * 1024, "Largest request body accepted; larger gets 413.", _in_range(1))
     graceful_timeout: float = opt(30.0, "Seconds in-flight requests get to finish on shutdown.", _in_range(0))
     log_level: str = opt("info", "Log level: " + ", ".join(LOG_LEVELS) + ".", _one_of(LOG_LEVELS))
+    log_format: str = opt("text", "Log lines as text, or json (one object per line) for log shippers.",
+                          _one_of(("text", "json")))
+    access_log: bool = opt(False, "One log line per request (API, status, latency, request id, worker); "
+                           "off by default: it costs a write per request.")
     admin_socket: str = opt("", "Unix socket of `predictord status` (never on the network); empty: "
                             "$RUNTIME_DIRECTORY/admin.sock, else /run/predictord/admin.sock as root, else in /tmp.")
 

@@ -17,14 +17,17 @@ from typing import Any
 
 from . import metrics
 from .dispatch import Dispatcher, WorkerLost
+from .page import PAGE
 from .scoreboard import Scoreboard
 
 log = logging.getLogger("predictord.http")
+access = logging.getLogger("predictord.access")
 
 Scope = dict[str, Any]
 JSON = b"application/json"
 OWN_ROUTES = ("/", "/healthz", "/readyz", "/metrics")
 ADMIN_STATUS = "/admin/status"
+PAGE_BYTES = PAGE.encode()
 
 
 class TooLarge(Exception):
@@ -42,6 +45,14 @@ def _closing(send: Any) -> Any:
     return wrapped
 
 
+def _wants_html(scope: Scope) -> bool:
+    """A browser asking for the page (its Accept lists text/html); scripts and curl get JSON."""
+    for key, value in scope["headers"]:
+        if key == b"accept":
+            return b"text/html" in value
+    return False
+
+
 def _json(obj: Any) -> bytes:
     return json.dumps(obj, default=str, separators=(",", ":")).encode()
 
@@ -49,7 +60,8 @@ def _json(obj: Any) -> bytes:
 class Front:
     """The ASGI app every HTTP worker runs (created once in the master, used in each forked worker)."""
 
-    def __init__(self, scoreboard: Scoreboard, routes_path: Path, max_body: int) -> None:
+    def __init__(self, scoreboard: Scoreboard, routes_path: Path, max_body: int, access_log: bool = False) -> None:
+        self.access_log = access_log
         self.scoreboard = scoreboard
         self.routes_path = routes_path
         self.max_body = max_body
@@ -98,6 +110,12 @@ class Front:
             if method not in ("GET", "HEAD"):
                 await self._error(send, 405, f"{path} answers GET only", request_id, [(b"allow", b"GET")])
                 return
+            if path == "/" and _wants_html(scope):
+                await send({"type": "http.response.start", "status": 200, "headers": [
+                    (b"content-type", b"text/html; charset=utf-8"), (b"content-length", str(len(PAGE_BYTES)).encode()),
+                    (b"x-request-id", request_id.encode("latin-1")), (b"cache-control", b"no-cache")]})
+                await send({"type": "http.response.body", "body": PAGE_BYTES})
+                return
             await self._own_route(path, send, request_id)
             return
         name = path[1:]
@@ -141,8 +159,14 @@ class Front:
         try:
             await self._predict(scope, receive, sending, name, route, request_id)
         finally:
+            seconds = time.perf_counter() - started
             self._count(name, sent[0] or 500)  # no response started: the client went away, or we failed
-            latency.observe(time.perf_counter() - started)
+            latency.observe(seconds)
+            if self.access_log:
+                access.info("%s %s %d %.1fms request_id=%s", scope["method"], scope["path"], sent[0] or 500,
+                            seconds * 1000, request_id, extra={"api": name, "status": sent[0] or 500,
+                                                               "ms": round(seconds * 1000, 2),
+                                                               "request_id": request_id})
 
     async def _lifespan(self, receive: Any, send: Any) -> None:
         while True:
@@ -176,7 +200,7 @@ class Front:
                 await self._send(send, 503, _json(body), request_id)
         else:
             body = {"apis": {n: a["status"] for n, a in routes["apis"].items()}, "workers": routes["workers"],
-                    "daemon": daemon}
+                    "daemon": daemon, "series": routes.get("series", {}), "events": routes.get("events", [])}
             await self._send(send, 200, _json(body), request_id)
 
     def _live_rows(self) -> list[tuple[str, int, int]]:

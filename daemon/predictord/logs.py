@@ -6,6 +6,7 @@ per event; in a terminal it keeps its lines.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -33,7 +34,26 @@ class OneLineFormatter(logging.Formatter):
         return super().format(record).replace("\n", " \u23ce ")
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, pid, role, logger, message, and the record's extra fields."""
+
+    STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "role", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        event = {"time": self.formatTime(record), "level": record.levelname, "pid": record.process,
+                 "role": getattr(record, "role", _role), "logger": record.name, "message": record.getMessage()}
+        event.update({k: v for k, v in record.__dict__.items() if k not in self.STANDARD})
+        if record.exc_info:
+            event["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(event, default=str)
+
+
+_format = "text"
+
+
 def formatter() -> logging.Formatter:
+    if _format == "json":
+        return JsonFormatter()
     return OneLineFormatter(FORMAT) if os.environ.get("JOURNAL_STREAM") else logging.Formatter(FORMAT)
 
 
@@ -43,7 +63,9 @@ def adopt(handler: logging.Handler) -> None:
     handler.addFilter(RoleFilter())
 
 
-def setup(level: str) -> None:
+def setup(level: str, fmt: str = "text") -> None:
+    global _format
+    _format = fmt
     handler = logging.StreamHandler(sys.stderr)
     adopt(handler)
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)

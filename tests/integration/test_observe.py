@@ -107,3 +107,17 @@ def test_metrics_and_status_count_every_answer_exactly(make_daemon: Callable[...
     assert "RESTARTS" in table and "RECENT EVENTS" in table and "was killed by SIGKILL" in table
     m_line = next(line for line in table.splitlines() if line.startswith("m "))
     assert "ready" in m_line
+
+
+def test_access_log_in_json_names_api_status_latency_request_and_worker(make_daemon: Callable[..., Daemon]) -> None:
+    d = make_daemon({"m.py": PREDICTOR}, '[server]\naccess_log = true\nlog_format = "json"\n')
+    d.wait_settled()
+    assert d.post("/m", json={"kind": "ok"}, headers={"X-Request-ID": "acc-1"}).status_code == 200
+    assert d.post("/m", json={"kind": "bad"}, headers={"X-Request-ID": "acc-2"}).status_code == 422
+    d.wait_for_log(r'"request_id": "acc-2"')
+    events = [json.loads(line) for line in d.logs().splitlines() if line.startswith("{")]
+    assert events and all({"time", "level", "pid", "role", "logger", "message"} <= set(e) for e in events)
+    access = {e["request_id"]: e for e in events if e["logger"] == "predictord.access"}
+    assert access["acc-1"]["api"] == "m" and access["acc-1"]["status"] == 200 and access["acc-1"]["ms"] > 0
+    assert access["acc-2"]["status"] == 422 and access["acc-2"]["role"] in ("http0", "http1")
+    assert any(e["logger"] == "predictord.master" and "ready on model worker" in e["message"] for e in events)

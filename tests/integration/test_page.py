@@ -1,0 +1,66 @@
+"""The status page in a real headless browser (Debian's chromium, driven by playwright-core)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+from broken import OK
+from harness import Daemon
+
+BROWSER = Path(__file__).resolve().parents[1] / "browser"
+NASTY = '''
+class PythonPredictor:
+    def __init__(self, config):
+        raise RuntimeError("<b>bold</b><img src=x onerror=alert(1)><script>alert(2)</script>")
+
+    def predict(self, payload):
+        return 1
+'''
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("node") is None or not Path("/usr/bin/chromium").exists()
+    or not (BROWSER / "node_modules" / "playwright-core").exists(),
+    reason="needs node, /usr/bin/chromium and tests/browser/node_modules (.ci/run installs them)")
+
+
+def test_status_page_shows_every_api_escapes_their_strings_and_charts_traffic(
+        make_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    d = make_daemon({"alpha.py": OK, "beta.py": OK, "nasty.py": NASTY})
+    d.wait_settled()
+    page = d.get("/", headers={"Accept": "text/html,application/xhtml+xml"})
+    assert page.headers["content-type"] == "text/html; charset=utf-8" and "<svg" not in page.text
+    assert d.get("/").headers["content-type"] == "application/json", "curl and scripts still get JSON"
+    stop = threading.Event()
+
+    def traffic() -> None:  # bounded: it stops when the browser is done, or after 60 s
+        with httpx.Client(timeout=10) as c:
+            for _ in range(6000):
+                if stop.wait(0.01):
+                    return
+                c.post(d.url("/alpha"), json={})
+
+    t = threading.Thread(target=traffic, daemon=True)
+    t.start()
+    shot = tmp_path / "status.png"
+    try:
+        out = subprocess.run(["node", str(BROWSER / "page.js"), d.url("/"), str(shot), "alpha,beta,nasty"],
+                             capture_output=True, text=True, timeout=120, cwd=BROWSER)
+    finally:
+        stop.set()
+        t.join(30)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "fatal" not in result, result
+    assert result["errors"] == [], "no console errors, no alert() from a predictor's string"
+    assert result["injected"] == 0
+    assert "<script>alert(2)</script>" in result["text"], "the error text is shown as text"
+    for name in ("alpha", "beta", "nasty"):
+        assert name in result["text"]
+    assert result["chartPointsAfter"] >= 2 and result["chartPointsAfter"] > result["chartPointsBefore"]
+    assert shot.stat().st_size > 10_000
