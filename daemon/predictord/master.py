@@ -169,7 +169,12 @@ class Master(ApiRegistry, Arbiter):  # type: ignore[misc]
     def handle_quit(self) -> None:
         """SIGQUIT: stop at once."""
         self.notifier.stopping()
-        log.info("SIGQUIT: stopping at once")
+        log.info("SIGQUIT: stopping at once; requests in flight are cut")
+        self.stopping = True
+        self.kill_workers(signal.SIGKILL)  # uvicorn would treat SIGQUIT as a graceful stop and wait for requests
+        for handle in self.fleet.workers.values():
+            handle.stopping = True
+            self.fleet.kill(handle, signal.SIGKILL)
         self.stop(graceful=False)
         raise StopIteration
 
