@@ -114,8 +114,12 @@ class Predictord(Server):
             self.daemon.write(rel, text)
 
     def start(self) -> None:
-        self.daemon.start()
-        self.daemon.wait_settled()
+        try:
+            self.daemon.start()
+            self.daemon.wait_settled()
+        except BaseException:
+            self.daemon.stop()  # never leave a daemon behind
+            raise
         assert self.daemon.proc is not None
         self.pid = self.daemon.proc.pid
         self.url = self.daemon.url("")
@@ -148,7 +152,11 @@ class Command(Server):
             except httpx.HTTPError:
                 return False
 
-        wait_until(up, 120, f"{self.name} to listen")
+        try:
+            wait_until(up, 120, f"{self.name} to listen")
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         assert self.proc is not None

@@ -71,6 +71,7 @@ class Front:
         self._id_prefix = ""
         self._counters: dict[tuple[str, int], Any] = {}
         self._latency: dict[str, Any] = {}
+        self._flusher: asyncio.TimerHandle
 
     def _new_id(self) -> str:
         """32 hex digits, unique: a random prefix per process (uuid4 costs more than the rest of routing)."""
@@ -139,7 +140,7 @@ class Front:
         counter = self._counters.get(key)
         if counter is None:
             counter = self._counters[key] = metrics.get().requests.labels(api, f"{code // 100}xx", str(code))
-        counter.inc()
+        metrics.tally.inc(counter)
 
     async def _observed(self, scope: Scope, receive: Any, send: Any, name: str, route: dict[str, Any],
                         request_id: str) -> None:
@@ -161,7 +162,7 @@ class Front:
         finally:
             seconds = time.perf_counter() - started
             self._count(name, sent[0] or 500)  # no response started: the client went away, or we failed
-            latency.observe(seconds)
+            metrics.tally.observe(latency, seconds)
             if self.access_log:
                 access.info("%s %s %d %.1fms request_id=%s", scope["method"], scope["path"], sent[0] or 500,
                             seconds * 1000, request_id, extra={"api": name, "status": sent[0] or 500,
@@ -173,10 +174,17 @@ class Front:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 self.dispatcher.routes()
+                self._flusher = asyncio.get_running_loop().call_later(metrics.FLUSH_EVERY, self._flush)
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                self._flusher.cancel()
+                metrics.tally.flush()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    def _flush(self) -> None:
+        metrics.tally.flush()
+        self._flusher = asyncio.get_running_loop().call_later(metrics.FLUSH_EVERY, self._flush)
 
     async def _own_route(self, path: str, send: Any, request_id: str) -> None:
         routes = self.dispatcher.routes()

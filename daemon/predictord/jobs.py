@@ -200,7 +200,7 @@ class JobRunner:
                 for job in batch:
                     job.started = now
                     api.running[id(job)] = job
-                    queue_wait.observe(now - job.arrived)
+                    metrics.tally.observe(queue_wait, now - job.arrived)
                 try:
                     if api.max_batch_size > 1:
                         await self._answer_batch(api, batch)
@@ -210,8 +210,8 @@ class JobRunner:
                     for job in batch:
                         api.running.pop(id(job), None)
                     took = time.monotonic() - now
-                    predict_time.observe(took)
-                    batch_size.observe(len(batch))
+                    metrics.tally.observe(predict_time, took)
+                    metrics.tally.observe(batch_size, len(batch))
                     per_job = took / len(batch)
                     api.service = per_job if api.service == 0 else api.service + (per_job - api.service) * 0.2
                     self.publish(api)

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from . import logs
+from . import logs, metrics
 from .jobs import JobRunner, LoadedApi
 from .loader import ApiSource, LoadError, instantiate, load_class, modules_under
 from .protocol import CONTROL, FrameReader, control
@@ -110,9 +110,11 @@ class ModelWorker:
         self._tell_master({"op": "started", "pid": os.getpid()})
         while not self.stopping:
             self._beat()
+            metrics.tally.flush()
             await asyncio.sleep(0.5)
         server.close()
         await self._drain()
+        metrics.tally.flush()
 
     def _publish_service(self, api: LoadedApi) -> None:
         self.scoreboard.set_service(self.slot, api.slot, api.service)

@@ -72,7 +72,13 @@ def test_metrics_and_status_count_every_answer_exactly(make_daemon: Callable[...
     assert sorted(codes) == sorted([200] * 20 + [422] * 5 + [500] * 3 + [400] * 2 + [504] * 2 + [404] * 3)
     wait_until(lambda: d.get("/m").json()["outstanding"] == 0, 30, "the slow jobs to finish")
 
-    m = samples(d)
+    def flushed() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+        s = samples(d)  # workers flush their tallies about once a second
+        done = all(value(s, n, api="m") == 32 for n in ("predictord_request_duration_seconds_count",
+                                                         "predictord_predict_seconds_count"))
+        return s if done else None
+
+    m = wait_until(flushed, 10, "the workers to flush their counts")
     for code, n in EXPECTED.items():
         assert value(m, "predictord_requests_total", api="m", code=code) == n, code
     assert value(m, "predictord_requests_total", api="m", **{"class": "5xx"}) == 5
