@@ -40,10 +40,11 @@ class PendingJob:
 class ModelLink(FrameProtocol):
     """This HTTP worker's connection to one model worker."""
 
-    def __init__(self, dispatcher: Dispatcher, slot: int) -> None:
+    def __init__(self, dispatcher: Dispatcher, slot: int, path: str) -> None:
         super().__init__()
         self.dispatcher = dispatcher
         self.slot = slot
+        self.path = path  # a replacement worker in the same slot listens on a new path
         self.jobs: dict[int, PendingJob] = {}
         self.lost = False
 
@@ -106,7 +107,7 @@ class Dispatcher:
         daemon = {"ready": False, "not_ready": {}, "workers_down": []}
         self.table: dict[str, Any] = {"apis": {}, "workers": [], "daemon": daemon}
         self.links: dict[int, ModelLink] = {}
-        self.connecting: dict[int, asyncio.Future[ModelLink]] = {}
+        self.connecting: dict[tuple[int, str], asyncio.Future[ModelLink]] = {}
         self.job_ids = itertools.count(1)
         self.turn = 0
 
@@ -124,17 +125,20 @@ class Dispatcher:
     async def link(self, slot: int, path: str) -> ModelLink:
         link = self.links.get(slot)
         if link is not None and not link.lost:
-            return link
-        pending = self.connecting.get(slot)
+            if link.path == path:
+                return link
+            link.transport.close()  # the routes name a new worker in this slot: the old link is stale
+        key = (slot, path)
+        pending = self.connecting.get(key)
         if pending is None:
             pending = asyncio.ensure_future(self._connect(slot, path))
-            self.connecting[slot] = pending
-            pending.add_done_callback(lambda _: self.connecting.pop(slot, None))
+            self.connecting[key] = pending
+            pending.add_done_callback(lambda _: self.connecting.pop(key, None))
         return await asyncio.shield(pending)
 
     async def _connect(self, slot: int, path: str) -> ModelLink:
         loop = asyncio.get_running_loop()
-        _, link = await loop.create_unix_connection(lambda: ModelLink(self, slot), path)
+        _, link = await loop.create_unix_connection(lambda: ModelLink(self, slot, path), path)
         self.links[slot] = link
         return link
 
@@ -167,7 +171,7 @@ class Dispatcher:
                      timeout: float) -> tuple[PendingJob, Answer]:
         """Send a job and wait for its first answer; TimeoutError past the deadline, WorkerLost if it dies."""
         link = self.links.get(replica[0])
-        if link is None or link.lost:
+        if link is None or link.lost or link.path != replica[1]:
             link = await self.link(replica[0], replica[1])
         job_id = next(self.job_ids)
         loop = asyncio.get_running_loop()

@@ -199,8 +199,8 @@ def test_post_predict_runs_after_the_response(daemon: Daemon) -> None:
     r = daemon.post("/post", json={"n": 5})
     assert r.json() == {"n": 5}
     log = daemon.predictors / "post-5.log"
-    wait_until(log.exists, 10, "post_predict to write its file")
-    assert log.read_text() == "{'n': 5}"  # the parsed payload, as predict() saw it
+    # the parsed payload, as predict() saw it (poll the content: the file exists before it is written)
+    wait_until(lambda: log.exists() and log.read_text() == "{'n': 5}", 10, "post_predict to write its file")
 
 
 def test_status_command_prints_apis_and_workers(daemon: Daemon) -> None:
