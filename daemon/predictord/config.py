@@ -7,6 +7,7 @@ messages, ``predictord --help-config`` and the README's table.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
 import tomllib
@@ -79,6 +80,7 @@ class ServerConfig:
                            "off by default: it costs a write per request.")
     admin_socket: str = opt("", "Unix socket of `predictord status` (never on the network); empty: "
                             "$RUNTIME_DIRECTORY/admin.sock, else /run/predictord/admin.sock as root, else in /tmp.")
+    allow_remote: bool = opt(False, "Allow a host other than loopback (put an authenticating proxy in front).")
 
 
 @dataclass(frozen=True)
@@ -197,7 +199,22 @@ def _build_table(cls: type, raw: Any, where: str) -> Any:
         if isinstance(value, list):
             value = tuple(value)
         values[key] = float(value) if expected == (int, float) else value
-    return cls(**values)
+    built = cls(**values)
+    if isinstance(built, ServerConfig) and not built.allow_remote and not is_loopback(built.host):
+        raise ConfigError(f"{where}: host: {built.host!r} is not a loopback address, and every API runs arbitrary "
+                          "code; to serve other hosts set allow_remote = true in [server] (behind a proxy that "
+                          "authenticates), or use host = \"127.0.0.1\"")
+    return built
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -76,3 +76,12 @@ def test_every_option_is_documented() -> None:
     for key in ("host", "port", "http_workers", "dir", "load_timeout", "cpu", "gpus", "preload", "device",
                 "replicas", "timeout", "queue_limit"):
         assert f"`{key}`" in table
+
+
+def test_non_loopback_bind_needs_an_explicit_setting(tmp_path: Path) -> None:
+    for host in ("0.0.0.0", "192.168.1.5", "::", "example.com"):
+        with pytest.raises(ConfigError, match="is not a loopback address.*allow_remote = true"):
+            load_config(write(tmp_path, f'[server]\nhost = "{host}"\n'))
+    assert load_config(write(tmp_path, '[server]\nhost = "0.0.0.0"\nallow_remote = true\n')).server.host == "0.0.0.0"
+    for host in ("127.0.0.1", "127.1.2.3", "::1", "localhost"):
+        assert load_config(write(tmp_path, f'[server]\nhost = "{host}"\n')).server.host == host
