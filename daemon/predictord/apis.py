@@ -30,10 +30,25 @@ class ApiRecord:
     note: str | None = None
     failed_versions: set[str] = field(default_factory=set)
     loaded_at: dict[str, float] = field(default_factory=dict)  # version -> when its first replica became ready
+    origin: ApiSource | None = None  # the user's files (``source`` is the snapshot that probes and workers use)
+    good: tuple[str, ApiSource, ApiSettings] | None = None  # the newest version that loaded: a fallback
+
+    def target(self) -> tuple[str, ApiSource, ApiSettings] | None:
+        """What a worker should load now: the newest version, or while it is broken or being checked, the last
+        version that loaded (None: nothing loadable yet)."""
+        if self.settings is not None and not self.probing and self.version not in self.failed_versions:
+            return self.version, self.source, self.settings
+        return self.good
+
+    def user_paths(self, error: dict[str, Any]) -> dict[str, Any]:
+        """An error whose file is in the snapshot, pointed at the user's file instead."""
+        return {**error, "file": self.source.original(error.get("file"))}
 
     def fail(self, error: dict[str, Any], version: str | None = None) -> None:
         self.error = {**error, "version": version or self.version, "at": time.time()}
         self.failed_versions.add(version or self.version)
+        if self.good is not None and self.good[0] == (version or self.version):
+            self.good = None  # the fallback itself failed (a replacement worker could not load it)
 
 
 @dataclass(frozen=True)
@@ -69,7 +84,7 @@ def api_status(record: ApiRecord, replicas: list[Replica]) -> dict[str, Any]:
             "serving": live,
             "loaded_at": {v: record.loaded_at.get(v) for v in live},
         },
-        "source": str(record.source.code),
+        "source": str((record.origin or record.source).code),
         "replicas": [{"worker": r.slot, "pid": r.pid, "device": r.device, "version": r.version} for r in replicas],
         "placement": list(record.placement),
         "signature": record.signature,

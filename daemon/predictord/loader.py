@@ -20,6 +20,7 @@ import importlib.util
 import inspect
 import os
 import re
+import shutil
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -66,11 +67,23 @@ class ApiSource:
     code: Path
     settings: Path | None
     folder: Path | None = None
+    home: Path | None = None  # for a snapshot: the user's folder, where its assets (weights...) stay
 
     @property
     def root(self) -> Path:
-        """The predictor's own folder (its assets are relative to this)."""
+        """Where its code is (and its helper modules are imported from)."""
         return self.folder if self.folder is not None else self.code.parent
+
+    @property
+    def assets(self) -> Path:
+        """The predictor's own folder as the predictor sees it (``predictor_dir``): its assets are relative to it."""
+        return self.home if self.home is not None else self.root
+
+    def original(self, path: str | None) -> str | None:
+        """A path inside a snapshot, as the user's file it was copied from (for error messages)."""
+        if path is None or self.home is None or not path.startswith(str(self.root)):
+            return path
+        return str(self.home) + path[len(str(self.root)):]
 
     def files(self) -> list[Path]:
         """Every file whose change makes a new version."""
@@ -97,6 +110,31 @@ class ApiSource:
             except OSError:
                 h.update(b"<unreadable>")
         return h.hexdigest()[:12]
+
+
+def snapshot(source: ApiSource, dest: Path) -> ApiSource:
+    """Copy an API's code and settings (not its assets) to ``dest``, and describe the copy.
+
+    The probe checks the copy and the workers load the copy, so what was validated is exactly what runs, and a
+    replacement worker can load the last good version after the files on disk have changed (or broken).
+    """
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    if source.folder is None:
+        for path in (source.code, source.settings):
+            if path is not None and path.exists():
+                shutil.copy2(path, dest / path.name)
+        settings = dest / source.settings.name if source.settings is not None else None
+        return ApiSource(source.name, dest / source.code.name, settings, None, source.root)
+    folder = dest / source.name  # the copy keeps the folder's name: a probe takes the API's name from it
+    folder.mkdir()
+    for path in source.files():
+        if path.suffix in (".py", ".toml"):
+            target = folder / path.relative_to(source.folder)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+    return ApiSource(source.name, folder / FOLDER_ENTRY, folder / FOLDER_SETTINGS, folder, source.folder)
 
 
 def scan(directory: Path) -> dict[str, ApiSource]:
@@ -144,13 +182,13 @@ class LoadError(Exception):
 def error_from_exception(exc: BaseException, source: ApiSource, doing: str) -> LoadError:
     """A LoadError pointing at the deepest line of the predictor's own code in the traceback."""
     if isinstance(exc, SyntaxError) and exc.filename:
-        return LoadError(f"syntax error: {exc.msg}", exc.filename, exc.lineno)
+        return LoadError(f"syntax error: {exc.msg}", source.original(exc.filename), exc.lineno)
     file, line = str(source.code), None
     root = str(source.root)
     for frame in traceback.extract_tb(exc.__traceback__):
         if frame.filename.startswith(root):
             file, line = frame.filename, frame.lineno
-    return LoadError(f"{doing} raised {type(exc).__name__}: {exc}", file, line)
+    return LoadError(f"{doing} raised {type(exc).__name__}: {exc}", source.original(file), line)
 
 
 @dataclass(frozen=True)
@@ -256,7 +294,7 @@ def load_class(source: ApiSource, module_name: str) -> tuple[Any, Signature]:
 
 def instantiate(cls: Any, signature: Signature, source: ApiSource, config: dict[str, Any], device: str) -> Any:
     """Call the predictor's __init__ with what it asked for; raise LoadError on failure."""
-    offered = {"config": config, "device": device, "predictor_dir": str(source.root)}
+    offered = {"config": config, "device": device, "predictor_dir": str(source.assets)}
     kwargs = {name: offered[name] for name in signature.init_args}
     try:
         return cls(**kwargs)

@@ -290,6 +290,8 @@ class Master(ApiRegistry, Arbiter):  # type: ignore[misc]
                 record.loaded_at.setdefault(version, time.time())
                 if version == record.version:
                     record.error = None  # the wanted version serves: older failures are history (in the log)
+                    if record.settings is not None:
+                        record.good = (version, record.source, record.settings)
             log.info("API %s version %s ready on model worker %d (%s)", name, version, handle.slot,
                      handle.device.label)
             self.event(kind, f"API {name} version {version} ready on {handle.device.label} (worker {handle.slot}) "
@@ -298,7 +300,7 @@ class Master(ApiRegistry, Arbiter):  # type: ignore[misc]
             if version not in record.failed_versions:
                 log.error("API %s version %s failed to load: %s", name, version, m["error"]["message"])
                 self.event("failed", f"API {name} version {version} failed to load: {m['error']['message']}")
-            record.fail(m["error"], version)
+            record.fail(record.user_paths(m["error"]), version)
 
     def murder_workers(self) -> None:
         super().murder_workers()
@@ -380,26 +382,25 @@ class Master(ApiRegistry, Arbiter):  # type: ignore[misc]
     def _reconcile_worker(self, handle: ModelWorkerHandle) -> None:
         """Send the loads and unloads that make this worker serve what placement wants of it."""
         for name, record in self.apis.items():
-            wanted = record.settings is not None and handle.slot in record.placement
-            if not wanted or record.version in record.failed_versions or record.probing:
+            target = record.target()
+            if target is None or handle.slot not in record.placement:
                 continue
             if handle.loading:
                 break  # one load at a time per worker, so a hanging __init__ is blamed on the right API
-            if handle.loaded.get(name) != record.version:
+            version, source, settings = target
+            if handle.loaded.get(name) != version:
                 others = [h for h in self.fleet.workers.values() if h is not handle]
                 if any(name in h.loading for h in others) and any(name in h.loaded for h in others + [handle]):
                     continue  # rolling a new version: one replica at a time while an old one serves
-                assert record.settings is not None
-                serving = record.settings.serving
-                message = {"op": "load", "source": record.source, "version": record.version,
-                           "config": dict(record.settings.config), "serving": dataclasses.asdict(serving),
-                           "slot": record.slot}
+                serving = settings.serving
+                message = {"op": "load", "source": source, "version": version, "config": dict(settings.config),
+                           "serving": dataclasses.asdict(serving), "slot": record.slot}
                 if handle.send(message):
                     deadline = time.monotonic() + self.pconfig.predictors.load_timeout
-                    handle.loading[name] = (record.version, deadline)
+                    handle.loading[name] = (version, deadline)
                     handle.threads[name] = serving.threads * serving.max_batch_size  # jobs it runs at once
-                    log.info("loading API %s version %s on model worker %d (%s)", name, record.version,
-                             handle.slot, handle.device.label)
+                    log.info("loading API %s version %s on model worker %d (%s)%s", name, version, handle.slot,
+                             handle.device.label, "" if version == record.version else ", the last good version")
         for name in list(handle.loaded):
             kept = self.apis.get(name)
             unwanted = kept is None or handle.slot not in kept.placement

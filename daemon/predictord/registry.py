@@ -16,7 +16,7 @@ from . import metrics, permissions, probe
 from .apis import ApiRecord, Replica, api_state, route, write_routes
 from .config import Config, ConfigError, load_api_settings
 from .fleet import Fleet
-from .loader import name_problem, scan
+from .loader import name_problem, scan, snapshot
 from .model_worker import Device
 from .notify import Notifier
 from .placement import Want, WorkerSlot, place
@@ -38,6 +38,7 @@ class ApiRegistry:
     dirty: bool
     scoreboard: Scoreboard
     routes_path: Path
+    runtime: Path
     notifier: Notifier
     started_at: float
     pid: int
@@ -63,7 +64,7 @@ class ApiRegistry:
             version = source.version()
             record = self.apis.get(name)
             refused = record is not None and (record.error or {}).get("kind") == "permissions"
-            if record is not None and record.version == version and record.source == source:
+            if record is not None and record.version == version and record.origin == source:
                 if not refused:
                     continue
                 record.failed_versions.discard(version)  # a chmod or chown changes no content: check again
@@ -80,7 +81,13 @@ class ApiRegistry:
                     continue
                 record = ApiRecord(name, free[0], source, version)
                 self.apis[name] = record
-            record.source, record.version = source, version
+            record.origin, record.version = source, version
+            try:
+                record.source = snapshot(source, self.runtime / "snapshots" / f"{name}-{version}")
+            except OSError as e:
+                record.fail({"message": f"cannot copy its code to check it: {e}", "file": str(source.code),
+                             "line": None})
+                continue
             self.start_probe(record)
         self.replace()
         self.dirty = True
@@ -88,7 +95,7 @@ class ApiRegistry:
     def start_probe(self, record: ApiRecord) -> None:
         problem = name_problem(record.name)
         if not problem and self.pconfig.predictors.check_permissions:
-            problem = permissions.check_source(record.source, self.pconfig.predictors_dir)
+            problem = permissions.check_source(record.origin or record.source, self.pconfig.predictors_dir)
             if problem:
                 log.error("API %s refused: %s", record.name, problem)
         if problem:
@@ -137,8 +144,8 @@ class ApiRegistry:
         self.dirty = True
         if not result["ok"]:
             metrics.get().loads.labels(name, "reload" if record.loaded_at else "load", "failed").inc()
-            record.fail(result["error"], version)
-            e = result["error"]
+            e = record.user_paths(result["error"])
+            record.fail(e, version)
             where = f"{e.get('file')}:{e.get('line')}" if e.get("line") else str(e.get("file"))
             log.error("API %s version %s is broken: %s: %s", name, version, where, e["message"])
             self.event("failed", f"API {name} version {version} is broken: {where}: {e['message']}")
@@ -146,7 +153,8 @@ class ApiRegistry:
         try:
             record.settings = load_api_settings(record.source.settings)
         except ConfigError as err:
-            record.fail({"message": str(err), "file": str(record.source.settings), "line": None}, version)
+            record.fail(record.user_paths({"message": str(err), "file": str(record.source.settings), "line": None}),
+                        version)
             log.error("API %s: %s", name, err)
             return
         record.signature = result["signature"]

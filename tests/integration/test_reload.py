@@ -306,3 +306,27 @@ def test_sighup_rolls_new_workers_and_keeps_serving(make_daemon: Callable[..., D
         d.wait_for_log(r"SIGHUP: .*port: expected an integer.*keeping the running configuration")
     assert load.failures("a") == []
     assert d.get("/healthz").status_code == 200
+
+
+def test_a_replacement_worker_loads_the_last_good_version_while_the_file_is_broken(
+        make_daemon: Callable[..., Daemon]) -> None:
+    d = make_daemon({"a.py": gen(1)}, FAST)
+    d.wait_settled()
+    old = d.get("/a").json()["version"]["serving"][0]
+    atomic_save(d.predictors / "a.py", "class PythonPredictor:\n    def predict(self, payload)\n")
+    d.wait_for_log(r"API a version \w+ is broken: .*a\.py:2: syntax error")
+    s = d.get("/a").json()
+    assert s["error"]["file"] == str(d.predictors / "a.py"), "errors name the user's file, not the snapshot"
+    pid = s["replicas"][0]["pid"]
+    os.kill(pid, signal.SIGKILL)  # the worker holding the old version dies while the file on disk is broken
+    d.wait_for_log(r"loading API a version \w+ on model worker \d \(cpu\), the last good version")
+
+    def served_again() -> bool:
+        s = d.get("/a").json()
+        return bool(s["replicas"]) and s["replicas"][0]["pid"] != pid
+    wait_until(served_again, 30, "a replacement worker serving the old version")
+    r = d.post("/a", json={})
+    assert r.json() == {"generation": 1} and r.headers["x-predictor-version"] == old
+    atomic_save(d.predictors / "a.py", gen(2))  # and the fix still takes over
+    wait_new_version(d, "a", old)
+    assert d.post("/a", json={}).json() == {"generation": 2}

@@ -95,3 +95,21 @@ def test_version_changes_with_code_settings_and_assets(tmp_path: Path) -> None:
 def test_inspect_rejects_non_class(tmp_path: Path) -> None:
     with pytest.raises(LoadError):
         inspect_class(lambda: None, source_for(src(tmp_path, "")))
+
+
+def test_snapshot_copies_code_not_assets_and_maps_paths_back(tmp_path: Path) -> None:
+    from predictord.loader import snapshot
+
+    folder = tmp_path / "preds" / "api"
+    (folder / "lib").mkdir(parents=True)
+    src(folder, "import helper", "predictor.py")
+    src(folder / "lib", "x = 1", "helper.py")
+    src(folder, "[config]", "predictor.toml")
+    src(folder, "big weights", "w.bin")
+    snap = snapshot(source_for(folder), tmp_path / "snap")
+    assert snap.name == "api" and snap.root.name == "api" and snap.assets == folder
+    assert (snap.root / "lib" / "helper.py").read_text() == "x = 1" and not (snap.root / "w.bin").exists()
+    assert snap.original(str(snap.root / "lib" / "helper.py")) == str(folder / "lib" / "helper.py")
+    single = snapshot(source_for(src(tmp_path, "a = 1", "one.py")), tmp_path / "snap1")
+    assert single.code.read_text() == "a = 1" and single.assets == tmp_path
+    assert single.original(str(single.code)) == str(tmp_path / "one.py")
