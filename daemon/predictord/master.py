@@ -83,9 +83,9 @@ class Master(ApiRegistry, Arbiter):  # type: ignore[misc]
         self.open_admin_socket()
         for listener in self.LISTENERS:
             log.info("predictord listening on %s (master pid %d)", listener, self.pid)
+        self.start_watcher()  # before the scan: a file that lands between the two is seen by one of them
         self.sync_sources()
         self.publish()  # before any HTTP worker exists: a first request (socket activation) finds every API
-        self.start_watcher()
 
     def open_admin_socket(self) -> None:
         """A Unix socket beside the TCP listener, for `predictord status`: the HTTP workers serve /admin/ only on
