@@ -41,8 +41,16 @@ class ApiRecord:
         return self.good
 
     def user_paths(self, error: dict[str, Any]) -> dict[str, Any]:
-        """An error whose file is in the snapshot, pointed at the user's file instead."""
-        return {**error, "file": self.source.original(error.get("file"))}
+        """An error whose file (and message) name the snapshot, pointed at the user's files instead."""
+        message = str(error.get("message", ""))
+        if self.source.home is not None:
+            message = message.replace(str(self.source.root), str(self.source.home))
+        return {**error, "file": self.source.original(error.get("file")), "message": message}
+
+    @property
+    def user_source(self) -> ApiSource:
+        """The user's files (for messages), not the snapshot."""
+        return self.origin or self.source
 
     def fail(self, error: dict[str, Any], version: str | None = None) -> None:
         self.error = {**error, "version": version or self.version, "at": time.time()}

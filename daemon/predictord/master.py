@@ -249,7 +249,7 @@ class Master(ApiRegistry, Arbiter):  # type: ignore[misc]
             record = self.apis.get(name)
             if record is not None and record.version == version:
                 record.fail({"message": f"the model worker died while loading it: it {how}",
-                             "file": str(record.source.code), "line": None})
+                             "file": str(record.user_source.code), "line": None})
                 log.error("API %s version %s failed: the model worker %s while loading it", name, version, how)
         if not self.stopping:
             self.respawn_at[handle.slot] = time.monotonic() + self.fleet.backoff(handle.slot)
@@ -320,7 +320,7 @@ class Master(ApiRegistry, Arbiter):  # type: ignore[misc]
                     record = self.apis[name]
                     record.fail({"message": f"__init__ took longer than the load deadline ({timeout:g}s); raise "
                                             "[predictors] load_timeout if it is just slow",
-                                 "file": str(record.source.code), "line": None}, version)
+                                 "file": str(record.user_source.code), "line": None}, version)
                     log.error("API %s version %s: __init__ exceeded %gs on model worker %d; killing the worker",
                               name, version, timeout, handle.slot)
                     handle.loading.pop(name)
@@ -333,7 +333,7 @@ class Master(ApiRegistry, Arbiter):  # type: ignore[misc]
                 timeout = self.pconfig.predictors.load_timeout
                 self.finish_probe(name, {"ok": False, "error": {
                     "message": f"importing it took longer than the load deadline ({timeout:g}s)",
-                    "file": str(self.apis[name].source.code) if name in self.apis else name, "line": None}})
+                    "file": str(self.apis[name].user_source.code) if name in self.apis else name, "line": None}})
 
     def manage_workers(self) -> None:
         super().manage_workers()

@@ -177,7 +177,7 @@ class ApiRegistry:
             record = self.apis[name]
             record.placement, record.note = p.slots, p.note
             if p.error:
-                record.error = {"message": p.error, "file": str(record.source.settings), "line": None,
+                record.error = {"message": p.error, "file": str(record.user_source.settings), "line": None,
                                 "version": record.version}
         self.dirty = True
 

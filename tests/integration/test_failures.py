@@ -19,7 +19,9 @@ from harness import wait_until
 
 def test_broken_predictors_report_errors_and_others_keep_serving(make_daemon: Any) -> None:
     files = {f"{name}.py": src for name, (src, _, _) in BROKEN.items()}
-    d = make_daemon({**files, "ok.py": OK, "hang.py": HANG}, "[predictors]\nload_timeout = 8\n[workers]\ncpu = 2\n")
+    bad_toml = {"badtoml.py": OK, "badtoml.toml": '[serving]\ndevice = "tpu"\n'}
+    d = make_daemon({**files, "ok.py": OK, "hang.py": HANG, **bad_toml},
+                    "[predictors]\nload_timeout = 8\n[workers]\ncpu = 2\n")
     status = d.wait_settled(90)
     assert d.post("/ok", json={}).json() == {"ok": True}
     for name, (_, message, line) in BROKEN.items():
@@ -36,10 +38,13 @@ def test_broken_predictors_report_errors_and_others_keep_serving(make_daemon: An
         d.wait_for_log(rf"API {name} version \w+ is broken|API {name} version \w+ failed to load")
     hang = status["apis"]["hang"]
     assert hang["state"] == "failed" and "load deadline (8s)" in hang["error"]["message"]
+    assert hang["error"]["file"] == str(d.predictors / "hang.py"), "the user's file, not the daemon's copy"
+    toml = status["apis"]["badtoml"]["error"]
+    assert toml["message"].startswith(f"{d.predictors / 'badtoml.toml'}: [serving]: device: expected one of"), toml
     d.wait_for_log(r"API hang version \w+: __init__ exceeded 8s")
     ready = d.get("/readyz")
     assert ready.status_code == 503
-    for name in [*BROKEN, "hang"]:
+    for name in [*BROKEN, "hang", "badtoml"]:
         assert f"API {name} is failed" in ready.json()["error"]
     # the worker killed for the hang is replaced, and the good API still answers everywhere
     wait_until(lambda: d.status()["apis"]["ok"]["state"] == "ready", 30, "ok to be ready again")
