@@ -85,7 +85,7 @@ def test_metrics_and_status_count_every_answer_exactly(make_daemon: Callable[...
     assert value(m, "predictord_requests_total", api="-", code="404") == 3
     assert value(m, "predictord_request_duration_seconds_count", api="m") == 32
     assert value(m, "predictord_request_duration_seconds_bucket", api="m", le="+Inf") == 32
-    assert value(m, "predictord_request_duration_seconds_bucket", api="m", le="1.0") == 30, "the 504s took >1 s"
+    assert value(m, "predictord_request_duration_seconds_bucket", api="m", le="0.5") == 30, "the 504s took ~1 s"
     for name in ("predictord_queue_wait_seconds_count", "predictord_predict_seconds_count",
                  "predictord_batch_size_count", "predictord_batch_size_sum"):
         assert value(m, name, api="m") == 32, name  # every request that reached a model worker, once

@@ -254,7 +254,7 @@ def test_broken_change_keeps_old_version_then_fix_loads(make_daemon: Callable[..
     with Load(d, {"a": 3, "b": 1}) as load:
         atomic_save(d.predictors / "a.py", "class PythonPredictor:\n    def predict(self, payload)\n")
         d.wait_for_log(r"API a version \w+ is broken: .*a\.py:2: syntax error")
-        s = d.get("/a").json()
+        s = wait_until(lambda: (r := d.get("/a").json())["error"] and r, 10, "the error in GET /a (next routes)")
         assert s["state"] == "ready" and s["version"]["serving"] == [old] and s["version"]["wanted"] != old
         assert s["error"]["line"] == 2 and s["error"]["file"].endswith("a.py")
         atomic_save(d.predictors / "a.py", gen(2))
@@ -315,7 +315,7 @@ def test_a_replacement_worker_loads_the_last_good_version_while_the_file_is_brok
     old = d.get("/a").json()["version"]["serving"][0]
     atomic_save(d.predictors / "a.py", "class PythonPredictor:\n    def predict(self, payload)\n")
     d.wait_for_log(r"API a version \w+ is broken: .*a\.py:2: syntax error")
-    s = d.get("/a").json()
+    s = wait_until(lambda: (r := d.get("/a").json())["error"] and r, 10, "the error in GET /a (next routes)")
     assert s["error"]["file"] == str(d.predictors / "a.py"), "errors name the user's file, not the snapshot"
     pid = s["replicas"][0]["pid"]
     os.kill(pid, signal.SIGKILL)  # the worker holding the old version dies while the file on disk is broken
