@@ -35,10 +35,12 @@ unit: $(STAMP)
 integration: $(STAMP)
 	$(BIN)/python -m pytest -q tests/integration
 
-# The status page test drives Debian's chromium with playwright-core; without them it is skipped.
+# The status page test drives Debian's chromium with playwright-core (pinned in tests/browser/package.json, installed
+# into .browser/ so that tests/ holds only our code); without them it is skipped.
 browser-deps:
 	command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
-	cd tests/browser && npm install --no-audit --no-fund --silent
+	mkdir -p .browser && cp tests/browser/package.json .browser/
+	cd .browser && npm install --no-audit --no-fund --silent
 
 lint: $(STAMP)
 	$(BIN)/ruff check daemon tests bench

@@ -226,14 +226,12 @@ HEADER = ("| system | load | run | req/s | p50 | p99 | errors | server CPU / req
 
 def run_wrk_cases(title: str, cases: list[tuple[Server, str, str, list[int]]], seconds: int, reps: int) -> None:
     print(f"\n### {title}\n\n{HEADER}", flush=True)
-    results: dict[tuple[str, int], list[float]] = {}
     for server, path, body, conns in cases:
         server.start()
         try:
             for c in conns:
                 for rep in range(1, reps + 1):
                     r = measure(server, path, body, c, seconds)
-                    results.setdefault((server.name, c), []).append(r["rps"])
                     print(row(server.name, f"c={c}", rep, r), flush=True)
         finally:
             server.stop()
@@ -355,8 +353,8 @@ def main() -> None:
     if "mlp" in only:
         one = "[serving]\nmax_batch_size = 1\n"
         batched = "[serving]\nmax_batch_size = 32\nbatch_wait_ms = 2\n"
-        unbatched_mlp = mlp_code  # the example handles lists; with max_batch_size = 1 it is wrapped below
-        single = unbatched_mlp.replace("    def predict(self, payload):",
+        # The example takes lists (batching); without batching, predict() wraps one payload into a list of one.
+        single = mlp_code.replace("    def predict(self, payload):",
                                        "    def predict(self, payload):\n        return self.predict_many([payload])[0]"
                                        "\n\n    def predict_many(self, payload):")
         run_wrk_cases("Small torch MLP (256 -> 1024 -> 10)", [

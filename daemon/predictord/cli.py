@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -76,15 +78,37 @@ def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1] for r in rows]
 
 
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP over a Unix socket, from the standard library (the installed daemon has no HTTP client library)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__("predictord", timeout=10)
+        self.path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(str(self.path))
+
+
+def _get_unix(path: Path, target: str) -> bytes:
+    conn = _UnixConnection(path)
+    try:
+        conn.request("GET", target)
+        response = conn.getresponse()
+        if response.status != 200:
+            raise http.client.HTTPException(f"{target} answered {response.status}")
+        return response.read()
+    finally:
+        conn.close()
+
+
 def status(config: Config, as_json: bool) -> int:
     """The running daemon's APIs, workers and recent events, read from its admin socket."""
-    import httpx
-
     path = config.admin_socket
     try:
-        with httpx.Client(transport=httpx.HTTPTransport(uds=str(path)), timeout=10) as client:
-            data: dict[str, Any] = client.get("http://predictord/admin/status").json()
-    except (httpx.HTTPError, OSError) as e:
+        data: dict[str, Any] = json.loads(_get_unix(path, "/admin/status"))
+    except (OSError, http.client.HTTPException, ValueError) as e:
         print(f"cannot reach predictord's admin socket {path}: {e}; is it running (systemctl status predictord), "
               "and may you open the socket (sudo)?", file=sys.stderr)
         return 1

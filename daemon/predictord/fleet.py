@@ -28,9 +28,8 @@ def describe_exit(status: int | None) -> str:
     if status is None:
         return "exited (status unknown)"
     if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        name = signal.Signals(sig).name if sig in signal.Signals.__members__.values() else f"signal {sig}"
-        if sig == signal.SIGKILL:
+        name = exit_cause(status)
+        if os.WTERMSIG(status) == signal.SIGKILL:
             return f"was killed by {name} (out of memory, or replaced by the daemon)"
         return f"was killed by {name}"
     code = os.WEXITSTATUS(status)
@@ -56,7 +55,6 @@ class ModelWorkerHandle:
     pid: int
     ctl: socket.socket
     socket_path: str
-    reader: FrameReader
     spawned_at: float
     started_at: float = field(default_factory=time.time)  # wall clock, for uptime in status
     up: bool = False  # it has said "started"
@@ -66,6 +64,14 @@ class ModelWorkerHandle:
     loading: dict[str, tuple[str, float]] = field(default_factory=dict)  # API -> (version, deadline)
     unloading: set[str] = field(default_factory=set)
     threads: dict[str, int] = field(default_factory=dict)
+    inbox: list[dict[str, Any]] = field(default_factory=list)  # control messages read, not yet handled
+
+    def __post_init__(self) -> None:
+        self.reader = FrameReader(self._frame)
+
+    def _frame(self, kind: int, job_id: int, payload: memoryview) -> None:
+        if kind == CONTROL:
+            self.inbox.append(pickle.loads(payload))
 
     def send(self, message: dict[str, Any]) -> bool:
         try:
@@ -103,7 +109,7 @@ class Fleet:
             ModelWorker(slot, device, theirs, self.scoreboard, path, self.torch_threads).run()
         theirs.close()
         ours.setblocking(True)
-        handle = ModelWorkerHandle(slot, device, pid, ours, path, FrameReader(lambda *a: None), time.monotonic())
+        handle = ModelWorkerHandle(slot, device, pid, ours, path, time.monotonic())
         self.workers[slot] = handle
         self.scoreboard.beat(slot)
         log.info("spawned model worker %d (%s) pid %d", slot, device.label, pid)
@@ -111,21 +117,13 @@ class Fleet:
 
     def read(self, handle: ModelWorkerHandle) -> list[dict[str, Any]]:
         """Messages waiting on a worker's control channel ([] and EOF look alike; reaping tells them apart)."""
-        messages: list[dict[str, Any]] = []
-
-        def on_frame(kind: int, job_id: int, payload: memoryview) -> None:
-            if kind == CONTROL:
-                messages.append(pickle.loads(payload))
-
-        handle.reader._on_frame = on_frame
         try:
             data = handle.ctl.recv(65536, socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            return messages
-        except OSError:
+        except OSError:  # nothing waiting (BlockingIOError) or the worker is gone
             data = b""
         if data:
             handle.reader.feed(data)
+        messages, handle.inbox = handle.inbox, []
         return messages
 
     def backoff(self, slot: int) -> float:

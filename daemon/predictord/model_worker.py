@@ -11,6 +11,7 @@ import asyncio
 import gc
 import logging
 import os
+import pickle
 import signal
 import socket
 import sys
@@ -168,8 +169,6 @@ class ModelWorker:
             self.ctl.setblocking(False)
 
     def _control_frame(self, kind: int, job_id: int, payload: memoryview) -> None:
-        import pickle
-
         if kind != CONTROL:
             return
         message = pickle.loads(payload)

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from starlette.datastructures import FormData, Headers
+from starlette.datastructures import FormData
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -145,6 +145,3 @@ def chunk_bytes(part: Any) -> bytes:
 def error_body(message: str, **extra: Any) -> bytes:
     return to_json({"error": message, **extra})
 
-
-def header_list(headers: Headers) -> list[Header]:
-    return list(headers.raw)

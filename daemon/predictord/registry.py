@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import metrics, permissions, probe
-from .apis import ApiRecord, Replica, api_state, route, write_routes
+from .apis import ApiRecord, Replica, route, write_routes
 from .config import Config, ConfigError, load_api_settings
 from .fleet import Fleet
 from .loader import name_problem, scan, snapshot
@@ -239,5 +239,4 @@ class ApiRegistry:
         self.dirty = False
         self.export_gauges(apis)
         self.tell_systemd(apis, down)
-        states = {n: api_state(r, self.replicas(n)) for n, r in self.apis.items()}
-        log.debug("routes published: %s", states)
+        log.debug("routes published: %s", {n: a["status"]["state"] for n, a in apis.items()})

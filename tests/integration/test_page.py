@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import threading
@@ -15,6 +16,7 @@ from broken import OK
 from harness import Daemon
 
 BROWSER = Path(__file__).resolve().parents[1] / "browser"
+NODE_MODULES = Path(__file__).resolve().parents[2] / ".browser" / "node_modules"  # `make browser-deps`
 NASTY = '''
 class PythonPredictor:
     def __init__(self, config):
@@ -26,8 +28,8 @@ class PythonPredictor:
 
 pytestmark = pytest.mark.skipif(
     shutil.which("node") is None or not Path("/usr/bin/chromium").exists()
-    or not (BROWSER / "node_modules" / "playwright-core").exists(),
-    reason="needs node, /usr/bin/chromium and tests/browser/node_modules (.ci/run installs them)")
+    or not (NODE_MODULES / "playwright-core").exists(),
+    reason="needs node, /usr/bin/chromium and playwright-core: make browser-deps (.ci/run runs it)")
 
 
 def test_status_page_shows_every_api_escapes_their_strings_and_charts_traffic(
@@ -51,7 +53,8 @@ def test_status_page_shows_every_api_escapes_their_strings_and_charts_traffic(
     shot = tmp_path / "status.png"
     try:
         out = subprocess.run(["node", str(BROWSER / "page.js"), d.url("/"), str(shot), "alpha,beta,nasty"],
-                             capture_output=True, text=True, timeout=120, cwd=BROWSER)
+                             capture_output=True, text=True, timeout=120, cwd=BROWSER,
+                             env={**os.environ, "NODE_PATH": str(NODE_MODULES)})
     finally:
         stop.set()
         t.join(30)
