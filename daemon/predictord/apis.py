@@ -32,6 +32,9 @@ class ApiRecord:
     loaded_at: dict[str, float] = field(default_factory=dict)  # version -> when its first replica became ready
     origin: ApiSource | None = None  # the user's files (``source`` is the snapshot that probes and workers use)
     good: tuple[str, ApiSource, ApiSettings] | None = None  # the newest version that loaded: a fallback
+    scale: int | None = None  # replicas the rebalancer wants (None: [serving] replicas)
+    footprint: int = 0  # bytes its last load took where it runs (GPU memory on a GPU, else host memory)
+    rebalance_note: str | None = None  # why the rebalancer could not give it what it needed
 
     def target(self) -> tuple[str, ApiSource, ApiSettings] | None:
         """What a worker should load now: the newest version, or while it is broken or being checked, the last
@@ -99,6 +102,7 @@ def api_status(record: ApiRecord, replicas: list[Replica]) -> dict[str, Any]:
         "serving": serving,
         "error": record.error,
         "note": record.note,
+        "rebalance": {"replicas": record.scale, "footprint": record.footprint, "note": record.rebalance_note},
     }
 
 

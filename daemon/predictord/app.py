@@ -20,6 +20,7 @@ from .master import Master
 from .model_worker import Device
 from .notify import Notifier
 from .placement import plan_slots
+from .sampler import TraceGpus
 from .scoreboard import MAX_HTTP, Scoreboard
 
 log = logging.getLogger("predictord.master")
@@ -57,8 +58,15 @@ class PredictordApp(BaseApplication):  # type: ignore[misc]
 
     def roll_devices(self, current: dict[int, Device], config: Config) -> dict[int, Device]:
         """Model worker slots for a config: one per GPU found through NVML, plus the CPU workers."""
-        gpus, summary = discover(config.workers.gpus)
-        log.info(summary)
+        trace = config.gpu_trace
+        if trace is not None:
+            wanted_gpus = config.workers.gpus
+            gpus = [g for g in TraceGpus(trace).gpus()
+                    if wanted_gpus == "all" or (wanted_gpus != "none" and g.index in wanted_gpus)]
+            log.info("GPUs simulated from %s: %s", trace, ", ".join(f"gpu{g.index}" for g in gpus) or "none")
+        else:
+            gpus, summary = discover(config.workers.gpus)
+            log.info(summary)
         wanted = [Device("gpu", g.index) for g in gpus] + [Device("cpu")] * config.workers.cpu
         return plan_slots(current, wanted)
 

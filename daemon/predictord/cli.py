@@ -103,6 +103,12 @@ def _get_unix(path: Path, target: str) -> bytes:
         conn.close()
 
 
+def _memory(device: dict[str, Any]) -> str:
+    if device["kind"] == "gpu":
+        return f"{device['memory_used'] / 2**30:.1f}/{device['memory_total'] / 2**30:.1f} GiB used"
+    return f"{device['memory_available'] / 2**30:.1f}/{device['memory_total'] / 2**30:.1f} GiB available"
+
+
 def status(config: Config, as_json: bool) -> int:
     """The running daemon's APIs, workers and recent events, read from its admin socket."""
     path = config.admin_socket
@@ -129,6 +135,16 @@ def status(config: Config, as_json: bool) -> int:
     lines += ["", *_table([("WORKER", "PID", "DEVICE", "UPTIME", "RESTARTS", "APIS")] + [
         (str(w["slot"]), str(w["pid"]), w["device"], _ago(now - w.get("started_at", now)), str(w.get("restarts", 0)),
          ", ".join(sorted(w["apis"])) or "-") for w in data["workers"] or []])]
+    devices = data.get("devices") or []
+    if devices:
+        lines += ["", *_table([("DEVICE", "STATE", "UTIL", "MEMORY", "NOT OURS", "WORKERS")] + [
+            (d["name"], d["state"], f"{d['util']:.0f}%", _memory(d),
+             f"{d.get('foreign_util', 0):.0f}%, {d.get('foreign_memory', 0) / 2**30:.1f} GiB" if d["kind"] == "gpu"
+             else "-", str(d["workers"])) for d in devices])]
+    decisions = (data.get("decisions") or [])[-10:]
+    if decisions:
+        lines += ["", "REBALANCING"]
+        lines += [f"{time.strftime('%H:%M:%S', time.localtime(e['at']))}  {e['text']}" for e in decisions]
     events = (data.get("events") or [])[-10:]
     if events:
         lines += ["", "RECENT EVENTS"]

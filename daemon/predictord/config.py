@@ -99,7 +99,12 @@ class PredictorsConfig:
 class WorkersConfig:
     """[workers]: the model worker processes."""
 
-    cpu: int = opt(1, "CPU model workers (in addition to one per GPU).", _in_range(0, 64))
+    cpu: int = opt(1, "CPU model workers (in addition to one per GPU); the rebalancer never goes below this.",
+                   _in_range(0, 64))
+    cpu_max: int = opt(0, "Most CPU model workers the rebalancer may run when CPU APIs queue; 0: same as cpu.",
+                       _in_range(0, 64))
+    gpu_max: int = opt(2, "Most model workers the rebalancer may run on one GPU (it starts with one each).",
+                       _in_range(1, 16))
     gpus: Any = opt("all", 'GPUs to use: "all", "none" or a list of indices; one model worker each.', _gpus)
     preload: tuple[str, ...] = opt(
         ("torch",), "Modules imported once in the master and shared copy-on-write by all workers.", _module_list
@@ -110,12 +115,37 @@ class WorkersConfig:
 
 
 @dataclass(frozen=True)
+class RebalanceConfig:
+    """[rebalance]: the sampler (NVML, psutil, queues) and the policy that adds, removes and moves replicas."""
+
+    enabled: bool = opt(True, "Sample devices and queues, and add, remove and move replicas from what is seen.")
+    interval: float = opt(2.0, "Seconds between samples.", _in_range(0.1, 3600))
+    window: int = opt(5, "Samples a condition must hold in before the policy acts on it (hysteresis).",
+                      _in_range(1, 1000))
+    cooldown: float = opt(30.0, "Seconds after a change to an API before the next change to it.", _in_range(0))
+    idle_after: float = opt(120.0, "Seconds without requests before an API's added replicas are taken away.",
+                            _in_range(0))
+    queue_high: float = opt(2.0, "Requests waiting per replica, in every sample of the window, that add a replica.",
+                            _in_range(0.1))
+    gpu_spare: float = opt(70.0, "A GPU busier than this (utilization %) gets no new replica.", _in_range(0, 100))
+    foreign_util: float = opt(50.0, "Utilization % taken by processes that are not ours that makes a GPU "
+                              "saturated by someone else: its replicas move to a GPU with headroom.", _in_range(0, 100))
+    foreign_memory: float = opt(0.5, "Share of a GPU's memory held by processes that are not ours that has the same "
+                                "effect.", _in_range(0, 1))
+    headroom_mib: int = opt(1024, "Memory (MiB) to keep free beyond a replica's measured footprint before placing it.",
+                            _in_range(0))
+    cpu_busy: float = opt(85.0, "Host CPU utilization % above which no CPU worker is added.", _in_range(0, 100))
+    gpu_trace: str = opt("", "Replay GPU samples from this JSON-lines file instead of NVML (tests and what-ifs).")
+
+
+@dataclass(frozen=True)
 class Config:
     """The daemon's whole configuration."""
 
     server: ServerConfig = field(default_factory=ServerConfig)
     predictors: PredictorsConfig = field(default_factory=PredictorsConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
+    rebalance: RebalanceConfig = field(default_factory=RebalanceConfig)
     path: str = ""  # the file it came from ("" for the defaults)
 
     @property
@@ -134,13 +164,23 @@ class Config:
         base = Path(self.path).parent if self.path else Path.cwd()
         return (base / self.predictors.dir).resolve()
 
+    @property
+    def gpu_trace(self) -> Path | None:
+        """The GPU trace to replay instead of NVML, relative to this file; None: read NVML."""
+        if not self.rebalance.gpu_trace:
+            return None
+        return ((Path(self.path).parent if self.path else Path.cwd()) / self.rebalance.gpu_trace).resolve()
+
 
 @dataclass(frozen=True)
 class ServingConfig:
     """[serving] of an API's settings file: how the API is served."""
 
     device: str = opt("any", "Where it runs: gpu, cpu or any (a GPU when there is one).", _one_of(DEVICES))
-    replicas: int = opt(1, "Model workers that load this API.", _in_range(1, 64))
+    replicas: int = opt(1, "Model workers that load this API (the rebalancer never goes below this).",
+                        _in_range(1, 64))
+    max_replicas: int = opt(0, "Most replicas the rebalancer may give it when requests queue; 0: as many as the "
+                            "workers of its device allow.", _in_range(0, 64))
     timeout: float = opt(60.0, "Seconds a request may take, queueing included, before it gets 504.", _in_range(0.001))
     queue_limit: int = opt(128, "Requests that may wait for a replica; more get 503 with Retry-After.", _in_range(0))
     threads: int = opt(1, "predict() calls at once per replica (for predictors that release the GIL or wait on I/O).",
@@ -244,7 +284,8 @@ def load_config(path: Path | None) -> Config:
     if path is None:
         return Config()
     raw = _read_toml(path)
-    tables = {"server": ServerConfig, "predictors": PredictorsConfig, "workers": WorkersConfig}
+    tables = {"server": ServerConfig, "predictors": PredictorsConfig, "workers": WorkersConfig,
+              "rebalance": RebalanceConfig}
     unknown = set(raw) - set(tables)
     if unknown:
         raise ConfigError(f"{path}: unknown table [{sorted(unknown)[0]}]; allowed: {', '.join(tables)}")
@@ -278,7 +319,8 @@ def describe_options() -> str:
     """Every option with its default and help, as the README's table (Markdown)."""
     lines = ["| file | table | key | default | meaning |", "|---|---|---|---|---|"]
     for file, tables in (
-        ("config.toml", {"server": ServerConfig, "predictors": PredictorsConfig, "workers": WorkersConfig}),
+        ("config.toml", {"server": ServerConfig, "predictors": PredictorsConfig, "workers": WorkersConfig,
+                         "rebalance": RebalanceConfig}),
         ("NAME.toml", {"serving": ServingConfig}),
     ):
         for table, cls in tables.items():

@@ -34,6 +34,13 @@ class TooLarge(Exception):
     """The request body is over [server] max_body_bytes."""
 
 
+def status_body(routes: dict[str, Any]) -> dict[str, Any]:
+    """GET / and `predictord status`: every API's status, the workers, devices, series and recent events."""
+    body = {k: routes.get(k, []) for k in ("workers", "devices", "decisions", "events")}
+    return {"apis": {n: a["status"] for n, a in routes["apis"].items()}, **body, "daemon": routes.get("daemon", {}),
+            "series": routes.get("series", {})}
+
+
 def _closing(send: Any) -> Any:
     """``send`` that adds ``Connection: close`` to the response, so the client does not reuse the connection."""
 
@@ -102,10 +109,7 @@ class Front:
         request_id = request_id or self._new_id()
         path, method = scope["path"], scope["method"]
         if path == ADMIN_STATUS and (scope.get("server") or ("", 0))[1] is None:  # only on the Unix socket
-            routes = self.dispatcher.routes()
-            body = {"apis": {n: a["status"] for n, a in routes["apis"].items()}, **{
-                k: routes.get(k) for k in ("workers", "daemon", "series", "events")}}
-            await self._send(send, 200, _json(body), request_id)
+            await self._send(send, 200, _json(status_body(self.dispatcher.routes())), request_id)
             return
         if path in OWN_ROUTES:
             if method not in ("GET", "HEAD"):
@@ -207,9 +211,7 @@ class Front:
                         "not_ready": daemon.get("not_ready", {})}
                 await self._send(send, 503, _json(body), request_id)
         else:
-            body = {"apis": {n: a["status"] for n, a in routes["apis"].items()}, "workers": routes["workers"],
-                    "daemon": daemon, "series": routes.get("series", {}), "events": routes.get("events", [])}
-            await self._send(send, 200, _json(body), request_id)
+            await self._send(send, 200, _json(status_body(routes)), request_id)
 
     def _live_rows(self) -> list[tuple[str, int, int]]:
         """(api, outstanding, queued) for every API, from the scoreboard."""

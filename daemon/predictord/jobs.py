@@ -66,6 +66,7 @@ class LoadedApi:
     running: dict[int, Job] = field(default_factory=dict)
     runners: int = 0
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    last_job: float = 0.0  # monotonic time the newest job arrived
     modules: dict[str, Any] = field(default_factory=dict)  # what its import added to sys.modules
 
     seconds: float = 0.01  # moving average of a sync predict (parse and serialize included)
@@ -155,7 +156,7 @@ class JobRunner:
     """Queues, runners and replies for the APIs loaded in one model worker."""
 
     def __init__(self, apis: dict[str, LoadedApi], loop: asyncio.AbstractEventLoop,
-                 publish: Callable[[LoadedApi], None]) -> None:
+                 publish: Callable[[LoadedApi, float], None]) -> None:
         self.apis = apis
         self.loop = loop
         self.publish = publish
@@ -169,7 +170,7 @@ class JobRunner:
             reply = error_reply(503, f"API {job.header[0]!r} is not loaded on this worker; retry", job)
             job.conn.reply(job.job_id, reply.status, reply.headers + [(b"retry-after", b"1")], reply.body)
             return
-        job.arrived = time.monotonic()
+        job.arrived = api.last_job = time.monotonic()
         api.queue.append(job)
         api.arrived.set()
         self.start_runners(api)
@@ -214,7 +215,7 @@ class JobRunner:
                     metrics.tally.observe(batch_size, len(batch))
                     per_job = took / len(batch)
                     api.service = per_job if api.service == 0 else api.service + (per_job - api.service) * 0.2
-                    self.publish(api)
+                    self.publish(api, took)
                 if not api.queue or api.runners > api.threads:  # threads lowered by a reload: this one stops
                     return
                 batch = [api.queue.popleft()]

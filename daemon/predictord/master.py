@@ -25,6 +25,7 @@ from gunicorn.arbiter import Arbiter
 
 from . import logs, metrics
 from .apis import ApiRecord
+from .balancer import Balancer
 from .config import Config, ConfigError
 from .fleet import Fleet, ModelWorkerHandle, describe_exit, exit_cause
 from .model_worker import Device
@@ -38,7 +39,7 @@ log = logging.getLogger("predictord.master")
 SAMPLE_EVERY = 5.0  # seconds between the samples behind status's recent figures
 
 
-class Master(ApiRegistry, Arbiter):  # type: ignore[misc]
+class Master(ApiRegistry, Balancer, Arbiter):  # type: ignore[misc]
     """gunicorn's Arbiter plus model workers, API records, probes and the routing table."""
 
     def __init__(self, app: Any, notifier: Notifier) -> None:
@@ -62,6 +63,7 @@ class Master(ApiRegistry, Arbiter):  # type: ignore[misc]
         self.next_sample = 0.0
         self.events: deque[dict[str, Any]] = deque(maxlen=50)  # recent loads, reloads, failures, restarts
         self.restarts: dict[int, int] = {}  # model worker slot -> unplanned exits
+        self.init_balancer()
         super().__init__(app)
         for handler in self.log.error_log.handlers:
             logs.adopt(handler)  # gunicorn's own lines in the daemon's format
@@ -84,6 +86,7 @@ class Master(ApiRegistry, Arbiter):  # type: ignore[misc]
         for listener in self.LISTENERS:
             log.info("predictord listening on %s (master pid %d)", listener, self.pid)
         self.start_watcher()  # before the scan: a file that lands between the two is seen by one of them
+        self.start_sampler()
         self.sync_sources()
         self.publish()  # before any HTTP worker exists: a first request (socket activation) finds every API
 
@@ -134,6 +137,8 @@ class Master(ApiRegistry, Arbiter):  # type: ignore[misc]
         handles = {h.ctl.fileno(): h for h in self.fleet.workers.values()}
         probes = {p.stdout.fileno(): name for name, (p, _, _, _) in self.probes.items() if p.stdout}
         due = self.watcher.next_due() if self.watcher else None
+        rebalance_due = max(0.0, self.next_rebalance - time.monotonic())
+        due = rebalance_due if due is None else min(due, rebalance_due)
         wait = 0.0 if not self.SIG_QUEUE.empty() else timeout if due is None else min(timeout, due)
         try:
             ready, _, _ = select.select([self.wake_r, *handles, *probes], [], [], wait)
@@ -202,6 +207,8 @@ class Master(ApiRegistry, Arbiter):  # type: ignore[misc]
         self.num_workers = new.server.http_workers
         running = {h.slot: h.device for h in self.fleet.workers.values()}
         self.devices = self.app.roll_devices({**running, **self.devices}, new)
+        self.forget_dropped_slots()
+        self.start_sampler()
         if old.predictors != new.predictors or old.predictors_dir != new.predictors_dir:
             self.start_watcher()
         self.replace()
@@ -288,6 +295,7 @@ class Master(ApiRegistry, Arbiter):  # type: ignore[misc]
             handle.loaded[name] = version
             if record is not None:
                 record.loaded_at.setdefault(version, time.time())
+                record.footprint = int(m.get("footprint", 0)) or record.footprint
                 if version == record.version:
                     record.error = None  # the wanted version serves: older failures are history (in the log)
                     if record.settings is not None:
@@ -348,6 +356,7 @@ class Master(ApiRegistry, Arbiter):  # type: ignore[misc]
             changed = self.watcher.step()
             if changed:
                 self.sync_sources(only=changed)
+        self.rebalance_tick()
         now = time.monotonic()
         for slot, device in self.devices.items():
             if slot not in self.fleet.workers and now >= self.respawn_at.get(slot, 0.0):

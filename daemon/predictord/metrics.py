@@ -48,6 +48,14 @@ class Metrics:
                                 "and cause.", ["kind", "cause"])
         self.workers = Gauge("predictord_workers", "Worker processes up, by kind and device.", ["kind", "device"],
                              multiprocess_mode="livemostrecent")
+        self.rebalance = Counter("predictord_rebalance_decisions", "Decisions of the rebalancer, by action (add, "
+                                 "remove, move, drain, restore, retire, refuse).", ["action"])
+        self.device_util = Gauge("predictord_device_utilization_percent", "Utilization of each GPU (NVML) and of "
+                                 "the host's CPUs (psutil), at the last sample.", ["device"],
+                                 multiprocess_mode="livemostrecent")
+        self.device_memory = Gauge("predictord_device_memory_bytes", "Memory of each GPU and of the host at the last "
+                                   "sample, by use (used, total, foreign: held by processes not ours; available).",
+                                   ["device", "use"], multiprocess_mode="livemostrecent")
 
 
 class Tally:

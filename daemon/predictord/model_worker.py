@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import psutil
+
 from . import logs, metrics
 from .jobs import JobRunner, LoadedApi
 from .loader import ApiSource, LoadError, instantiate, load_class, modules_under
@@ -117,8 +119,9 @@ class ModelWorker:
         await self._drain()
         metrics.tally.flush()
 
-    def _publish_service(self, api: LoadedApi) -> None:
+    def _publish_service(self, api: LoadedApi, took: float) -> None:
         self.scoreboard.set_service(self.slot, api.slot, api.service)
+        self.scoreboard.add_busy(self.slot, took)
 
     def _begin_stop(self) -> None:
         self.stopping = True
@@ -181,6 +184,7 @@ class ModelWorker:
     async def _load(self, m: dict[str, Any]) -> None:
         source: ApiSource = m["source"]
         started = time.monotonic()
+        before = self._memory()
         try:
             api = await self.loop.run_in_executor(self.loader, self._load_blocking, m)
         except LoadError as e:
@@ -196,10 +200,18 @@ class ModelWorker:
         if old is not None:
             self.loop.create_task(self._retire(old))
         seconds = time.monotonic() - started
+        footprint = max(0, self._memory() - before)
         log.info("model worker %s (pid %d): API %s version %s loaded in %.2fs", self.device.label, os.getpid(),
                  api.name, api.version, seconds)
         self._tell_master({"op": "loaded", "api": api.name, "version": api.version, "ok": True,
-                           "seconds": seconds, "signature": api.signature.as_dict()})
+                           "seconds": seconds, "signature": api.signature.as_dict(), "footprint": footprint})
+
+    def _memory(self) -> int:
+        """What a load costs where it matters: torch's reserved GPU memory on a GPU, else resident host memory."""
+        torch = sys.modules.get("torch")
+        if self.device.kind == "gpu" and torch is not None and torch.cuda.is_initialized():
+            return int(torch.cuda.memory_reserved())
+        return int(psutil.Process().memory_info().rss)
 
     def _load_blocking(self, m: dict[str, Any]) -> LoadedApi:
         source: ApiSource = m["source"]
@@ -217,8 +229,15 @@ class ModelWorker:
                          slot=m["slot"], modules=modules)
 
     async def _unload(self, name: str) -> None:
-        api = self.apis.pop(name, None)
+        api = self.apis.get(name)
         if api is not None:
+            # HTTP workers that have not read the routes without us yet may still send a job: serve those until
+            # none has come for DRAIN_QUIET seconds, as a draining worker does.
+            quiet_since = time.monotonic()
+            while time.monotonic() - max(quiet_since, api.last_job) < DRAIN_QUIET or api.busy:
+                await asyncio.sleep(0.05)
+            if self.apis.get(name) is api:
+                del self.apis[name]
             await self._retire(api)
         self._tell_master({"op": "unloaded", "api": name})
 

@@ -27,6 +27,7 @@ td,th{text-align:left;padding:3px 6px;border-bottom:1px solid #eee}
 <div id="apis" class="grid"></div>
 <h2>Workers</h2><div class="card"><table id="workers"></table></div>
 <h2>Devices</h2><div class="card" id="devices"></div>
+<h2>Rebalancing</h2><div class="card"><table id="decisions"></table></div>
 <h2>Recent events</h2><div class="card"><table id="events"></table></div>
 <script>
 "use strict";
@@ -79,9 +80,13 @@ function render(data) {
     Object.keys(w.apis).join(", ") || "-", String(w.restarts || 0)]);
   const devices = document.getElementById("devices"); devices.replaceChildren();
   const gpus = data.devices || [];
-  if (!gpus.length) devices.appendChild(el("div", "No GPUs: running on the CPU.", "muted"));
+  if (!gpus.some(d => d.kind === "gpu")) devices.appendChild(el("div", "No GPUs: running on the CPU.", "muted"));
   for (const d of gpus) { devices.appendChild(el("div", d.name + ": " + d.text));
     devices.appendChild(spark(d.series || [], 1, d.name + " utilization %")); }
+  const decisions = document.getElementById("decisions"); decisions.replaceChildren();
+  const made = (data.decisions || []).slice(-15).reverse();
+  if (!made.length) row(decisions, ["-", "no rebalancing decisions yet"]);
+  for (const e of made) row(decisions, [new Date(e.at * 1000).toLocaleTimeString(), e.text]);
   const events = document.getElementById("events"); events.replaceChildren();
   for (const e of (data.events || []).slice(-15).reverse())
     row(events, [new Date(e.at * 1000).toLocaleTimeString(), e.kind, e.text]);

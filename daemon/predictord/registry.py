@@ -9,6 +9,7 @@ import subprocess
 import tempfile
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,8 @@ class ApiRegistry:
     history: History
     restarts: dict[int, int]
     events: deque[dict[str, Any]]
+    decisions: deque[dict[str, Any]]
+    device_status: Callable[[], list[dict[str, Any]]]
 
     # -- APIs: scan, probe, place ----------------------------------------------------------------------------------
     def sync_sources(self, only: set[str] | None = None) -> None:
@@ -170,7 +173,7 @@ class ApiRegistry:
     def replace(self) -> None:
         """Recompute where every API goes (pure placement), keeping what already runs where it is."""
         slots = [WorkerSlot(s, d.kind, d.label) for s, d in self.devices.items()]
-        wants = {n: Want(r.settings.serving.device, r.settings.serving.replicas)
+        wants = {n: Want(r.settings.serving.device, max(r.settings.serving.replicas, r.scale or 0))
                  for n, r in self.apis.items() if r.settings is not None}
         placed = place(slots, wants, {n: r.placement for n, r in self.apis.items()})
         for name, p in placed.items():
@@ -231,6 +234,8 @@ class ApiRegistry:
             "workers": workers,
             "series": {name: self.history.series(name) for name in apis},
             "events": list(self.events),
+            "devices": self.device_status(),
+            "decisions": list(self.decisions),
             "daemon": {"pid": self.pid, "started_at": self.started_at, "predictors_dir":
                        str(self.pconfig.predictors_dir), "ready": not not_ready and not down and not self.probes,
                        "not_ready": not_ready, "workers_down": down},

@@ -8,6 +8,8 @@ Each cell has one writer, so no lock is needed (aligned 8-byte stores are atomic
 - Model worker ``m`` stamps ``beat[m]`` (milliseconds) while it is healthy; the master replaces it when it stops.
 - Model worker ``m`` keeps the moving average of its service time for API ``a`` in ``svc[m][a]`` (microseconds), so
   dispatch can send a job where it will finish first (shortest expected delay), not merely where fewest wait.
+- Model worker ``m`` adds the time its jobs spent running to ``busy[m]`` (microseconds, cumulative), which the
+  rebalancer's sampler turns into a busy fraction.
 - The master bumps ``routes_version`` whenever it rewrites the routing table, so an HTTP worker notices a change
   with one memory read per request.
 """
@@ -26,7 +28,8 @@ _BEAT = 1
 _SENT = _BEAT + MAX_MODEL
 _API = _SENT + MAX_HTTP * MAX_MODEL
 _SVC = _API + MAX_HTTP * MAX_APIS
-_CELLS = _SVC + MAX_MODEL * MAX_APIS
+_BUSY = _SVC + MAX_MODEL * MAX_APIS
+_CELLS = _BUSY + MAX_MODEL
 
 
 class Scoreboard:
@@ -63,6 +66,13 @@ class Scoreboard:
     def service(self, model_slot: int, api_slot: int) -> float:
         """Seconds a job of this API takes on this model worker (moving average; 0 until it has run one)."""
         return self.cells[_SVC + model_slot * MAX_APIS + api_slot] / 1e6
+
+    def add_busy(self, model_slot: int, seconds: float) -> None:
+        self.cells[_BUSY + model_slot] += int(seconds * 1e6)
+
+    def busy(self, model_slot: int) -> float:
+        """Seconds model worker ``model_slot`` has spent running jobs (summed over its concurrent jobs)."""
+        return self.cells[_BUSY + model_slot] / 1e6
 
     def outstanding(self, model_slot: int) -> int:
         """Jobs sent to a model worker and not yet answered, over all HTTP workers."""

@@ -65,5 +65,7 @@ def test_status_page_shows_every_api_escapes_their_strings_and_charts_traffic(
     assert "<script>alert(2)</script>" in result["text"], "the error text is shown as text"
     for name in ("alpha", "beta", "nasty"):
         assert name in result["text"]
+    assert "host: CPU" in result["text"] and "No GPUs: running on the CPU." in result["text"], "the devices section"
+    assert "Rebalancing" in result["text"]
     assert result["chartPointsAfter"] >= 2 and result["chartPointsAfter"] > result["chartPointsBefore"]
     assert shot.stat().st_size > 10_000

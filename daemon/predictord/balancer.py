@@ -1,0 +1,229 @@
+"""The master's rebalancer: sample devices, queues and workers every [rebalance] interval, ask the pure policy
+(``rebalance.decide``) what to change, and apply its decisions through placement, so every change is make before
+break like a reload. A mixin of the Master, kept apart so each file holds one concern."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from . import metrics
+from .apis import ApiRecord, Replica
+from .config import Config
+from .fleet import Fleet
+from .model_worker import Device
+from .rebalance import ApiSample, Decision, Limits, PolicyState, Sample, WorkerSample, decide
+from .sampler import GpuReader, NvmlGpus, TraceGpus, read_host
+from .scoreboard import MAX_MODEL, Scoreboard
+
+log = logging.getLogger("predictord.master")
+SERIES = 60  # samples of each device kept for the status page
+
+
+class Balancer:
+    """Samples, the policy's state and the decisions it made (the Master provides the state below)."""
+
+    pconfig: Config
+    apis: dict[str, ApiRecord]
+    fleet: Fleet
+    devices: dict[int, Device]
+    scoreboard: Scoreboard
+    dirty: bool
+    replace: Callable[[], None]
+    replicas: Callable[[str], list[Replica]]
+    event: Callable[[str, str], None]
+
+    def init_balancer(self) -> None:
+        self.gpu_reader: GpuReader | None = None
+        self.window: deque[Sample] = deque(maxlen=self.pconfig.rebalance.window)
+        self.policy = PolicyState()
+        self.next_rebalance = 0.0
+        self.extra_slots: set[int] = set()  # model worker slots the policy added
+        self.drained: set[str] = set()  # GPUs the policy took out of service
+        self.busy_seen: dict[int, tuple[float, float]] = {}  # slot -> (when, busy seconds) at the last sample
+        self.decisions: deque[dict[str, Any]] = deque(maxlen=30)
+        self.device_series: dict[str, deque[tuple[float, float]]] = {}
+
+    def start_sampler(self) -> None:
+        """The GPU reader: the configured trace, else NVML when there are GPUs; none for a CPU-only host."""
+        if self.gpu_reader is not None:
+            self.gpu_reader.close()
+            self.gpu_reader = None
+        self.window = deque(self.window, maxlen=self.pconfig.rebalance.window)
+        trace = self.pconfig.gpu_trace
+        indices = sorted({d.index for d in self.devices.values() if d.kind == "gpu" and d.index is not None})
+        if trace is not None:
+            self.gpu_reader = TraceGpus(trace)
+            log.info("rebalance: GPU samples replayed from %s", trace)
+        elif indices:
+            try:
+                self.gpu_reader = NvmlGpus(indices)
+            except Exception as e:  # noqa: BLE001 - NVML raises its own error classes (and OSError without a driver)
+                log.error("rebalance: NVML did not start (%s); GPUs are not sampled", e)
+
+    def limits(self) -> Limits:
+        r, w = self.pconfig.rebalance, self.pconfig.workers
+        return Limits(window=r.window, cooldown=r.cooldown, idle_after=r.idle_after, queue_high=r.queue_high,
+                      gpu_spare=r.gpu_spare, foreign_util=r.foreign_util, foreign_memory=r.foreign_memory,
+                      headroom=r.headroom_mib << 20, cpu_busy=r.cpu_busy, cpu_workers_max=max(w.cpu, w.cpu_max),
+                      gpu_workers_max=w.gpu_max)
+
+    def rebalance_tick(self) -> None:
+        """Every interval: one sample, the policy's decisions, and each applied and logged with its reason."""
+        now = time.monotonic()
+        if now < self.next_rebalance:
+            return
+        self.next_rebalance = now + self.pconfig.rebalance.interval
+        sample = self.take_sample()
+        self.window.append(sample)
+        for gpu in sample.gpus:
+            series = self.device_series.setdefault(gpu.label, deque(maxlen=SERIES))
+            series.append((round(sample.at, 1), gpu.util))
+        self.device_series.setdefault("host", deque(maxlen=SERIES)).append((round(sample.at, 1), sample.host.cpu))
+        self.export_devices(sample)
+        self.dirty = True
+        if not self.pconfig.rebalance.enabled:
+            return
+        decisions, self.policy = decide(list(self.window), self.policy, self.limits())
+        for decision in decisions:
+            self.apply_decision(decision)
+
+    # -- sampling --------------------------------------------------------------------------------------------------
+    def take_sample(self) -> Sample:
+        now = time.time()
+        ours = {h.pid for h in self.fleet.workers.values()}
+        gpus = self.gpu_reader.read(ours) if self.gpu_reader is not None else []
+        placed: dict[int, list[str]] = {}
+        for name, record in self.apis.items():
+            for slot in record.placement:
+                placed.setdefault(slot, []).append(name)
+        workers = []
+        for slot, device in sorted(self.devices.items()):
+            busy_now = self.scoreboard.busy(slot)
+            when, before = self.busy_seen.get(slot, (now, busy_now))
+            self.busy_seen[slot] = (now, busy_now)
+            handle = self.fleet.workers.get(slot)
+            workers.append(WorkerSample(slot, device.label, tuple(sorted(placed.get(slot, ()))),
+                                        (busy_now - before) / (now - when) if now > when else 0.0,
+                                        slot in self.extra_slots, handle.pid if handle else 0))
+        has_gpu = any(d.kind == "gpu" for d in self.devices.values())
+        apis = []
+        for name, record in sorted(self.apis.items()):
+            if record.settings is None:
+                continue
+            serving = record.settings.serving
+            kind = serving.device if serving.device != "any" else ("gpu" if has_gpu else "cpu")
+            replicas = self.replicas(name)
+            service = [self.scoreboard.service(r.slot, record.slot) for r in replicas]
+            apis.append(ApiSample(name, kind, record.placement, len(replicas),
+                                  self.scoreboard.api_outstanding(record.slot), sum(r.threads for r in replicas),
+                                  record.footprint, serving.replicas, serving.max_replicas,
+                                  sum(service) / len(service) if service else 0.0))
+        return Sample(now, read_host(), tuple(gpus), tuple(workers), tuple(apis))
+
+    def export_devices(self, sample: Sample) -> None:
+        m = metrics.get()
+        for gpu in sample.gpus:
+            m.device_util.labels(gpu.label).set(gpu.util)
+            for use, value in (("used", gpu.memory_used), ("total", gpu.memory_total),
+                               ("foreign", gpu.foreign_memory)):
+                m.device_memory.labels(gpu.label, use).set(value)
+        m.device_util.labels("host").set(sample.host.cpu)
+        m.device_memory.labels("host", "available").set(sample.host.memory_available)
+        m.device_memory.labels("host", "total").set(sample.host.memory_total)
+
+    # -- applying decisions ----------------------------------------------------------------------------------------
+    def apply_decision(self, d: Decision) -> None:
+        record = self.apis.get(d.api) if d.api else None
+        if d.action in ("add", "move", "remove") and record is None:
+            return
+        if d.action == "refuse":
+            if record is not None:
+                record.rebalance_note = d.text()
+            log.warning("rebalance: %s", d.text())
+        else:
+            log.info("rebalance: %s", d.text())
+        if record is not None and d.action in ("add", "move"):
+            slot = d.into if d.into is not None else self.add_worker(d.device or "cpu")
+            if slot is None:
+                return
+            kept = [s for s in record.placement if d.action == "add" or s != d.slot]
+            record.placement = tuple(sorted({*kept, slot}))
+            record.scale = len(record.placement)
+            record.rebalance_note = None
+        elif record is not None and d.action == "remove":
+            record.placement = tuple(s for s in record.placement if s != d.slot)
+            record.scale = len(record.placement)
+        elif d.action == "drain" and d.device:
+            self.drained.add(d.device)
+            for slot in [s for s, dev in self.devices.items() if dev.label == d.device]:
+                del self.devices[slot]
+                self.extra_slots.discard(slot)
+            self.replace()
+        elif d.action == "restore" and d.device:
+            self.drained.discard(d.device)
+            self.add_worker(d.device, extra=False)
+            self.replace()
+        elif d.action == "retire" and d.slot is not None:
+            self.devices.pop(d.slot, None)
+            self.extra_slots.discard(d.slot)
+        metrics.get().rebalance.labels(d.action).inc()
+        self.decisions.append({"at": round(time.time(), 3), "action": d.action, "api": d.api, "device": d.device,
+                               "text": d.text()})
+        if d.action != "refuse":
+            self.event("rebalance", d.text())
+        self.dirty = True
+
+    def add_worker(self, label: str, extra: bool = True) -> int | None:
+        """A new model worker slot on ``label`` (cpu, gpu0, ...); the master's loop spawns it."""
+        used = set(self.devices) | set(self.fleet.workers)
+        free = [s for s in range(MAX_MODEL) if s not in used]
+        if not free:
+            log.error("rebalance: no model worker slot left (%d in use)", MAX_MODEL)
+            return None
+        device = Device("cpu") if label == "cpu" else Device("gpu", int(label.removeprefix("gpu")))
+        self.devices[free[0]] = device
+        if extra:
+            self.extra_slots.add(free[0])
+        return free[0]
+
+    def forget_dropped_slots(self) -> None:
+        """After a config reload re-planned the slots: drained GPUs stay out, added slots that went stay gone."""
+        for slot in [s for s, d in self.devices.items() if d.label in self.drained]:
+            del self.devices[slot]
+        self.extra_slots &= set(self.devices)
+
+    def device_status(self) -> list[dict[str, Any]]:
+        """The devices as the status page and `predictord status` show them: latest sample, utilization series."""
+        last = self.window[-1] if self.window else None
+        out: list[dict[str, Any]] = []
+        if last is None:
+            return out
+        workers: dict[str, int] = {}
+        for w in last.workers:
+            workers[w.device] = workers.get(w.device, 0) + 1
+        for gpu in last.gpus:
+            state = "drained" if gpu.label in self.drained else "ok" if gpu.healthy else "unhealthy"
+            text = (f"{state}, util {gpu.util:.0f}%, memory {gpu.memory_used / 2**30:.1f}/"
+                    f"{gpu.memory_total / 2**30:.1f} GiB, others' memory {gpu.foreign_memory / 2**30:.1f} GiB, "
+                    f"others' util {gpu.foreign_util:.0f}%, {workers.get(gpu.label, 0)} worker(s)")
+            if gpu.error:
+                text += f"; {gpu.error}"
+            out.append({"name": gpu.label, "kind": "gpu", "state": state, "util": gpu.util,
+                        "memory_used": gpu.memory_used, "memory_total": gpu.memory_total,
+                        "foreign_memory": gpu.foreign_memory, "foreign_util": gpu.foreign_util,
+                        "workers": workers.get(gpu.label, 0), "text": text,
+                        "series": list(self.device_series.get(gpu.label, ()))})
+        host = last.host
+        busy = [round(w.busy, 2) for w in last.workers if w.device == "cpu"]
+        out.append({"name": "host", "kind": "cpu", "state": "ok", "util": host.cpu,
+                    "memory_available": host.memory_available, "memory_total": host.memory_total,
+                    "workers": workers.get("cpu", 0),
+                    "text": f"CPU {host.cpu:.0f}%, {host.memory_available / 2**30:.1f} of "
+                            f"{host.memory_total / 2**30:.1f} GiB available, {workers.get('cpu', 0)} CPU worker(s), "
+                            f"busy {busy}",
+                    "series": list(self.device_series.get("host", ()))})
+        return out
