@@ -106,9 +106,12 @@ class Balancer:
             when, before = self.busy_seen.get(slot, (now, busy_now))
             self.busy_seen[slot] = (now, busy_now)
             handle = self.fleet.workers.get(slot)
-            workers.append(WorkerSample(slot, device.label, tuple(sorted(placed.get(slot, ()))),
+            names = tuple(sorted(placed.get(slot, ())))
+            service = [self.scoreboard.service(slot, self.apis[n].slot) for n in names]
+            workers.append(WorkerSample(slot, device.label, names,
                                         (busy_now - before) / (now - when) if now > when else 0.0,
-                                        slot in self.extra_slots, handle.pid if handle else 0))
+                                        slot in self.extra_slots, handle.pid if handle else 0,
+                                        self.scoreboard.outstanding(slot), sum(service) / max(1, len(service))))
         has_gpu = any(d.kind == "gpu" for d in self.devices.values())
         apis = []
         for name, record in sorted(self.apis.items()):
@@ -196,6 +199,13 @@ class Balancer:
             del self.devices[slot]
         self.extra_slots &= set(self.devices)
 
+    def worker_load(self, slot: int) -> dict[str, Any]:
+        """A worker's busy fraction and jobs at the last sample, and whether the rebalancer added it."""
+        last = self.window[-1] if self.window else None
+        w = next((w for w in last.workers if w.slot == slot), None) if last else None
+        return {"busy": round(w.busy, 3) if w else None, "jobs": w.outstanding if w else None,
+                "latency_ms": round(w.latency * 1000, 2) if w else None, "added": slot in self.extra_slots}
+
     def device_status(self) -> list[dict[str, Any]]:
         """The devices as the status page and `predictord status` show them: latest sample, utilization series."""
         last = self.window[-1] if self.window else None
@@ -216,6 +226,7 @@ class Balancer:
                         "memory_used": gpu.memory_used, "memory_total": gpu.memory_total,
                         "foreign_memory": gpu.foreign_memory, "foreign_util": gpu.foreign_util,
                         "workers": workers.get(gpu.label, 0), "text": text,
+                        "processes": [{"pid": p, "memory": m, "ours": o} for p, m, o in gpu.processes],
                         "series": list(self.device_series.get(gpu.label, ()))})
         host = last.host
         busy = [round(w.busy, 2) for w in last.workers if w.device == "cpu"]

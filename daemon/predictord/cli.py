@@ -132,8 +132,10 @@ def status(config: Config, as_json: bool) -> int:
         rows.append((name, a["state"], ",".join(a["version"]["serving"]) or a["version"]["wanted"], where,
                      f"{st.get('rps', 0):.1f}", *ms, str(st.get("errors", 0)), error))
     lines = _table(rows)
-    lines += ["", *_table([("WORKER", "PID", "DEVICE", "UPTIME", "RESTARTS", "APIS")] + [
-        (str(w["slot"]), str(w["pid"]), w["device"], _ago(now - w.get("started_at", now)), str(w.get("restarts", 0)),
+    lines += ["", *_table([("WORKER", "PID", "DEVICE", "UPTIME", "RESTARTS", "BUSY", "JOBS", "APIS")] + [
+        (str(w["slot"]) + ("+" if w.get("added") else ""), str(w["pid"]), w["device"],
+         _ago(now - w.get("started_at", now)), str(w.get("restarts", 0)),
+         f"{w['busy']:.0%}" if w.get("busy") is not None else "-", str(w.get("jobs", "-")),
          ", ".join(sorted(w["apis"])) or "-") for w in data["workers"] or []])]
     devices = data.get("devices") or []
     if devices:

@@ -26,6 +26,7 @@ class GpuSample:
     foreign_memory: int = 0  # bytes held by processes that are not ours
     foreign_util: float = 0.0  # percent taken by processes that are not ours
     error: str | None = None
+    processes: tuple[tuple[int, int, bool], ...] = ()  # compute processes on it: (pid, bytes, ours)
 
     @property
     def label(self) -> str:
@@ -55,6 +56,8 @@ class WorkerSample:
     busy: float = 0.0  # fraction of the sample period spent running jobs (summed over its threads)
     extra: bool = False  # added by the policy (it may retire it), not configured
     pid: int = 0
+    outstanding: int = 0  # jobs sent to it and not yet answered (its queue plus what it runs)
+    latency: float = 0.0  # seconds a job takes on it (the average of its APIs' service times)
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ class ApiRegistry:
     events: deque[dict[str, Any]]
     decisions: deque[dict[str, Any]]
     device_status: Callable[[], list[dict[str, Any]]]
+    worker_load: Callable[[int], dict[str, Any]]
 
     # -- APIs: scan, probe, place ----------------------------------------------------------------------------------
     def sync_sources(self, only: set[str] | None = None) -> None:
@@ -225,7 +226,8 @@ class ApiRegistry:
         for name, api in apis.items():
             api["status"]["stats"] = self.history.recent(name)
         workers = [{"slot": h.slot, "pid": h.pid, "device": h.device.label, "up": h.up, "apis": dict(h.loaded),
-                    "loading": sorted(h.loading), "started_at": h.started_at, "restarts": self.restarts.get(h.slot, 0)}
+                    "loading": sorted(h.loading), "started_at": h.started_at, "restarts": self.restarts.get(h.slot, 0),
+                    **self.worker_load(h.slot)}
                    for h in self.fleet.workers.values()]
         not_ready = {n: a["status"]["state"] for n, a in apis.items() if a["status"]["state"] != "ready"}
         down = [s for s in self.devices if s not in self.fleet.workers or not self.fleet.workers[s].up]

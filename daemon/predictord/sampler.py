@@ -52,7 +52,8 @@ class NvmlGpus:
         foreign = [p for p in procs if p.pid not in ours]
         foreign_memory = sum(int(p.usedGpuMemory or 0) for p in foreign)
         return GpuSample(index, True, util, int(mem.used), int(mem.total), foreign_memory,
-                         self._foreign_util(h, index, util, ours, bool(foreign), len(procs) > len(foreign)))
+                         self._foreign_util(h, index, util, ours, bool(foreign), len(procs) > len(foreign)),
+                         processes=tuple((p.pid, int(p.usedGpuMemory or 0), p.pid in ours) for p in procs))
 
     def _foreign_util(self, h: Any, index: int, util: float, ours: Collection[int], any_foreign: bool,
                       any_ours: bool) -> float:
@@ -116,7 +117,9 @@ class TraceGpus:
 def gpu_sample(d: dict[str, Any]) -> GpuSample:
     """A GpuSample from a trace line's entry (unknown keys are ignored)."""
     names = {f.name for f in dataclasses.fields(GpuSample)}
-    return GpuSample(**{k: v for k, v in d.items() if k in names})
+    fields = {k: v for k, v in d.items() if k in names}
+    fields["processes"] = tuple(tuple(p) for p in fields.get("processes", ()))
+    return GpuSample(**fields)
 
 
 def read_host() -> HostSample:

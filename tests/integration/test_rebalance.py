@@ -48,6 +48,9 @@ def test_a_queueing_api_gets_a_second_cpu_worker_and_gives_it_back_when_idle(
         wait_until(lambda: len(replicas(d, "slow")) == 2, 60, "a second replica of slow")
         d.wait_for_log(r"rebalance: \+1 replica of slow on cpu: queue \d+, host CPU \d+%, available [\d.]+ GiB")
         served = wait_until(lambda: {r["worker"] for r in replicas(d, "slow")}, 5, "the replicas")
+        workers = wait_until(lambda: [w for w in d.status()["workers"] if w["busy"] is not None], 5, "a sample")
+        assert any(w["busy"] > 0 and w["latency_ms"] > 0 for w in workers), workers
+        assert [w["added"] for w in d.status()["workers"]].count(True) == 1
         wait_until(lambda: load.count("slow") > 100, 60, "requests to go through both replicas")
     assert load.failures("slow") == [] and load.failures("other") == []
     assert len(served) == 2

@@ -188,9 +188,10 @@ def test_a_replayed_trace_of_a_foreign_job_starting_on_gpu0(tmp_path: Path) -> N
 
 def test_trace_replay_repeats_its_last_line_and_reads_changes(tmp_path: Path) -> None:
     trace = tmp_path / "gpus.jsonl"
-    trace.write_text(json.dumps({"gpus": [{"index": 0, "util": 5, "memory_total": 8 * GIB, "extra": 1}]}) + "\n")
+    trace.write_text(json.dumps({"gpus": [{"index": 0, "util": 5, "memory_total": 8 * GIB, "extra": 1,
+                                           "processes": [[7, GIB, False]]}]}) + "\n")
     reader = TraceGpus(trace)
-    assert [g.util for g in reader.read(())] == [5]
+    assert [(g.util, g.processes) for g in reader.read(())] == [(5, ((7, GIB, False),))]
     assert [g.util for g in reader.read(())] == [5]
     assert [(g.index, g.memory_total) for g in reader.gpus()] == [(0, 8 * GIB)]
     trace.write_text(json.dumps({"gpus": [{"index": 0, "util": 99, "healthy": False, "error": "lost"}]}) + "\n")
