@@ -85,6 +85,8 @@ class Balancer:
         self.device_series.setdefault("host", deque(maxlen=SERIES)).append((round(sample.at, 1), sample.host.cpu))
         self.export_devices(sample)
         self.dirty = True
+        if any(r.settings is not None and not r.placement for r in self.apis.values()):
+            self.replace()  # an API that fit nowhere may fit now
         if not self.pconfig.rebalance.enabled:
             return
         decisions, self.policy = decide(list(self.window), self.policy, self.limits())
@@ -198,6 +200,12 @@ class Balancer:
         for slot in [s for s, d in self.devices.items() if d.label in self.drained]:
             del self.devices[slot]
         self.extra_slots &= set(self.devices)
+
+    def gpu_room(self) -> dict[str, int]:
+        """Memory a new replica may take on each GPU in service: free at the last sample, less the headroom."""
+        last = self.window[-1] if self.window else None
+        headroom = self.pconfig.rebalance.headroom_mib << 20
+        return {g.label: g.free - headroom for g in (last.gpus if last else ()) if g.label not in self.drained}
 
     def worker_load(self, slot: int) -> dict[str, Any]:
         """A worker's busy fraction and jobs at the last sample, and whether the rebalancer added it."""

@@ -24,6 +24,7 @@ class Want:
 
     device: str  # "cpu", "gpu" or "any"
     replicas: int
+    footprint: int = 0  # bytes one replica held at its last load (0: not measured yet)
 
 
 @dataclass(frozen=True)
@@ -39,13 +40,18 @@ def place(
     workers: Sequence[WorkerSlot],
     wants: Mapping[str, Want],
     current: Mapping[str, Sequence[int]] | None = None,
+    room: Mapping[str, int] | None = None,
 ) -> dict[str, Placement]:
     """Spread each API's replicas over the workers of its device kind, fewest APIs first.
 
     ``any`` means the GPUs when there are any, else the CPU workers. APIs keep the workers they already have
-    (``current``) while those still fit, so a re-placement moves as little as possible.
+    (``current``) while those still fit, so a re-placement moves as little as possible. ``room`` is the memory a new
+    replica may take on each GPU (free minus headroom, at the last sample): a replica whose measured footprint does
+    not fit is not placed there, and the API says why instead of failing with CUDA out of memory.
     """
     current = current or {}
+    room = dict(room or {})
+    label = {w.slot: w.label for w in workers}
     load = {w.slot: 0 for w in workers}
     result: dict[str, Placement] = {}
     order = sorted(wants, key=lambda n: (-len(current.get(n, ())), n))
@@ -62,11 +68,23 @@ def place(
             continue
         kept = [s for s in current.get(name, ()) if s in candidates][: want.replicas]
         rest = sorted((s for s in candidates if s not in kept), key=lambda s: (load[s], s))
+        short = sorted({label[s] for s in rest
+                        if want.footprint and room.get(label[s], want.footprint) < want.footprint})
+        rest = [s for s in rest if label[s] not in short]
         chosen = tuple(sorted(kept + rest[: want.replicas - len(kept)]))
         for s in chosen:
             load[s] += 1
+            if s not in kept and label[s] in room:
+                room[label[s]] -= want.footprint
         note = None
-        if len(chosen) < want.replicas:
+        if short and len(chosen) < want.replicas:
+            gib = ", ".join(f"{g} {room[g] / 2**30:.1f} GiB" for g in short)
+            why = f"{want.footprint / 2**30:.1f} GiB (its measured footprint) does not fit in the room left on {gib}"
+            if not chosen:
+                result[name] = Placement((), error=f"not placed: {why}; free memory on a GPU or lower the model's size")
+                continue
+            note = f"asked for {want.replicas} replicas; {len(chosen)} placed: {why}"
+        elif len(chosen) < want.replicas:
             note = f"asked for {want.replicas} replicas on {kind}; only {len(chosen)} {kind} worker(s) exist"
         result[name] = Placement(chosen, note=note)
     return result

@@ -51,6 +51,7 @@ class ApiRegistry:
     decisions: deque[dict[str, Any]]
     device_status: Callable[[], list[dict[str, Any]]]
     worker_load: Callable[[int], dict[str, Any]]
+    gpu_room: Callable[[], dict[str, int]]
 
     # -- APIs: scan, probe, place ----------------------------------------------------------------------------------
     def sync_sources(self, only: set[str] | None = None) -> None:
@@ -174,9 +175,9 @@ class ApiRegistry:
     def replace(self) -> None:
         """Recompute where every API goes (pure placement), keeping what already runs where it is."""
         slots = [WorkerSlot(s, d.kind, d.label) for s, d in self.devices.items()]
-        wants = {n: Want(r.settings.serving.device, max(r.settings.serving.replicas, r.scale or 0))
+        wants = {n: Want(r.settings.serving.device, max(r.settings.serving.replicas, r.scale or 0), r.footprint)
                  for n, r in self.apis.items() if r.settings is not None}
-        placed = place(slots, wants, {n: r.placement for n, r in self.apis.items()})
+        placed = place(slots, wants, {n: r.placement for n, r in self.apis.items()}, self.gpu_room())
         for name, p in placed.items():
             record = self.apis[name]
             record.placement, record.note = p.slots, p.note

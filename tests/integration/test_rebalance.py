@@ -104,3 +104,25 @@ def test_a_replica_leaves_a_gpu_that_another_process_saturates_and_a_lost_gpu_dr
     devices = {dev["name"]: dev for dev in d.status()["devices"]}
     assert devices["gpu0"]["state"] == "drained" and devices["gpu1"]["state"] == "ok"
     assert d.post("/mlp", json={}).status_code == 200
+
+
+def test_a_replica_that_does_not_fit_any_gpu_is_refused_with_a_clear_status(
+        make_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    """gpu1 is full (someone else's memory); when gpu0 is lost, mlp's measured footprint fits nowhere: GET /mlp
+    says so, and the daemon goes on serving the other API."""
+    trace = tmp_path / "gpus.jsonl"
+    write_trace(trace, {})
+    full = {"index": 1, "util": 5, "memory_used": 80 * GIB, "memory_total": 80 * GIB, "foreign_memory": 10 * GIB}
+    big = SLOW.replace("pass", "self.weights = bytearray(64 << 20)")  # a footprint the worker measures at load
+    d = make_daemon({"mlp.py": big, "mlp.toml": '[serving]\ndevice = "gpu"\n', "small.py": SLOW.replace("0.03", "0"),
+                     "small.toml": '[serving]\ndevice = "cpu"\n'},
+                    QUICK + f'gpu_trace = "{trace}"\n[workers]\ncpu = 1\ngpus = "all"\n')
+    d.wait_settled()
+    assert d.get("/mlp").json()["rebalance"]["footprint"] >= 64 << 20
+    trace.write_text(json.dumps({"gpus": [{"index": 0, "healthy": False, "error": "NVML: GPU is lost"}, full]}) + "\n")
+    d.wait_for_log(r"rebalance: draining gpu0", 30)
+    status = wait_until(lambda: (s := d.get("/mlp").json())["error"] and s, 30, "mlp's placement error")
+    assert "not placed: 0.1 GiB (its measured footprint) does not fit in the room left on gpu1" in \
+        status["error"]["message"], status["error"]
+    assert d.post("/small", json={}).status_code == 200
+    assert d.get("/healthz").status_code == 200

@@ -38,3 +38,27 @@ def test_plan_slots_keeps_running_workers_and_adds_or_drops() -> None:
     assert plan_slots({0: "gpu0", 1: "cpu"}, ["gpu0", "cpu", "cpu"]) == {0: "gpu0", 1: "cpu", 2: "cpu"}
     assert plan_slots({0: "gpu0", 1: "cpu", 2: "cpu"}, ["cpu"]) == {1: "cpu"}
     assert plan_slots({1: "cpu"}, ["cpu", "cpu"]) == {1: "cpu", 0: "cpu"}
+
+
+GIB = 1 << 30
+
+
+def test_a_replica_whose_footprint_does_not_fit_a_gpu_goes_elsewhere_or_is_refused_with_the_figures() -> None:
+    room = {"gpu0": 2 * GIB, "gpu1": 12 * GIB}
+    p = place(MIXED, {"big": Want("gpu", 1, 10 * GIB)}, room=room)
+    assert p["big"].slots == (1,) and p["big"].error is None
+    p = place(MIXED, {"big": Want("gpu", 2, 10 * GIB)}, room=room)
+    assert p["big"].slots == (1,) and "does not fit in the room left on gpu0 2.0 GiB" in (p["big"].note or "")
+    p = place(MIXED, {"big": Want("gpu", 1, 20 * GIB)}, room=room)
+    assert p["big"].slots == ()
+    assert "not placed: 20.0 GiB (its measured footprint) does not fit" in (p["big"].error or "")
+
+
+def test_room_is_used_up_by_the_replicas_placed_before() -> None:
+    p = place(MIXED, {"a": Want("gpu", 1, 8 * GIB), "b": Want("gpu", 1, 8 * GIB)}, room={"gpu0": 10 * GIB, "gpu1": 1})
+    assert p["a"].slots == (0,) and p["b"].slots == () and p["b"].error
+
+
+def test_where_a_replica_already_runs_it_keeps_running_whatever_the_room() -> None:
+    p = place(MIXED, {"a": Want("gpu", 1, 30 * GIB)}, {"a": [0]}, room={"gpu0": 0, "gpu1": 0})
+    assert p["a"].slots == (0,) and p["a"].error is None
