@@ -83,8 +83,7 @@ class Balancer:
             series = self.device_series.setdefault(gpu.label, deque(maxlen=SERIES))
             series.append((round(sample.at, 1), gpu.util))
         self.device_series.setdefault("host", deque(maxlen=SERIES)).append((round(sample.at, 1), sample.host.cpu))
-        self.export_devices(sample)
-        self.dirty = True
+        self.export_devices(sample)  # the routes carry the devices at the next publish (every 5 s at least)
         if any(r.settings is not None and not r.placement for r in self.apis.values()):
             self.replace()  # an API that fit nowhere may fit now
         if not self.pconfig.rebalance.enabled:
