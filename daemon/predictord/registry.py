@@ -175,7 +175,7 @@ class ApiRegistry:
     def replace(self) -> None:
         """Recompute where every API goes (pure placement), keeping what already runs where it is."""
         slots = [WorkerSlot(s, d.kind, d.label) for s, d in self.devices.items()]
-        wants = {n: Want(r.settings.serving.device, max(r.settings.serving.replicas, r.scale or 0), r.footprint)
+        wants = {n: Want(r.settings.serving.device, _replicas(r), r.footprint)
                  for n, r in self.apis.items() if r.settings is not None}
         placed = place(slots, wants, {n: r.placement for n, r in self.apis.items()}, self.gpu_room())
         for name, p in placed.items():
@@ -248,3 +248,12 @@ class ApiRegistry:
         self.export_gauges(apis)
         self.tell_systemd(apis, down)
         log.debug("routes published: %s", {n: a["status"]["state"] for n, a in apis.items()})
+
+
+def _replicas(record: ApiRecord) -> int:
+    """How many replicas an API gets: [serving] replicas, or what the rebalancer gave it within max_replicas."""
+    serving = record.settings.serving if record.settings else None
+    if serving is None:
+        return 1
+    wanted = max(serving.replicas, record.scale or 0)
+    return min(wanted, max(serving.replicas, serving.max_replicas)) if serving.max_replicas else wanted
