@@ -15,9 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import metrics
+from . import metrics, openapi
 from .dispatch import Dispatcher, WorkerLost
+from .guard import Limits
 from .page import PAGE
+from .safety import Tokens, authorized, redact, redact_status
 from .scoreboard import Scoreboard
 
 log = logging.getLogger("predictord.http")
@@ -25,13 +27,18 @@ access = logging.getLogger("predictord.access")
 
 Scope = dict[str, Any]
 JSON = b"application/json"
-OWN_ROUTES = ("/", "/healthz", "/readyz", "/metrics")
+OWN_ROUTES = ("/", "/healthz", "/readyz", "/metrics", "/openapi.json")
+OPEN_ROUTES = ("/healthz", "/readyz")  # probes: never behind the admin token
 ADMIN_STATUS = "/admin/status"
 PAGE_BYTES = PAGE.encode()
 
 
 class TooLarge(Exception):
     """The request body is over [server] max_body_bytes."""
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its request had arrived: nobody is left to answer."""
 
 
 def _closing(send: Any) -> Any:
@@ -60,8 +67,11 @@ def _json(obj: Any) -> bytes:
 class Front:
     """The ASGI app every HTTP worker runs (created once in the master, used in each forked worker)."""
 
-    def __init__(self, scoreboard: Scoreboard, routes_path: Path, max_body: int, access_log: bool = False) -> None:
+    def __init__(self, scoreboard: Scoreboard, routes_path: Path, max_body: int, access_log: bool = False,
+                 limits: Limits | None = None, tokens: Tokens | None = None) -> None:
         self.access_log = access_log
+        self.limits = limits or Limits(64 * 1024, 60.0)
+        self.tokens = tokens or Tokens()
         self.scoreboard = scoreboard
         self.routes_path = routes_path
         self.max_body = max_body
@@ -111,6 +121,9 @@ class Front:
             if method not in ("GET", "HEAD"):
                 await self._error(send, 405, f"{path} answers GET only", request_id, [(b"allow", b"GET")])
                 return
+            if path not in OPEN_ROUTES and not authorized(scope["headers"], self.tokens.admin):
+                await self._unauthorized(send, "admin_token_file", request_id)
+                return
             if path == "/" and _wants_html(scope):
                 await send({"type": "http.response.start", "status": 200, "headers": [
                     (b"content-type", b"text/html; charset=utf-8"), (b"content-length", str(len(PAGE_BYTES)).encode()),
@@ -127,10 +140,18 @@ class Front:
             self._count(metrics.NO_API, 404)
             return
         if method == "POST":
+            if not authorized(scope["headers"], self.tokens.predict):
+                await self._unauthorized(send, "auth_token_file", request_id)
+                self._count(name, 401)
+                return
             await self._observed(scope, receive, send, name, route, request_id)
         elif method in ("GET", "HEAD"):
+            if not authorized(scope["headers"], self.tokens.admin):
+                await self._unauthorized(send, "admin_token_file", request_id)
+                return
             live = {"outstanding": self.scoreboard.api_outstanding(route["slot"])}
-            await self._send(send, 200, _json({**route["status"], **live}), request_id)
+            status = redact_status(route["status"], routes["daemon"].get("predictors_dir", ""))
+            await self._send(send, 200, _json({**status, **live}), request_id)
         else:
             await self._error(send, 405, f"{path} answers POST (predict) and GET (status)", request_id,
                               [(b"allow", b"GET, POST")])
@@ -206,9 +227,15 @@ class Front:
                 body = {"ready": False, "error": "; ".join(reasons) or "the daemon is starting",
                         "not_ready": daemon.get("not_ready", {})}
                 await self._send(send, 503, _json(body), request_id)
+        elif path == "/openapi.json":
+            doc = openapi.document(routes, self.tokens.predict is not None, self.tokens.admin is not None)
+            await self._send(send, 200, _json(doc), request_id)
         else:
-            body = {"apis": {n: a["status"] for n, a in routes["apis"].items()}, "workers": routes["workers"],
-                    "daemon": daemon, "series": routes.get("series", {}), "events": routes.get("events", [])}
+            where = daemon.get("predictors_dir", "")
+            events = [{**e, "text": redact(e["text"], where)} for e in routes.get("events", [])]
+            body = {"apis": {n: redact_status(a["status"], where) for n, a in routes["apis"].items()},
+                    "workers": routes["workers"], "daemon": daemon, "series": routes.get("series", {}),
+                    "events": events}
             await self._send(send, 200, _json(body), request_id)
 
     def _live_rows(self) -> list[tuple[str, int, int]]:
@@ -233,6 +260,7 @@ class Front:
                 message = f"API {name!r} failed to load: {where}{e['message']}"
             else:
                 message = f"API {name!r} is {status['state']}; retry shortly"
+            message = redact(message, self.dispatcher.routes()["daemon"].get("predictors_dir", ""))
             await self._error(send, 503, message, request_id, [(b"retry-after", b"1")])
             return
         dispatcher = self.dispatcher
@@ -242,9 +270,11 @@ class Front:
             return
         try:
             body = await self._read_body(scope, receive)
-        except TooLarge:
+        except TooLarge:  # the rest of the body is never read: close the connection rather than drain it
             await self._error(send, 413, f"the request body is over {self.max_body} bytes ([server] max_body_bytes)",
-                              request_id)
+                              request_id, [(b"connection", b"close")])
+            return
+        except ClientGone:
             return
         content_type, headers = "", None
         for key, value in scope["headers"]:
@@ -313,7 +343,7 @@ class Front:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                raise asyncio.CancelledError
+                raise ClientGone
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
@@ -328,6 +358,10 @@ class Front:
             (b"content-type", JSON), (b"content-length", str(len(body)).encode()),
             (b"x-request-id", request_id.encode("latin-1")), *(headers or [])]})
         await send({"type": "http.response.body", "body": body})
+
+    async def _unauthorized(self, send: Any, setting: str, request_id: str) -> None:
+        await self._error(send, 401, f"this route needs the bearer token of [server] {setting}: send "
+                          "'Authorization: Bearer TOKEN'", request_id, [(b"www-authenticate", b"Bearer")])
 
     async def _error(self, send: Any, status: int, message: str, request_id: str,
                      headers: list[tuple[bytes, bytes]] | None = None) -> None:

@@ -20,6 +20,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+import psutil
 from gunicorn import sock as gunicorn_sock
 from gunicorn.arbiter import Arbiter
 
@@ -327,6 +328,7 @@ class Master(ApiRegistry, Arbiter):  # type: ignore[misc]
                     handle.stopping = True
                     handle.kill_reason = "load_timeout"
                     self.fleet.kill(handle, signal.SIGKILL)
+        self.murder_fat_workers()
         for name, (proc, _, deadline, _) in list(self.probes.items()):
             if now > deadline:
                 proc.kill()
@@ -334,6 +336,22 @@ class Master(ApiRegistry, Arbiter):  # type: ignore[misc]
                 self.finish_probe(name, {"ok": False, "error": {
                     "message": f"importing it took longer than the load deadline ({timeout:g}s)",
                     "file": str(self.apis[name].user_source.code) if name in self.apis else name, "line": None}})
+
+    def murder_fat_workers(self) -> None:
+        """[workers] max_rss_mib: a model worker whose resident memory passed it is killed and replaced."""
+        limit = self.pconfig.workers.max_rss_mib
+        for handle in list(self.fleet.workers.values()) if limit else []:
+            try:
+                rss = psutil.Process(handle.pid).memory_info().rss
+            except psutil.Error:
+                continue  # gone already: reaping will say why
+            if rss > limit * 2**20 and not handle.stopping:
+                log.error("model worker %d (%s) pid %d uses %d MiB, over [workers] max_rss_mib = %d; killing it "
+                          "(APIs: %s)", handle.slot, handle.device.label, handle.pid, rss >> 20, limit,
+                          ", ".join(sorted(handle.loaded)) or "none")
+                handle.stopping = True
+                handle.kill_reason = "memory"
+                self.fleet.kill(handle, signal.SIGKILL)
 
     def manage_workers(self) -> None:
         super().manage_workers()

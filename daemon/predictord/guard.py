@@ -1,0 +1,111 @@
+"""The HTTP workers' connections: uvicorn's httptools protocol with bounds on what a client may send.
+
+httptools puts no bound on a request's head, and uvicorn arms no timer before a connection's first request nor while
+a head or body trickles in (every byte resets its keep-alive timer). So a client could pin memory with megabytes of
+headers, or hold connections for ever by sending a byte now and then (slowloris). This protocol:
+- answers 431 and closes when the request line and headers pass ``[server] max_header_bytes``;
+- answers 408 and closes when a request's head and body have not all arrived within ``[server] read_timeout`` of its
+  first byte (or of the connection's opening; a connection that sent nothing is just closed);
+- answers a request it cannot parse with 400, and every one of these with a JSON ``error``, like the app's errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may send: head size in bytes, and seconds from its first byte to its last."""
+
+    max_header_bytes: int
+    read_timeout: float
+
+
+def raw_error(status: int, message: str) -> bytes:
+    """A whole HTTP/1.1 error response with a JSON body, for answers written below the ASGI app."""
+    request_id = os.urandom(16).hex()
+    body = json.dumps({"error": message, "request_id": request_id}, separators=(",", ":")).encode()
+    return b"".join([STATUS_LINE[status], b"content-type: application/json\r\ncontent-length: ",
+                     str(len(body)).encode(), b"\r\nx-request-id: ", request_id.encode(),
+                     b"\r\nconnection: close\r\n\r\n", body])
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a head-size limit and a read deadline per request."""
+
+    def __init__(self, *args: Any, limits: Limits, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.limits = limits
+        self.head_bytes = 0
+        self.receiving = False  # a request has begun and not all of it has arrived
+        self.too_large = False
+        self.read_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        if self.read_timer is None:
+            self.read_timer = self.loop.call_later(self.limits.read_timeout, self._read_expired)
+
+    def _disarm(self) -> None:
+        if self.read_timer is not None:
+            self.read_timer.cancel()
+            self.read_timer = None
+
+    def _read_expired(self) -> None:
+        self.read_timer = None
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle
+        answered = cycle is not None and cycle.response_started and not cycle.response_complete
+        if self.receiving and not answered:
+            self.transport.write(raw_error(408, f"the request did not arrive within {self.limits.read_timeout:g}s "
+                                                "of its first byte ([server] read_timeout)"))
+        self.transport.close()  # the app, if it was reading the body, sees the client go
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.head_bytes = 0
+        self.receiving = True
+        self._arm()
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def _count(self, n: int) -> None:
+        self.head_bytes += n
+        if self.head_bytes > self.limits.max_header_bytes:
+            self.too_large = True
+            raise ValueError("request head over the limit")  # httptools stops parsing: uvicorn calls send_400
+
+    def on_message_complete(self) -> None:
+        self.receiving = False
+        self._disarm()
+        super().on_message_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        if self.too_large:
+            answer = raw_error(431, f"the request line and headers are over {self.limits.max_header_bytes} bytes "
+                                    "([server] max_header_bytes)")
+        else:
+            answer = raw_error(400, "the request is not valid HTTP/1.1")
+        self.transport.write(answer)
+        self.transport.close()
