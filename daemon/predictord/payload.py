@@ -68,6 +68,8 @@ def parse_body(content_type: str, body: bytes) -> Any:
             raise BadPayload(f"unknown charset {charset!r} in Content-Type") from None
         except UnicodeDecodeError as e:
             raise BadPayload(f"the body is not valid {charset}: {e.reason} at byte {e.start}") from None
+        except UnicodeError as e:  # a codec that fails in its own way (charset=undefined, punycode)
+            raise BadPayload(f"the body cannot be decoded as {charset}: {e}") from None
     return body
 
 

@@ -81,6 +81,7 @@ DEEP = b"[" * 40000 + b"]" * 40000
     ("application/json", b"[-Infinity]", "-Infinity is not a JSON number"),
     ("text/plain", b"caf\xe9", "not valid utf-8"),
     ("text/plain; charset=utf-7777", b"x", "unknown charset 'utf-7777'"),
+    ("text/plain; charset=undefined", b"x", "cannot be decoded as undefined"),
     ("application/x-www-form-urlencoded", b"a=%zz&" * 10, ""),  # lenient: starlette parses it
     ("multipart/form-data", b"--x\r\n", "malformed form data"),
 ])
