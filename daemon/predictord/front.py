@@ -282,23 +282,28 @@ class Front:
                 content_type = value.decode("latin-1")
         if route["wants_headers"]:
             headers = scope["headers"]
-        replica = dispatcher.choose(replicas, route["slot"])
         header = (name, content_type, scope["query_string"], headers, request_id, route["timeout"])
-        remaining = route["timeout"] - (time.monotonic() - started)
-        try:
-            job, (status, out_headers, version, out_body) = await dispatcher.submit(replica, route["slot"], header,
-                                                                                      body, remaining)
-        except TimeoutError:
-            await self._error(send, 504, f"API {name!r} did not answer within {route['timeout']:g}s "
-                              "([serving] timeout)", request_id)
-            return
-        except WorkerLost as e:
-            await self._error(send, 502, f"API {name!r}: {e}; the worker is being replaced", request_id)
-            return
-        except OSError as e:
-            await self._error(send, 503, f"API {name!r}: its model worker is not reachable ({e.strerror}); retry",
-                              request_id, [(b"retry-after", b"1")])
-            return
+        while True:
+            replica = dispatcher.choose(replicas, route["slot"])
+            remaining = route["timeout"] - (time.monotonic() - started)
+            try:
+                job, (status, out_headers, version, out_body) = await dispatcher.submit(replica, route["slot"],
+                                                                                          header, body, remaining)
+                break
+            except TimeoutError:
+                await self._error(send, 504, f"API {name!r} did not answer within {route['timeout']:g}s "
+                                  "([serving] timeout)", request_id)
+                return
+            except WorkerLost as e:
+                await self._error(send, 502, f"API {name!r}: {e}; the worker is being replaced", request_id)
+                return
+            except OSError as e:  # the connect failed, so the job was never sent: safe to send it elsewhere
+                fresh = await self._wait_rerouted(name, replica[1], started, route["timeout"])
+                if fresh is None:
+                    await self._error(send, 503, f"API {name!r}: its model worker is not reachable ({e.strerror}); "
+                                      "retry", request_id, [(b"retry-after", b"1")])
+                    return
+                route, replicas = fresh, fresh["replicas"]
         extra = [(b"x-request-id", request_id.encode("latin-1"))]
         if version:
             extra.append((b"x-predictor-version", version.encode()))
@@ -333,6 +338,19 @@ class Front:
             if fresh is None or fresh["replicas"] or fresh["status"]["state"] != "loading":
                 return fresh or route
         return route
+
+    async def _wait_rerouted(self, name: str, dead: str, started: float, timeout: float) -> dict[str, Any] | None:
+        """A model worker that just died is still in this worker's routes until the master publishes new ones (a
+        few ms): wait for routes that no longer name it and have a replica, within the request's deadline."""
+        deadline = started + min(timeout, 30.0)
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+            fresh: dict[str, Any] | None = self.dispatcher.routes()["apis"].get(name)
+            if fresh is None or fresh["status"]["state"] == "failed":
+                return None
+            if fresh["replicas"] and all(r[1] != dead for r in fresh["replicas"]):
+                return fresh
+        return None
 
     async def _read_body(self, scope: Scope, receive: Any) -> bytes:
         for key, value in scope["headers"]:

@@ -136,6 +136,9 @@ class Master(ApiRegistry, Arbiter):  # type: ignore[misc]
         probes = {p.stdout.fileno(): name for name, (p, _, _, _) in self.probes.items() if p.stdout}
         due = self.watcher.next_due() if self.watcher else None
         wait = 0.0 if not self.SIG_QUEUE.empty() else timeout if due is None else min(timeout, due)
+        respawns = [t for slot, t in self.respawn_at.items() if slot in self.devices and slot not in self.fleet.workers]
+        if respawns:  # a backed-off respawn is due before the next tick
+            wait = min(wait, max(0.0, min(respawns) - time.monotonic()))
         try:
             ready, _, _ = select.select([self.wake_r, *handles, *probes], [], [], wait)
         except InterruptedError:
@@ -253,7 +256,10 @@ class Master(ApiRegistry, Arbiter):  # type: ignore[misc]
                              "file": str(record.user_source.code), "line": None})
                 log.error("API %s version %s failed: the model worker %s while loading it", name, version, how)
         if not self.stopping:
-            self.respawn_at[handle.slot] = time.monotonic() + self.fleet.backoff(handle.slot)
+            # Back off only from a worker that died starting or loading (a crash loop); one that was serving comes
+            # back at once, however often it is killed (OOM killer, max_rss_mib, a hang, an operator).
+            serving = handle.up and not handle.loading
+            self.respawn_at[handle.slot] = time.monotonic() + (0.0 if serving else self.fleet.backoff(handle.slot))
             if handle.kill_reason != "retired":
                 cause = handle.kill_reason or exit_cause(status)
                 metrics.get().restarts.labels("model", cause).inc()
