@@ -30,3 +30,13 @@ def test_redact_status_copies_only_when_there_is_an_error() -> None:
     failed = {"state": "failed", "error": {"message": "x /etc/passwd", "file": "/p/a.py", "line": 1}}
     assert redact_status(failed, "/p")["error"] == {"message": f"x {OUTSIDE}", "file": "/p/a.py", "line": 1}
     assert failed["error"]["message"] == "x /etc/passwd"
+
+
+def test_status_page_writes_text_never_markup() -> None:
+    """Every string on the page comes from predictors or their errors: it may only reach the DOM as text (the
+    browser test checks a <script> error shows as text; this holds where no browser is installed)."""
+    from predictord.page import PAGE
+
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function"):
+        assert sink not in PAGE, sink
+    assert "textContent" in PAGE
