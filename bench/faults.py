@@ -1,6 +1,6 @@
 """Fault figures for RELIABILITY.md: each scenario of tests/integration/faults.py against a real daemon on loopback.
 
-    .venv/bin/python bench/faults.py [--kills 10] [--only NAME ...]
+    .venv/bin/python bench/faults.py [--kills 10] [--every 3] [--only NAME ...]
 
 Prints one Markdown table: per case, the requests sent to the API that was hurt, how many failed and how (status
 codes, or the client's error when no HTTP answer came), requests to the other API that failed, and the seconds
@@ -58,10 +58,11 @@ def row(f: Figures, extra: str = "") -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--kills", type=int, default=10, help="SIGKILLs of the model worker in the first case")
+    ap.add_argument("--every", type=float, default=3.0, help="seconds between those SIGKILLs (at least)")
     ap.add_argument("--only", nargs="*", help="run only these cases (function names in faults.py)")
     args = ap.parse_args()
     cases: dict[str, Callable[[Any], Any]] = {
-        "kill_model_worker": lambda make: faults.kill_model_worker(make, args.kills),
+        "kill_model_worker": lambda make: faults.kill_model_worker(make, args.kills, args.every),
         "kill_http_worker": faults.kill_http_worker,
         "stop_model_worker": faults.stop_model_worker,
         "leak_memory": faults.leak_memory,

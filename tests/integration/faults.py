@@ -169,8 +169,9 @@ def _two_apis(make: MakeDaemon, config: str, extra: dict[str, str] | None = None
     return d
 
 
-def kill_model_worker(make: MakeDaemon, kills: int = 3) -> Figures:
-    """SIGKILL API a's model worker again and again under load, each time once the replacement has served."""
+def kill_model_worker(make: MakeDaemon, kills: int = 3, every: float = 0.0) -> Figures:
+    """SIGKILL API a's model worker again and again under load: each time once the replacement has served 20
+    requests and ``every`` seconds have passed since the last kill."""
     d = _two_apis(make, "")
     faults = []
     with Load(d, {"a": (4, {"sleep": 0.02}), "b": (1, {})}) as load:
@@ -179,7 +180,8 @@ def kill_model_worker(make: MakeDaemon, kills: int = 3) -> Figures:
             pid = replica_pid(d, "a")
             faults.append(time.monotonic())
             os.kill(pid, signal.SIGKILL)
-            wait_until(lambda: load.served_since("a", faults[-1], 20), 60, "a to serve again after the kill")
+            wait_until(lambda: load.served_since("a", faults[-1], 20) and time.monotonic() - faults[-1] >= every, 60,
+                       "a to serve again after the kill")
     return Figures("SIGKILL a model worker under load", load.outcomes, "a", faults)
 
 
