@@ -46,6 +46,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.head_bytes = 0
         self.receiving = False  # a request has begun and not all of it has arrived
         self.too_large = False
+        self.in_head = True  # waiting for a request's line and headers (httptools buffers a header until it ends)
+        self.head_raw = 0  # bytes received while in_head: bounds a header that never ends
         self.read_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -76,6 +78,19 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                                                 "of its first byte ([server] read_timeout)"))
         self.transport.close()  # the app, if it was reading the body, sees the client go
 
+    def data_received(self, data: bytes) -> None:
+        if self.in_head:
+            self.head_raw += len(data)
+        super().data_received(data)
+        if self.in_head and self.head_raw > self.limits.max_header_bytes and not self.transport.is_closing():
+            self.too_large = True
+            self.send_400_response("")
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.head_raw = 0
+        super().on_headers_complete()
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.head_bytes = 0
@@ -98,6 +113,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self.receiving = False
+        self.in_head = True
         self._disarm()
         super().on_message_complete()
 
