@@ -37,6 +37,7 @@ from .watcher import PredictorWatcher
 
 log = logging.getLogger("predictord.master")
 SAMPLE_EVERY = 5.0  # seconds between the samples behind status's recent figures
+RSS_EVERY = 0.1  # seconds between looks at the model workers' RSS when [workers] max_rss_mib is set
 
 
 class Master(ApiRegistry, Arbiter):  # type: ignore[misc]
@@ -139,6 +140,8 @@ class Master(ApiRegistry, Arbiter):  # type: ignore[misc]
         respawns = [t for slot, t in self.respawn_at.items() if slot in self.devices and slot not in self.fleet.workers]
         if respawns:  # a backed-off respawn is due before the next tick
             wait = min(wait, max(0.0, min(respawns) - time.monotonic()))
+        if self.pconfig.workers.max_rss_mib:  # a leak overshoots the limit by what it grows between two looks
+            wait = min(wait, RSS_EVERY)
         try:
             ready, _, _ = select.select([self.wake_r, *handles, *probes], [], [], wait)
         except InterruptedError:
