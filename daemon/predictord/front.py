@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from . import metrics, openapi
-from .dispatch import Dispatcher, WorkerLost
-from .guard import Limits
+from .dispatch import ClientGone, Dispatcher, WorkerLost
+from .guard import ON_LOST, Limits
 from .page import PAGE
 from .safety import Tokens, authorized, redact, redact_status
 from .scoreboard import Scoreboard
@@ -31,14 +31,13 @@ OWN_ROUTES = ("/", "/healthz", "/readyz", "/metrics", "/openapi.json")
 OPEN_ROUTES = ("/healthz", "/readyz")  # probes: never behind the admin token
 ADMIN_STATUS = "/admin/status"
 PAGE_BYTES = PAGE.encode()
+CLIENT_GONE = 499  # the status counted (not sent) for a client that closed its connection first, as nginx logs it
 
 
 class TooLarge(Exception):
     """The request body is over [server] max_body_bytes."""
 
 
-class ClientGone(Exception):
-    """The client closed its connection before its request had arrived: nobody is left to answer."""
 
 
 def _closing(send: Any) -> Any:
@@ -180,6 +179,8 @@ class Front:
         started = time.perf_counter()
         try:
             await self._predict(scope, receive, sending, name, route, request_id)
+        except ClientGone:  # mid-body, or waiting: its job was dropped from the worker's queue or will be discarded
+            sent[0] = CLIENT_GONE
         finally:
             seconds = time.perf_counter() - started
             self._count(name, sent[0] or 500)  # no response started: the client went away, or we failed
@@ -274,8 +275,6 @@ class Front:
             await self._error(send, 413, f"the request body is over {self.max_body} bytes ([server] max_body_bytes)",
                               request_id, [(b"connection", b"close")])
             return
-        except ClientGone:
-            return
         content_type, headers = "", None
         for key, value in scope["headers"]:
             if key == b"content-type":
@@ -283,12 +282,13 @@ class Front:
         if route["wants_headers"]:
             headers = scope["headers"]
         header = (name, content_type, scope["query_string"], headers, request_id, route["timeout"])
+        on_lost = scope.get("extensions", {}).get(ON_LOST, {}).get("callbacks")
         while True:
             replica = dispatcher.choose(replicas, route["slot"])
             remaining = route["timeout"] - (time.monotonic() - started)
             try:
-                job, (status, out_headers, version, out_body) = await dispatcher.submit(replica, route["slot"],
-                                                                                          header, body, remaining)
+                job, (status, out_headers, version, out_body) = await dispatcher.submit(
+                    replica, route["slot"], header, body, remaining, on_lost)
                 break
             except TimeoutError:
                 await self._error(send, 504, f"API {name!r} did not answer within {route['timeout']:g}s "

@@ -6,7 +6,9 @@ headers, or hold connections for ever by sending a byte now and then (slowloris)
 - answers 431 and closes when the request line and headers pass ``[server] max_header_bytes``;
 - answers 408 and closes when a request's head and body have not all arrived within ``[server] read_timeout`` of its
   first byte (or of the connection's opening; a connection that sent nothing is just closed);
-- answers a request it cannot parse with 400, and every one of these with a JSON ``error``, like the app's errors.
+- answers a request it cannot parse with 400, and every one of these with a JSON ``error``, like the app's errors;
+- tells the app when a client goes away while its request waits for a model worker (``scope["extensions"]``), so
+  the job is dropped from the worker's queue rather than run for nobody.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +40,9 @@ def raw_error(status: int, message: str) -> bytes:
                      b"\r\nconnection: close\r\n\r\n", body])
 
 
+ON_LOST = "predictord.on_lost"  # scope["extensions"] key: callbacks run when the client's connection closes
+
+
 class GuardedHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a head-size limit and a read deadline per request."""
 
@@ -49,6 +55,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.in_head = True  # waiting for a request's line and headers (httptools buffers a header until it ends)
         self.head_raw = 0  # bytes received while in_head: bounds a header that never ends
         self.read_timer: asyncio.TimerHandle | None = None
+        self.on_lost: list[Callable[[], None]] = []  # the app's, for the requests it is waiting on
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -56,6 +63,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        for callback in list(self.on_lost):
+            callback()
         super().connection_lost(exc)
 
     def _arm(self) -> None:
@@ -93,6 +102,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self.scope["extensions"] = {ON_LOST: {"callbacks": self.on_lost}}  # ASGI extensions are dicts
         self.head_bytes = 0
         self.receiving = True
         self._arm()

@@ -16,6 +16,7 @@ import httpx
 import pytest
 from broken import SLOW
 from harness import Daemon, exchange, process_figures, wait_until
+from prometheus_client.parser import text_string_to_metric_families
 
 ECHO = '''
 class PythonPredictor:
@@ -33,6 +34,20 @@ class PythonPredictor:
     def predict(self, payload):
         return [{"type": type(p).__name__} for p in payload]
 '''
+GATED = '''
+import os
+import time
+
+
+class PythonPredictor:
+    def __init__(self, config):
+        self.gate = config["gate"]
+
+    def predict(self, payload):
+        while not os.path.exists(self.gate):  # held until the test opens the gate
+            time.sleep(0.01)
+        return {"passed": True}
+'''
 LIMITS = "[server]\nhttp_workers = 1\nmax_body_bytes = 100000\nmax_header_bytes = 8192\nread_timeout = 2\n"
 
 
@@ -44,6 +59,8 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     d.write("batch.toml", "[serving]\nmax_batch_size = 4\nbatch_wait_ms = 1\ntimeout = 10\n")
     d.write("slow.py", SLOW)
     d.write("slow.toml", "[serving]\nthreads = 4\n")
+    d.write("gated.py", GATED)
+    d.write("gated.toml", f'[config]\ngate = "{d.root / "gate"}"\n[serving]\nthreads = 4\n')
     d.start()
     d.wait_settled()
     yield d
@@ -216,22 +233,37 @@ def test_slow_clients_are_cut_at_read_timeout_and_never_pin_the_worker(daemon: D
     healthy(daemon)
 
 
+def _count(d: Daemon, name: str, **labels: str) -> float:
+    """The sum of a metric's samples from GET /metrics whose labels include ``labels``."""
+    return sum(sample.value for family in text_string_to_metric_families(d.get("/metrics").text)
+               for sample in family.samples if sample.name == name and labels.items() <= sample.labels.items())
+
+
 def test_clients_that_disconnect_mid_request_leave_nothing_behind(daemon: Daemon) -> None:
-    assert daemon.post("/slow", json={"sleep": 0}).status_code == 200  # its link and metric files opened once
+    gate = daemon.root / "gate"
+    gate.touch()
+    assert daemon.post("/gated", json={}).status_code == 200  # its link and metric files opened once
+    ran = wait_until(lambda: _count(daemon, "predictord_predict_seconds_count", api="gated"), 10, "the first count")
+    gate.unlink()
     before = _fds(daemon)
     for _ in range(5):  # gone mid-body: the request never reaches a model worker
-        s = socket.create_connection(("127.0.0.1", daemon.port))
-        s.sendall(b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 50\r\n\r\n{")
+        with socket.create_connection(("127.0.0.1", daemon.port)) as s:
+            s.sendall(b"POST /gated HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{")
+    held = [socket.create_connection(("127.0.0.1", daemon.port)) for _ in range(12)]
+    for s in held:
+        s.sendall(b"POST /gated HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+    wait_until(lambda: daemon.get("/gated").json()["outstanding"] == 12, 10, "4 requests running and 8 queued")
+    for s in held:  # gone while their predict() runs or waits: the waiting ones are dropped from the queue
         s.close()
-    for _ in range(8):  # gone while predict() runs, and while queued behind others: the answers are discarded
-        s = socket.create_connection(("127.0.0.1", daemon.port))
-        body = b'{"sleep": 0.5}'
-        s.sendall(b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                  % (len(body), body))
-        s.close()
-    wait_until(lambda: daemon.get("/slow").json()["outstanding"] == 0, 30, "slow's outstanding count back to 0")
+    wait_until(lambda: daemon.get("/gated").json()["outstanding"] == 4, 10, "the 8 queued jobs dropped")
+    gate.touch()
+    wait_until(lambda: daemon.get("/gated").json()["outstanding"] == 0, 10, "the 4 running ones to finish")
+    wait_until(lambda: _count(daemon, "predictord_requests_total", api="gated", code="499") == 17, 10,
+               "all 17 counted as gone (499)")
+    wait_until(lambda: _count(daemon, "predictord_predict_seconds_count", api="gated") - ran == 4, 10,
+               "the 4 that ran to be counted")
     wait_until(lambda: _fds(daemon) <= before + 2, 15, "the daemon's open fds to come back down")
-    assert daemon.post("/slow", json={"sleep": 0}).json() == {"slept": 0}
+    assert daemon.post("/gated", json={}).json() == {"passed": True}
     assert "Exception in ASGI application" not in daemon.logs()
     healthy(daemon)
 
