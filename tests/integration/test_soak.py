@@ -162,6 +162,7 @@ def _settled_fds(d: Daemon) -> dict[int, int]:
 def test_soak_mixed_load_with_reloads(make_daemon: Any) -> None:
     d: Daemon = make_daemon(PREDICTORS, "[predictors]\ndebounce = 0.3\n[workers]\ncpu = 2\n")
     d.wait_settled()
+    assert d.proc is not None
     warmup, _, _ = _run(d, WARMUP)  # links between workers, metric files, allocator pools: opened once
     quiet = _settled_fds(d)
     rss = {pid: f[0] for pid, f in _figures(d).items()}
@@ -172,13 +173,16 @@ def test_soak_mixed_load_with_reloads(make_daemon: Any) -> None:
     print(f"\nsoak {SECONDS:g}s ({WARMUP:g}s warm-up): {total} requests after the warm-up, "
           f"{len(clients.unexpected) + len(warmup.unexpected)} unexpected, {reloads} reloads; answers "
           f"{dict(clients.answers)}")
+    models = set(d.worker_pids().values())
+    role = {pid: "master" if pid == d.proc.pid else "model worker" if pid in models else "HTTP worker" for pid in rss}
     for pid in sorted(rss):
-        print(f"pid {pid}: RSS {rss[pid] / 2**20:.1f} MiB after the warm-up, max growth {growth[pid] / 2**20:+.1f} MiB;"
-              f" {quiet[pid]} fds before the load")
+        print(f"{role[pid]} {pid}: RSS {rss[pid] / 2**20:.1f} MiB after the warm-up, max growth "
+              f"{growth[pid] / 2**20:+.1f} MiB; {quiet[pid]} fds before the load")
     assert warmup.unexpected == [] and clients.unexpected == [], (warmup.unexpected + clients.unexpected)[:20]
     assert total > (SECONDS - WARMUP) * 50, "the load ran"
     assert set(_figures(d)) == set(quiet), "no process of the daemon was replaced"
     assert all(g < SOAK_RSS_MIB * 2**20 for g in growth.values()), {p: g >> 20 for p, g in growth.items()}
     after = _settled_fds(d)
-    print("fds after the load: " + ", ".join(f"pid {pid} {after[pid]} ({after[pid] - quiet[pid]:+d})" for pid in quiet))
+    print("fds after the load: " + ", ".join(f"{role[pid]} {after[pid]} ({after[pid] - quiet[pid]:+d})"
+                                             for pid in sorted(quiet)))
     assert all(after[pid] <= quiet[pid] + 2 for pid in quiet), (quiet, after)
