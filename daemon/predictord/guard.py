@@ -44,40 +44,51 @@ ON_LOST = "predictord.on_lost"  # scope["extensions"] key: callbacks run when th
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a head-size limit and a read deadline per request."""
+    """uvicorn's httptools protocol with a head-size limit and a read deadline per request.
+
+    The deadline is kept by one sweep per connection (a timer every ``read_timeout / 4``, at most 1 s), not by a
+    timer per request: a request costs a clock read, and keep-alive connections carry many.
+    """
 
     def __init__(self, *args: Any, limits: Limits, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.limits = limits
-        self.head_bytes = 0
-        self.receiving = False  # a request has begun and not all of it has arrived
-        self.too_large = False
+        self.max_head = limits.max_header_bytes
+        self.head_bytes = 0  # request line and headers of the request being read
         self.in_head = True  # waiting for a request's line and headers (httptools buffers a header until it ends)
         self.head_raw = 0  # bytes received while in_head: bounds a header that never ends
-        self.read_timer: asyncio.TimerHandle | None = None
+        self.too_large = False
+        self.due = True  # a request must arrive by began + read_timeout (from the connection, or its first byte)
+        self.receiving = False  # a request has begun and not all of it has arrived
+        self.began = 0.0
+        self.sweep: asyncio.TimerHandle | None = None
         self.on_lost: list[Callable[[], None]] = []  # the app's, for the requests it is waiting on
+        self.extensions: dict[str, dict[object, object]] = {ON_LOST: {"callbacks": self.on_lost}}  # ASGI: dicts
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm()
+        self.began = self.loop.time()
+        self.sweep = self.loop.call_later(self._period(), self._sweep)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
+        if self.sweep is not None:
+            self.sweep.cancel()
+            self.sweep = None
         for callback in list(self.on_lost):
             callback()
         super().connection_lost(exc)
 
-    def _arm(self) -> None:
-        if self.read_timer is None:
-            self.read_timer = self.loop.call_later(self.limits.read_timeout, self._read_expired)
+    def _period(self) -> float:
+        return min(1.0, self.limits.read_timeout / 4)
 
-    def _disarm(self) -> None:
-        if self.read_timer is not None:
-            self.read_timer.cancel()
-            self.read_timer = None
+    def _sweep(self) -> None:
+        self.sweep = None
+        if self.due and self.loop.time() - self.began > self.limits.read_timeout:
+            self._read_expired()
+        elif not self.transport.is_closing():
+            self.sweep = self.loop.call_later(self._period(), self._sweep)
 
     def _read_expired(self) -> None:
-        self.read_timer = None
         if self.transport.is_closing():
             return
         cycle = self.cycle
@@ -91,40 +102,44 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self.in_head:
             self.head_raw += len(data)
         super().data_received(data)
-        if self.in_head and self.head_raw > self.limits.max_header_bytes and not self.transport.is_closing():
+        if self.in_head and self.head_raw > self.max_head and not self.transport.is_closing():
             self.too_large = True
             self.send_400_response("")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.scope["extensions"] = self.extensions
+        self.head_bytes = 0
+        self.receiving = True
+        if not self.due:  # a fresh connection's deadline runs from its opening
+            self.due = True
+            self.began = self.loop.time()
+
+    def on_url(self, url: bytes) -> None:
+        self.head_bytes += len(url)
+        if self.head_bytes > self.max_head:
+            self._too_large()
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_bytes += len(name) + len(value) + 4
+        if self.head_bytes > self.max_head:
+            self._too_large()
+        super().on_header(name, value)
+
+    def _too_large(self) -> None:
+        self.too_large = True
+        raise ValueError("request head over the limit")  # httptools stops parsing: uvicorn calls send_400_response
 
     def on_headers_complete(self) -> None:
         self.in_head = False
         self.head_raw = 0
         super().on_headers_complete()
 
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self.scope["extensions"] = {ON_LOST: {"callbacks": self.on_lost}}  # ASGI extensions are dicts
-        self.head_bytes = 0
-        self.receiving = True
-        self._arm()
-
-    def on_url(self, url: bytes) -> None:
-        self._count(len(url))
-        super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._count(len(name) + len(value) + 4)
-        super().on_header(name, value)
-
-    def _count(self, n: int) -> None:
-        self.head_bytes += n
-        if self.head_bytes > self.limits.max_header_bytes:
-            self.too_large = True
-            raise ValueError("request head over the limit")  # httptools stops parsing: uvicorn calls send_400
-
     def on_message_complete(self) -> None:
         self.receiving = False
+        self.due = False
         self.in_head = True
-        self._disarm()
         super().on_message_complete()
 
     def send_400_response(self, msg: str) -> None:
