@@ -38,8 +38,6 @@ class TooLarge(Exception):
     """The request body is over [server] max_body_bytes."""
 
 
-
-
 def _closing(send: Any) -> Any:
     """``send`` that adds ``Connection: close`` to the response, so the client does not reuse the connection."""
 
