@@ -47,10 +47,10 @@ class Daemons:
 def row(f: Figures, extra: str = "") -> str:
     hurt = f.of(f.faulty_api)
     rec = f.recovery()
-    recovery = f"{statistics.median(rec):.2f} / {max(rec):.2f}" if rec else "n/a" if not f.faults else "never"
+    recovery = f"{statistics.median(rec):.2f} / {max(rec):.2f}" if rec else "never" if f.faults else "n/a (it stops)"
     codes = ", ".join(f"{n}x {c[:60]}" for c, n in sorted(f.codes.items())) or "-"
     note = "; ".join(x for x in (f.note, extra) if x)
-    return (f"| {f.case} | {len(f.faults)} | {len(hurt)} | {len(f.failed(f.faulty_api))} | {f.failed_share:.2%} | "
+    return (f"| {f.case} | {len(f.faults) or 1} | {len(hurt)} | {len(f.failed(f.faulty_api))} | {f.failed_share:.2%} | "
             f"{codes} | {f.others_failed} of {len(f.outcomes) - len(hurt) if f.faulty_api != '*' else 0} | "
             f"{recovery} | {note} |")
 
