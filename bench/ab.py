@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,18 +54,21 @@ def main() -> None:
     trees = {args.base: {"PYTHONPATH": str(work / "daemon")}, "this tree": {}}
     print("| tree | load | run | req/s | p50 | non-2xx |")
     print("|---|---|---|---|---|---|")
-    for rep in range(1, args.reps + 1):
-        for name, env in trees.items():
-            d = Daemon(work / f"{len(list(work.iterdir()))}", "", env=env)
-            d.write("echo.py", ECHO)
-            d.start()
-            try:
-                d.wait_settled()
-                for connections in (8, 64):
-                    rps, p50, errors = wrk(d.url("/echo"), script, connections, args.seconds)
-                    print(f"| {name} | c={connections} | {rep} | {rps:,.0f} | {p50} | {errors} |", flush=True)
-            finally:
-                d.stop()
+    try:
+        for rep in range(1, args.reps + 1):
+            for name, env in trees.items():
+                d = Daemon(work / f"{len(list(work.iterdir()))}", "", env=env)
+                d.write("echo.py", ECHO)
+                d.start()
+                try:
+                    d.wait_settled()
+                    for connections in (8, 64):
+                        rps, p50, errors = wrk(d.url("/echo"), script, connections, args.seconds)
+                        print(f"| {name} | c={connections} | {rep} | {rps:,.0f} | {p50} | {errors} |", flush=True)
+                finally:
+                    d.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
