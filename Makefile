@@ -14,7 +14,7 @@ SERVICE_USER ?= predictord
 # The service user must be able to run it: the system's Python, not one under a home directory (pyenv).
 INSTALL_PYTHON ?= /usr/bin/python3
 
-.PHONY: run test unit integration lint clean bench browser-deps install install-venv install-files install-user uninstall
+.PHONY: run test unit integration lint clean bench soak faults browser-deps install install-venv install-files install-user uninstall
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,14 @@ bench: $(STAMP)
 	$(BIN)/pip install -q psutil httpx
 	$(BIN)/python bench/run.py --seconds 8 --reps 2
 	$(BIN)/python bench/reload.py --reloads 20
+
+# The 10-minute soak (mixed load, a reload every 30 s; `make test` runs it for 60 s) and the fault figures, both
+# printed for RELIABILITY.md.
+soak: $(STAMP)
+	PREDICTORD_SOAK_SECONDS=600 $(BIN)/python -m pytest -q -s tests/integration/test_soak.py
+
+faults: $(STAMP)
+	$(BIN)/python bench/faults.py --kills 10
 
 # `sudo make install`: the package, the predictord user, config, predictors directory and units.
 # `make install-files DESTDIR=/tmp/stage` stages the files alone (no venv, no user) to look at them.

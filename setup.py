@@ -24,6 +24,7 @@ setup(
         "tomli-w>=1.0",
         "prometheus-client>=0.20",
     ],
-    extras_require={"test": ["pytest>=8", "httpx>=0.28", "ruff>=0.8", "mypy>=1.13", "types-psutil"]},
+    extras_require={"test": ["pytest>=8", "httpx>=0.28", "ruff>=0.8", "mypy>=1.13", "types-psutil",
+                             "hypothesis>=6.100", "schemathesis>=4"]},
     entry_points={"console_scripts": ["predictord=predictord.cli:main"]},
 )

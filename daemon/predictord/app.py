@@ -16,10 +16,12 @@ from . import logs, metrics
 from .config import Config
 from .front import Front
 from .gpus import discover
+from .guard import Limits
 from .master import Master
 from .model_worker import Device
 from .notify import Notifier
 from .placement import plan_slots
+from .safety import Tokens
 from .sampler import TraceGpus
 from .scoreboard import MAX_HTTP, Scoreboard
 
@@ -94,8 +96,10 @@ class PredictordApp(BaseApplication):  # type: ignore[misc]
 
     def load(self) -> Front:
         preload(self.pconfig.workers.preload)
-        return Front(self.scoreboard, self.runtime / "routes.json", self.pconfig.server.max_body_bytes,
-                     self.pconfig.server.access_log)
+        s = self.pconfig.server
+        tokens = Tokens(self.pconfig.token("auth_token_file"), self.pconfig.token("admin_token_file"))
+        return Front(self.scoreboard, self.runtime / "routes.json", s.max_body_bytes, s.access_log,
+                     Limits(s.max_header_bytes, s.read_timeout), tokens)
 
 
 def serve(config: Config, reload: Callable[[], Config]) -> None:

@@ -81,6 +81,15 @@ class ServerConfig:
     admin_socket: str = opt("", "Unix socket of `predictord status` (never on the network); empty: "
                             "$RUNTIME_DIRECTORY/admin.sock, else /run/predictord/admin.sock as root, else in /tmp.")
     allow_remote: bool = opt(False, "Allow a host other than loopback (put an authenticating proxy in front).")
+    max_header_bytes: int = opt(64 * 1024, "Largest request line plus headers accepted; larger gets 431 and the "
+                                "connection is closed.", _in_range(1024))
+    read_timeout: float = opt(60.0, "Seconds a client may take to send a request's head and body (from its first "
+                              "byte); slower gets 408 and is disconnected, so slow clients cannot hold connections.",
+                              _in_range(0.1))
+    auth_token_file: str = opt("", "File holding the bearer token that POST /NAME requires (Authorization: Bearer "
+                               "TOKEN); empty: no token. Relative to this file; it must not be readable by others.")
+    admin_token_file: str = opt("", "File holding the bearer token for GET /, GET /NAME, /metrics and /openapi.json "
+                                "over TCP; empty: no token. /healthz, /readyz and the admin socket stay open.")
 
 
 @dataclass(frozen=True)
@@ -112,6 +121,8 @@ class WorkersConfig:
     torch_threads: int = opt(0, "torch threads per model worker; 0: the cores divided by all worker processes.",
                              _in_range(0, 1024))
     heartbeat_timeout: float = opt(30.0, "Seconds a model worker may stay silent before it is replaced.", _in_range(1))
+    max_rss_mib: int = opt(0, "Resident memory (MiB, shared pages included) past which a model worker is killed and "
+                           "replaced; 0: no limit.", _in_range(0))
 
 
 @dataclass(frozen=True)
@@ -158,6 +169,26 @@ class Config:
         if os.geteuid() == 0:
             return Path("/run/predictord/admin.sock")
         return Path(f"/tmp/predictord-{os.geteuid()}/admin.sock")
+
+    def token(self, which: str) -> bytes | None:
+        """The bearer token in [server] auth_token_file or admin_token_file; None when unset; ConfigError naming the
+        file and the fix when it cannot be used."""
+        name: str = getattr(self.server, which)
+        if not name:
+            return None
+        path = (Path(self.path).parent if self.path else Path.cwd()) / name
+        where = f"{self.path or 'config'}: [server]: {which}: {path}"
+        try:
+            mode = path.stat().st_mode
+            token = path.read_bytes().strip()
+        except OSError as e:
+            raise ConfigError(f"{where}: cannot read it: {e.strerror}") from e
+        if mode & 0o004:
+            raise ConfigError(f"{where}: mode {mode & 0o777:04o} lets anyone read the token. Fix: chmod o-r {path}")
+        if not token or any(c <= 32 or c > 126 for c in token):
+            raise ConfigError(f"{where}: expected one line of printable ASCII without spaces, found "
+                              f"{'nothing' if not token else 'other characters'}")
+        return token
 
     @property
     def predictors_dir(self) -> Path:
@@ -290,7 +321,10 @@ def load_config(path: Path | None) -> Config:
     if unknown:
         raise ConfigError(f"{path}: unknown table [{sorted(unknown)[0]}]; allowed: {', '.join(tables)}")
     built = {name: _build_table(cls, raw.get(name, {}), f"{path}: [{name}]") for name, cls in tables.items()}
-    return Config(**built, path=str(path.resolve()))
+    config = Config(**built, path=str(path.resolve()))
+    for which in ("auth_token_file", "admin_token_file"):
+        config.token(which)  # a token file that cannot be used stops the daemon here, with the fix
+    return config
 
 
 def load_api_settings(path: Path | None) -> ApiSettings:

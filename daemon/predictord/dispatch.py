@@ -8,9 +8,11 @@ connection closes, every job this HTTP worker had on it fails at once.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,10 @@ Answer = tuple[int, list[tuple[bytes, bytes]], str, bytes | None]  # status, hea
 
 class WorkerLost(Exception):
     """The model worker holding a job went away before it answered."""
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its answer: nobody is left to answer."""
 
 
 @dataclass
@@ -94,6 +100,11 @@ class ModelLink(FrameProtocol):
 def _expire(future: asyncio.Future[Answer]) -> None:
     if not future.done():
         future.set_exception(TimeoutError())
+
+
+def _client_gone(future: asyncio.Future[Answer]) -> None:
+    if not future.done():
+        future.set_exception(ClientGone())
 
 
 class Dispatcher:
@@ -168,8 +179,9 @@ class Dispatcher:
         return self.scoreboard.api_outstanding(route["slot"]) - capacity
 
     async def submit(self, replica: list[Any], api_slot: int, header: tuple[Any, ...], body: bytes,
-                     timeout: float) -> tuple[PendingJob, Answer]:
-        """Send a job and wait for its first answer; TimeoutError past the deadline, WorkerLost if it dies."""
+                     timeout: float, on_lost: list[Callable[[], None]] | None = None) -> tuple[PendingJob, Answer]:
+        """Send a job and wait for its first answer; TimeoutError past the deadline, WorkerLost if it dies,
+        ClientGone if the client's connection closes first (``on_lost``: its callbacks, run by guard.py)."""
         link = self.links.get(replica[0])
         if link is None or link.lost or link.path != replica[1]:
             link = await self.link(replica[0], replica[1])
@@ -181,11 +193,16 @@ class Dispatcher:
         link.send(JOB, job_id, *with_header(header, body))
         # A plain timer rather than wait_for(shield(...)): two fewer tasks and futures on every request.
         timer = loop.call_later(max(timeout, 0.0), _expire, job.future)
+        gone = functools.partial(_client_gone, job.future)
+        if on_lost is not None:
+            on_lost.append(gone)
         try:
             return job, await job.future
-        except TimeoutError:
+        except (TimeoutError, ClientGone):  # drop it from the worker's queue if it has not started
             if not link.lost and job_id in link.jobs:
                 link.send(CANCEL, job_id)
             raise
         finally:
             timer.cancel()
+            if on_lost is not None:
+                on_lost.remove(gone)

@@ -59,7 +59,7 @@ class ModelWorkerHandle:
     started_at: float = field(default_factory=time.time)  # wall clock, for uptime in status
     up: bool = False  # it has said "started"
     stopping: bool = False
-    kill_reason: str = ""  # why the master ended it: heartbeat, load_timeout, retired
+    kill_reason: str = ""  # why the master ended it: heartbeat, load_timeout, memory, retired
     loaded: dict[str, str] = field(default_factory=dict)  # API -> version serving
     loading: dict[str, tuple[str, float]] = field(default_factory=dict)  # API -> (version, deadline)
     unloading: set[str] = field(default_factory=set)

@@ -15,9 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import metrics
-from .dispatch import Dispatcher, WorkerLost
+from . import metrics, openapi
+from .dispatch import ClientGone, Dispatcher, WorkerLost
+from .guard import ON_LOST, Limits
 from .page import PAGE
+from .safety import Tokens, authorized, redact, redact_status
 from .scoreboard import Scoreboard
 
 log = logging.getLogger("predictord.http")
@@ -25,20 +27,27 @@ access = logging.getLogger("predictord.access")
 
 Scope = dict[str, Any]
 JSON = b"application/json"
-OWN_ROUTES = ("/", "/healthz", "/readyz", "/metrics")
+OWN_ROUTES = ("/", "/healthz", "/readyz", "/metrics", "/openapi.json")
+OPEN_ROUTES = ("/healthz", "/readyz")  # probes: never behind the admin token
 ADMIN_STATUS = "/admin/status"
 PAGE_BYTES = PAGE.encode()
+CLIENT_GONE = 499  # the status counted (not sent) for a client that closed its connection first, as nginx logs it
 
 
 class TooLarge(Exception):
     """The request body is over [server] max_body_bytes."""
 
 
-def status_body(routes: dict[str, Any]) -> dict[str, Any]:
-    """GET / and `predictord status`: every API's status, the workers, devices, series and recent events."""
+def status_body(routes: dict[str, Any], where: str | None = None) -> dict[str, Any]:
+    """GET / and `predictord status`: every API's status, the workers, devices, series and recent events. With
+    ``where`` (the predictors directory), text that reaches clients is redacted as error bodies are."""
     body = {k: routes.get(k, []) for k in ("workers", "devices", "decisions", "events")}
-    return {"apis": {n: a["status"] for n, a in routes["apis"].items()}, **body, "daemon": routes.get("daemon", {}),
-            "series": routes.get("series", {})}
+    apis = {n: a["status"] for n, a in routes["apis"].items()}
+    if where is not None:
+        apis = {n: redact_status(status, where) for n, status in apis.items()}
+        for key in ("events", "decisions"):
+            body[key] = [{**e, "text": redact(e["text"], where)} for e in body[key]]
+    return {"apis": apis, **body, "daemon": routes.get("daemon", {}), "series": routes.get("series", {})}
 
 
 def _closing(send: Any) -> Any:
@@ -67,8 +76,11 @@ def _json(obj: Any) -> bytes:
 class Front:
     """The ASGI app every HTTP worker runs (created once in the master, used in each forked worker)."""
 
-    def __init__(self, scoreboard: Scoreboard, routes_path: Path, max_body: int, access_log: bool = False) -> None:
+    def __init__(self, scoreboard: Scoreboard, routes_path: Path, max_body: int, access_log: bool = False,
+                 limits: Limits | None = None, tokens: Tokens | None = None) -> None:
         self.access_log = access_log
+        self.limits = limits or Limits(64 * 1024, 60.0)
+        self.tokens = tokens or Tokens()
         self.scoreboard = scoreboard
         self.routes_path = routes_path
         self.max_body = max_body
@@ -115,6 +127,9 @@ class Front:
             if method not in ("GET", "HEAD"):
                 await self._error(send, 405, f"{path} answers GET only", request_id, [(b"allow", b"GET")])
                 return
+            if path not in OPEN_ROUTES and not authorized(scope["headers"], self.tokens.admin):
+                await self._unauthorized(send, "admin_token_file", request_id)
+                return
             if path == "/" and _wants_html(scope):
                 await send({"type": "http.response.start", "status": 200, "headers": [
                     (b"content-type", b"text/html; charset=utf-8"), (b"content-length", str(len(PAGE_BYTES)).encode()),
@@ -131,10 +146,18 @@ class Front:
             self._count(metrics.NO_API, 404)
             return
         if method == "POST":
+            if not authorized(scope["headers"], self.tokens.predict):
+                await self._unauthorized(send, "auth_token_file", request_id)
+                self._count(name, 401)
+                return
             await self._observed(scope, receive, send, name, route, request_id)
         elif method in ("GET", "HEAD"):
+            if not authorized(scope["headers"], self.tokens.admin):
+                await self._unauthorized(send, "admin_token_file", request_id)
+                return
             live = {"outstanding": self.scoreboard.api_outstanding(route["slot"])}
-            await self._send(send, 200, _json({**route["status"], **live}), request_id)
+            status = redact_status(route["status"], routes["daemon"].get("predictors_dir", ""))
+            await self._send(send, 200, _json({**status, **live}), request_id)
         else:
             await self._error(send, 405, f"{path} answers POST (predict) and GET (status)", request_id,
                               [(b"allow", b"GET, POST")])
@@ -163,6 +186,8 @@ class Front:
         started = time.perf_counter()
         try:
             await self._predict(scope, receive, sending, name, route, request_id)
+        except ClientGone:  # mid-body, or waiting: its job was dropped from the worker's queue or will be discarded
+            sent[0] = CLIENT_GONE
         finally:
             seconds = time.perf_counter() - started
             self._count(name, sent[0] or 500)  # no response started: the client went away, or we failed
@@ -210,8 +235,11 @@ class Front:
                 body = {"ready": False, "error": "; ".join(reasons) or "the daemon is starting",
                         "not_ready": daemon.get("not_ready", {})}
                 await self._send(send, 503, _json(body), request_id)
+        elif path == "/openapi.json":
+            doc = openapi.document(routes, self.tokens.predict is not None, self.tokens.admin is not None)
+            await self._send(send, 200, _json(doc), request_id)
         else:
-            await self._send(send, 200, _json(status_body(routes)), request_id)
+            await self._send(send, 200, _json(status_body(routes, daemon.get("predictors_dir", ""))), request_id)
 
     def _live_rows(self) -> list[tuple[str, int, int]]:
         """(api, outstanding, queued) for every API, from the scoreboard."""
@@ -235,6 +263,7 @@ class Front:
                 message = f"API {name!r} failed to load: {where}{e['message']}"
             else:
                 message = f"API {name!r} is {status['state']}; retry shortly"
+            message = redact(message, self.dispatcher.routes()["daemon"].get("predictors_dir", ""))
             await self._error(send, 503, message, request_id, [(b"retry-after", b"1")])
             return
         dispatcher = self.dispatcher
@@ -244,9 +273,9 @@ class Front:
             return
         try:
             body = await self._read_body(scope, receive)
-        except TooLarge:
+        except TooLarge:  # the rest of the body is never read: close the connection rather than drain it
             await self._error(send, 413, f"the request body is over {self.max_body} bytes ([server] max_body_bytes)",
-                              request_id)
+                              request_id, [(b"connection", b"close")])
             return
         content_type, headers = "", None
         for key, value in scope["headers"]:
@@ -254,23 +283,29 @@ class Front:
                 content_type = value.decode("latin-1")
         if route["wants_headers"]:
             headers = scope["headers"]
-        replica = dispatcher.choose(replicas, route["slot"])
         header = (name, content_type, scope["query_string"], headers, request_id, route["timeout"])
-        remaining = route["timeout"] - (time.monotonic() - started)
-        try:
-            job, (status, out_headers, version, out_body) = await dispatcher.submit(replica, route["slot"], header,
-                                                                                      body, remaining)
-        except TimeoutError:
-            await self._error(send, 504, f"API {name!r} did not answer within {route['timeout']:g}s "
-                              "([serving] timeout)", request_id)
-            return
-        except WorkerLost as e:
-            await self._error(send, 502, f"API {name!r}: {e}; the worker is being replaced", request_id)
-            return
-        except OSError as e:
-            await self._error(send, 503, f"API {name!r}: its model worker is not reachable ({e.strerror}); retry",
-                              request_id, [(b"retry-after", b"1")])
-            return
+        on_lost = scope.get("extensions", {}).get(ON_LOST, {}).get("callbacks")
+        while True:
+            replica = dispatcher.choose(replicas, route["slot"])
+            remaining = route["timeout"] - (time.monotonic() - started)
+            try:
+                job, (status, out_headers, version, out_body) = await dispatcher.submit(
+                    replica, route["slot"], header, body, remaining, on_lost)
+                break
+            except TimeoutError:
+                await self._error(send, 504, f"API {name!r} did not answer within {route['timeout']:g}s "
+                                  "([serving] timeout)", request_id)
+                return
+            except WorkerLost as e:
+                await self._error(send, 502, f"API {name!r}: {e}; the worker is being replaced", request_id)
+                return
+            except OSError as e:  # the connect failed, so the job was never sent: safe to send it elsewhere
+                fresh = await self._wait_rerouted(name, replica[1], started, route["timeout"])
+                if fresh is None:
+                    await self._error(send, 503, f"API {name!r}: its model worker is not reachable ({e.strerror}); "
+                                      "retry", request_id, [(b"retry-after", b"1")])
+                    return
+                route, replicas = fresh, fresh["replicas"]
         extra = [(b"x-request-id", request_id.encode("latin-1"))]
         if version:
             extra.append((b"x-predictor-version", version.encode()))
@@ -306,6 +341,19 @@ class Front:
                 return fresh or route
         return route
 
+    async def _wait_rerouted(self, name: str, dead: str, started: float, timeout: float) -> dict[str, Any] | None:
+        """A model worker that just died is still in this worker's routes until the master publishes new ones (a
+        few ms): wait for routes that no longer name it and have a replica, within the request's deadline."""
+        deadline = started + min(timeout, 30.0)
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+            fresh: dict[str, Any] | None = self.dispatcher.routes()["apis"].get(name)
+            if fresh is None or fresh["status"]["state"] == "failed":
+                return None
+            if fresh["replicas"] and all(r[1] != dead for r in fresh["replicas"]):
+                return fresh
+        return None
+
     async def _read_body(self, scope: Scope, receive: Any) -> bytes:
         for key, value in scope["headers"]:
             if key == b"content-length" and value.isdigit() and int(value) > self.max_body:
@@ -315,7 +363,7 @@ class Front:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                raise asyncio.CancelledError
+                raise ClientGone
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
@@ -330,6 +378,10 @@ class Front:
             (b"content-type", JSON), (b"content-length", str(len(body)).encode()),
             (b"x-request-id", request_id.encode("latin-1")), *(headers or [])]})
         await send({"type": "http.response.body", "body": body})
+
+    async def _unauthorized(self, send: Any, setting: str, request_id: str) -> None:
+        await self._error(send, 401, f"this route needs the bearer token of [server] {setting}: send "
+                          "'Authorization: Bearer TOKEN'", request_id, [(b"www-authenticate", b"Bearer")])
 
     async def _error(self, send: Any, status: int, message: str, request_id: str,
                      headers: list[tuple[bytes, bytes]] | None = None) -> None:

@@ -1,4 +1,4 @@
-"""The HTTP worker: uvicorn-worker's UvicornWorker, with uvloop and httptools when installed, and a drain.
+"""The HTTP worker: uvicorn-worker's UvicornWorker, with uvloop, httptools bounded by guard.py, and a drain.
 
 Stock uvicorn shutdown closes idle keep-alive connections at once, and a client that sent its next request on one
 at that moment gets a connection error (DESIGN.md measured 0-3 failures per reload). Draining first fixes it: stop
@@ -9,6 +9,7 @@ accepting, answer every request with ``Connection: close`` until the clients hav
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 import sys
 import time
@@ -17,6 +18,8 @@ from typing import Any
 from gunicorn.arbiter import Arbiter
 from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
+
+from .guard import GuardedHttpProtocol
 
 DRAIN_SECONDS = 3.0
 
@@ -47,6 +50,7 @@ class HttpWorker(UvicornWorker):  # type: ignore[misc]
 
     async def _serve(self) -> None:
         self.config.app = self.wsgi
+        self.config.http = functools.partial(GuardedHttpProtocol, limits=self.wsgi.limits)
         server = DrainingServer(self.config, self.wsgi)
         self._install_sigquit_handler()
         await server.serve(sockets=self.sockets)

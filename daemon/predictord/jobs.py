@@ -109,6 +109,7 @@ class JobConnection(FrameProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.runner.discard(self)
 
     def reply(self, job_id: int, status: int, headers: list[pl.Header], body: bytes, version: str = "") -> None:
         if not self.closed:
@@ -183,6 +184,16 @@ class JobRunner:
                     api.queue.remove(job)
                     conn.reply(job_id, 504, [], b"")
                     return
+
+    def discard(self, conn: JobConnection) -> None:
+        """An HTTP worker went away (killed): its queued jobs have nobody to answer; drop them, unrun."""
+        for api in self.apis.values():
+            kept = [job for job in api.queue if job.conn is not conn]
+            if len(kept) != len(api.queue):
+                log.warning("API %s: dropped %d queued requests of an HTTP worker that went away", api.name,
+                            len(api.queue) - len(kept))
+                api.queue.clear()
+                api.queue.extend(kept)
 
     def start_runners(self, api: LoadedApi) -> None:
         while api.queue and api.runners < api.threads:

@@ -20,6 +20,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+import psutil
 from gunicorn import sock as gunicorn_sock
 from gunicorn.arbiter import Arbiter
 
@@ -37,6 +38,7 @@ from .watcher import PredictorWatcher
 
 log = logging.getLogger("predictord.master")
 SAMPLE_EVERY = 5.0  # seconds between the samples behind status's recent figures
+RSS_EVERY = 0.1  # seconds between looks at the model workers' RSS when [workers] max_rss_mib is set
 
 
 class Master(ApiRegistry, Balancer, Arbiter):  # type: ignore[misc]
@@ -140,6 +142,11 @@ class Master(ApiRegistry, Balancer, Arbiter):  # type: ignore[misc]
         rebalance_due = max(0.0, self.next_rebalance - time.monotonic())
         due = rebalance_due if due is None else min(due, rebalance_due)
         wait = 0.0 if not self.SIG_QUEUE.empty() else timeout if due is None else min(timeout, due)
+        respawns = [t for slot, t in self.respawn_at.items() if slot in self.devices and slot not in self.fleet.workers]
+        if respawns:  # a backed-off respawn is due before the next tick
+            wait = min(wait, max(0.0, min(respawns) - time.monotonic()))
+        if self.pconfig.workers.max_rss_mib:  # a leak overshoots the limit by what it grows between two looks
+            wait = min(wait, RSS_EVERY)
         try:
             ready, _, _ = select.select([self.wake_r, *handles, *probes], [], [], wait)
         except InterruptedError:
@@ -259,7 +266,10 @@ class Master(ApiRegistry, Balancer, Arbiter):  # type: ignore[misc]
                              "file": str(record.user_source.code), "line": None})
                 log.error("API %s version %s failed: the model worker %s while loading it", name, version, how)
         if not self.stopping:
-            self.respawn_at[handle.slot] = time.monotonic() + self.fleet.backoff(handle.slot)
+            # Back off only from a worker that died starting or loading (a crash loop); one that was serving comes
+            # back at once, however often it is killed (OOM killer, max_rss_mib, a hang, an operator).
+            serving = handle.up and not handle.loading
+            self.respawn_at[handle.slot] = time.monotonic() + (0.0 if serving else self.fleet.backoff(handle.slot))
             if handle.kill_reason != "retired":
                 cause = handle.kill_reason or exit_cause(status)
                 metrics.get().restarts.labels("model", cause).inc()
@@ -335,6 +345,7 @@ class Master(ApiRegistry, Balancer, Arbiter):  # type: ignore[misc]
                     handle.stopping = True
                     handle.kill_reason = "load_timeout"
                     self.fleet.kill(handle, signal.SIGKILL)
+        self.murder_fat_workers()
         for name, (proc, _, deadline, _) in list(self.probes.items()):
             if now > deadline:
                 proc.kill()
@@ -342,6 +353,22 @@ class Master(ApiRegistry, Balancer, Arbiter):  # type: ignore[misc]
                 self.finish_probe(name, {"ok": False, "error": {
                     "message": f"importing it took longer than the load deadline ({timeout:g}s)",
                     "file": str(self.apis[name].user_source.code) if name in self.apis else name, "line": None}})
+
+    def murder_fat_workers(self) -> None:
+        """[workers] max_rss_mib: a model worker whose resident memory passed it is killed and replaced."""
+        limit = self.pconfig.workers.max_rss_mib
+        for handle in list(self.fleet.workers.values()) if limit else []:
+            try:
+                rss = psutil.Process(handle.pid).memory_info().rss
+            except psutil.Error:
+                continue  # gone already: reaping will say why
+            if rss > limit * 2**20 and not handle.stopping:
+                log.error("model worker %d (%s) pid %d uses %d MiB, over [workers] max_rss_mib = %d; killing it "
+                          "(APIs: %s)", handle.slot, handle.device.label, handle.pid, rss >> 20, limit,
+                          ", ".join(sorted(handle.loaded)) or "none")
+                handle.stopping = True
+                handle.kill_reason = "memory"
+                self.fleet.kill(handle, signal.SIGKILL)
 
     def manage_workers(self) -> None:
         super().manage_workers()

@@ -36,6 +36,14 @@ def is_form(content_type: str) -> bool:
     return media_type(content_type)[0] in FORM_TYPES
 
 
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number (RFC 8259)")
+
+
+# Python's json accepts NaN and Infinity, which JSON does not; a shared decoder keeps the C scanner's fast path.
+_DECODER = json.JSONDecoder(parse_constant=_no_constants)
+
+
 def parse_body(content_type: str, body: bytes) -> Any:
     """The payload for a body: JSON -> parsed, text/plain -> str, anything else -> bytes (forms: see parse_form)."""
     kind, params = media_type(content_type)
@@ -43,13 +51,15 @@ def parse_body(content_type: str, body: bytes) -> Any:
         if not body.strip():
             raise BadPayload("the body is empty; Content-Type application/json needs a JSON document")
         try:
-            return json.loads(body)
+            return _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
         except UnicodeDecodeError as e:
             raise BadPayload(f"the body is not valid UTF-8 JSON: {e.reason} at byte {e.start}") from None
         except json.JSONDecodeError as e:
             raise BadPayload(f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
         except RecursionError:
             raise BadPayload("the JSON document is nested too deeply") from None
+        except ValueError as e:  # an integer past Python's digit limit, or NaN/Infinity (see _no_constants)
+            raise BadPayload(f"the JSON document holds a number it cannot carry: {e}") from None
     if kind == "text/plain":
         charset = params.get("charset", "utf-8")
         try:
@@ -58,6 +68,8 @@ def parse_body(content_type: str, body: bytes) -> Any:
             raise BadPayload(f"unknown charset {charset!r} in Content-Type") from None
         except UnicodeDecodeError as e:
             raise BadPayload(f"the body is not valid {charset}: {e.reason} at byte {e.start}") from None
+        except UnicodeError as e:  # a codec that fails in its own way (charset=undefined, punycode)
+            raise BadPayload(f"the body cannot be decoded as {charset}: {e}") from None
     return body
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 
 def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
@@ -24,6 +26,35 @@ def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.05
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def exchange(port: int, data: bytes, timeout: float = 10) -> tuple[bytes, bool]:
+    """Send raw bytes on a new connection; what came back, and whether the server closed it within ``timeout``."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        out = b""
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except ConnectionResetError:
+                return out, True
+            except TimeoutError:
+                return out, False
+            if not chunk:
+                return out, True
+            out += chunk
+
+
+def process_figures(pid: int) -> dict[int, tuple[int, int]]:
+    """(RSS bytes, open fds) of a process and each of its descendants, by pid."""
+    figures = {}
+    root = psutil.Process(pid)
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            figures[p.pid] = (p.memory_info().rss, p.num_fds())
+        except psutil.NoSuchProcess:
+            continue
+    return figures
 
 
 class Daemon:

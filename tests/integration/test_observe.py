@@ -76,6 +76,7 @@ def test_metrics_and_status_count_every_answer_exactly(make_daemon: Callable[...
         s = samples(d)  # workers flush their tallies about once a second
         done = all(value(s, n, api="m") == 32 for n in ("predictord_request_duration_seconds_count",
                                                          "predictord_predict_seconds_count"))
+        done = done and value(s, "predictord_requests_total", api="-") == 3  # the /nope ones came last
         return s if done else None
 
     m = wait_until(flushed, 10, "the workers to flush their counts")

@@ -1,0 +1,152 @@
+"""The HTTP workers' connections: uvicorn's httptools protocol with bounds on what a client may send.
+
+httptools puts no bound on a request's head, and uvicorn arms no timer before a connection's first request nor while
+a head or body trickles in (every byte resets its keep-alive timer). So a client could pin memory with megabytes of
+headers, or hold connections for ever by sending a byte now and then (slowloris). This protocol:
+- answers 431 and closes when the request line and headers pass ``[server] max_header_bytes``;
+- answers 408 and closes when a request's head and body have not all arrived within ``[server] read_timeout`` of its
+  first byte (or of the connection's opening; a connection that sent nothing is just closed);
+- answers a request it cannot parse with 400, and every one of these with a JSON ``error``, like the app's errors;
+- tells the app when a client goes away while its request waits for a model worker (``scope["extensions"]``), so
+  the job is dropped from the worker's queue rather than run for nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may send: head size in bytes, and seconds from its first byte to its last."""
+
+    max_header_bytes: int
+    read_timeout: float
+
+
+def raw_error(status: int, message: str) -> bytes:
+    """A whole HTTP/1.1 error response with a JSON body, for answers written below the ASGI app."""
+    request_id = os.urandom(16).hex()
+    body = json.dumps({"error": message, "request_id": request_id}, separators=(",", ":")).encode()
+    return b"".join([STATUS_LINE[status], b"content-type: application/json\r\ncontent-length: ",
+                     str(len(body)).encode(), b"\r\nx-request-id: ", request_id.encode(),
+                     b"\r\nconnection: close\r\n\r\n", body])
+
+
+ON_LOST = "predictord.on_lost"  # scope["extensions"] key: callbacks run when the client's connection closes
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a head-size limit and a read deadline per request.
+
+    The deadline is kept by one sweep per connection (a timer every ``read_timeout / 4``, at most 1 s), not by a
+    timer per request: a request costs a clock read, and keep-alive connections carry many.
+    """
+
+    def __init__(self, *args: Any, limits: Limits, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.limits = limits
+        self.max_head = limits.max_header_bytes
+        self.head_bytes = 0  # request line and headers of the request being read
+        self.in_head = True  # waiting for a request's line and headers (httptools buffers a header until it ends)
+        self.head_raw = 0  # bytes received while in_head: bounds a header that never ends
+        self.too_large = False
+        self.due = True  # a request must arrive by began + read_timeout (from the connection, or its first byte)
+        self.receiving = False  # a request has begun and not all of it has arrived
+        self.began = 0.0
+        self.sweep: asyncio.TimerHandle | None = None
+        self.on_lost: list[Callable[[], None]] = []  # the app's, for the requests it is waiting on
+        self.extensions: dict[str, dict[object, object]] = {ON_LOST: {"callbacks": self.on_lost}}  # ASGI: dicts
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.began = self.loop.time()
+        self.sweep = self.loop.call_later(self._period(), self._sweep)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.sweep is not None:
+            self.sweep.cancel()
+            self.sweep = None
+        for callback in list(self.on_lost):
+            callback()
+        super().connection_lost(exc)
+
+    def _period(self) -> float:
+        return min(1.0, self.limits.read_timeout / 4)
+
+    def _sweep(self) -> None:
+        self.sweep = None
+        if self.due and self.loop.time() - self.began > self.limits.read_timeout:
+            self._read_expired()
+        elif not self.transport.is_closing():
+            self.sweep = self.loop.call_later(self._period(), self._sweep)
+
+    def _read_expired(self) -> None:
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle
+        answered = cycle is not None and cycle.response_started and not cycle.response_complete
+        if self.receiving and not answered:
+            self.transport.write(raw_error(408, f"the request did not arrive within {self.limits.read_timeout:g}s "
+                                                "of its first byte ([server] read_timeout)"))
+        self.transport.close()  # the app, if it was reading the body, sees the client go
+
+    def data_received(self, data: bytes) -> None:
+        if self.in_head:
+            self.head_raw += len(data)
+        super().data_received(data)
+        if self.in_head and self.head_raw > self.max_head and not self.transport.is_closing():
+            self.too_large = True
+            self.send_400_response("")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.scope["extensions"] = self.extensions
+        self.head_bytes = 0
+        self.receiving = True
+        if not self.due:  # a fresh connection's deadline runs from its opening
+            self.due = True
+            self.began = self.loop.time()
+
+    def on_url(self, url: bytes) -> None:
+        self.head_bytes += len(url)
+        if self.head_bytes > self.max_head:
+            self._too_large()
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_bytes += len(name) + len(value) + 4
+        if self.head_bytes > self.max_head:
+            self._too_large()
+        super().on_header(name, value)
+
+    def _too_large(self) -> None:
+        self.too_large = True
+        raise ValueError("request head over the limit")  # httptools stops parsing: uvicorn calls send_400_response
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.head_raw = 0
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self.receiving = False
+        self.due = False
+        self.in_head = True
+        super().on_message_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        if self.too_large:
+            answer = raw_error(431, f"the request line and headers are over {self.limits.max_header_bytes} bytes "
+                                    "([server] max_header_bytes)")
+        else:
+            answer = raw_error(400, "the request is not valid HTTP/1.1")
+        self.transport.write(answer)
+        self.transport.close()
