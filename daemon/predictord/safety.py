@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from typing import Any
 
 # An absolute path: a slash after a start, a space, a quote or a colon, then path characters.
-_PATH = re.compile(r"(?<![\w.~-])/[\w.@+~-]+(?:/[\w.@+~-]*)*")
+# An absolute path starts a message or follows a space, quote, bracket, '=', ':' or ',' (not '<', so the "/b" of
+# "</b>" in a predictor's own text is left alone).
+_PATH = re.compile(r"(?:^|(?<=[\s'\"(\[=:,]))/[\w.@+~-]+(?:/[\w.@+~-]*)*")
 OUTSIDE = "<a path outside the predictors directory>"
 ENV_VALUE = "<an environment value>"
 MIN_SECRET = 8  # shorter environment values ("C.UTF-8", "1", "en_US") are words, not secrets

@@ -40,3 +40,9 @@ def test_status_page_writes_text_never_markup() -> None:
     for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function"):
         assert sink not in PAGE, sink
     assert "textContent" in PAGE
+
+
+def test_markup_in_a_predictors_own_message_is_not_taken_for_a_path() -> None:
+    text = "RuntimeError: <b>bold</b><script>alert(2)</script> in /etc/secret"
+    assert redact(text, "/srv/predictors") == ("RuntimeError: <b>bold</b><script>alert(2)</script> in "
+                                               "<a path outside the predictors directory>")
