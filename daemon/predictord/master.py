@@ -378,6 +378,7 @@ class Master(ApiRegistry, Balancer, Arbiter):  # type: ignore[misc]
         if time.monotonic() >= self.next_sample:
             self.next_sample = time.monotonic() + SAMPLE_EVERY
             self.history.add(read_snapshot())
+            self.prune_snapshots()
             self.dirty = True
         if self.watcher is not None:
             changed = self.watcher.step()

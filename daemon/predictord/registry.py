@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -166,6 +167,21 @@ class ApiRegistry:
         log.info("API %s version %s passed its checks: predict(%s)", name, version,
                  ", ".join(result["signature"]["predict"]))
         self.replace()
+
+    def prune_snapshots(self) -> None:
+        """Drop the code copies of versions nothing will load again: not wanted, not the fallback, not on a worker."""
+        keep = set()
+        for name, record in self.apis.items():
+            keep.add(f"{name}-{record.version}")
+            if record.good is not None:
+                keep.add(f"{name}-{record.good[0]}")
+        for handle in self.fleet.workers.values():
+            keep |= {f"{name}-{version}" for name, version in handle.loaded.items()}
+            keep |= {f"{name}-{version}" for name, (version, _) in handle.loading.items()}
+        root = self.runtime / "snapshots"
+        for entry in root.iterdir() if root.is_dir() else ():
+            if entry.name not in keep:
+                shutil.rmtree(entry, ignore_errors=True)
 
     def event(self, kind: str, text: str) -> None:
         """Something a person looking at `predictord status` wants to know happened."""
