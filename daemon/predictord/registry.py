@@ -196,11 +196,12 @@ class ApiRegistry:
         placed = place(slots, wants, {n: r.placement for n, r in self.apis.items()}, self.gpu_room())
         for name, p in placed.items():
             record = self.apis[name]
+            before = (record.placement, record.note, record.error)
             record.placement, record.note = p.slots, p.note
             if p.error:
                 record.error = {"message": p.error, "file": str(record.user_source.settings), "line": None,
                                 "version": record.version}
-        self.dirty = True
+            self.dirty |= (record.placement, record.note, record.error) != before
 
     def export_gauges(self, apis: dict[str, Any]) -> None:
         """Replicas by state and workers by device, as gauges (set here, in the only process that knows)."""

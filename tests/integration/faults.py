@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import httpx
 import psutil
-from harness import Daemon, wait_until
+from harness import Daemon, Load, Outcome, wait_until
 
 MakeDaemon = Callable[..., Daemon]
 
@@ -50,17 +48,6 @@ class PythonPredictor:
         self.kept.append(block)
         return {"kept_mib": sum(len(b) for b in self.kept) >> 20}
 '''
-
-
-@dataclass
-class Outcome:
-    """One request as its client saw it."""
-
-    api: str
-    sent: float
-    done: float
-    status: int | None  # None: no HTTP answer (connection error)
-    error: str = ""
 
 
 @dataclass
@@ -99,51 +86,6 @@ class Figures:
             if ok:
                 out.append(min(ok) - t)
         return out
-
-
-class Load:
-    """Client threads that send to their APIs until stopped, recording every answer."""
-
-    def __init__(self, d: Daemon, plan: dict[str, tuple[int, dict[str, Any]]], keepalive: bool = True) -> None:
-        self.d = d
-        self.plan = plan  # api -> (clients, JSON body)
-        self.keepalive = keepalive
-        self.stop = threading.Event()
-        self.outcomes: list[Outcome] = []
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._client, args=(api, body), daemon=True)
-                        for api, (n, body) in plan.items() for _ in range(n)]
-
-    def _client(self, api: str, body: dict[str, Any]) -> None:
-        headers = {} if self.keepalive else {"Connection": "close"}
-        with httpx.Client(timeout=30, headers=headers) as client:
-            while not self.stop.is_set():
-                sent = time.monotonic()
-                try:
-                    r = client.post(self.d.url(f"/{api}"), json=body)
-                    status: int | None = r.status_code
-                    error = "" if r.status_code == 200 else r.json()["error"]
-                except httpx.HTTPError as e:
-                    status, error = None, type(e).__name__
-                with self.lock:
-                    self.outcomes.append(Outcome(api, sent, time.monotonic(), status, error))
-                if status is None:
-                    self.stop.wait(0.05)  # a refused connection answers at once: no busy loop
-
-    def __enter__(self) -> Load:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(40)
-
-    def served_since(self, api: str, since: float, n: int = 1) -> bool:
-        """At least ``n`` requests to ``api`` sent after ``since`` succeeded."""
-        with self.lock:
-            return sum(1 for o in self.outcomes if o.api == api and o.sent >= since and o.status == 200) >= n
 
 
 def replica_pid(d: Daemon, api: str) -> int:

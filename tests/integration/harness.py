@@ -8,7 +8,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -180,3 +183,93 @@ class Daemon:
             pass
         self.log.close()
         return self.proc.returncode
+
+
+@dataclass
+class Outcome:
+    """One request as its client saw it."""
+
+    api: str
+    sent: float
+    done: float
+    status: int | None  # None: no HTTP answer (connection error)
+    error: str = ""  # what a failure said: the body's `error`, or the exception's name
+    version: str = ""  # X-Predictor-Version
+    body: Any = None  # the JSON of a 200
+    client: int = 0
+
+
+class Load:
+    """Client threads that call their APIs in a loop until stopped, recording every answer (bounded: a deadline
+    and a request cap per client). ``plan``: API -> clients, or (clients, JSON body)."""
+
+    def __init__(self, d: Daemon, plan: Mapping[str, int | tuple[int, dict[str, Any]]], keepalive: bool = True,
+                 seconds: float = 120, cap: int = 200_000) -> None:
+        self.d = d
+        self.keepalive = keepalive
+        self.stop_at = time.monotonic() + seconds
+        self.cap = cap
+        self.stop = threading.Event()
+        self.outcomes: list[Outcome] = []
+        self.lock = threading.Lock()
+        clients = [(api, *((spec, {}) if isinstance(spec, int) else spec)) for api, spec in plan.items()]
+        jobs = [(api, body) for api, n, body in clients for _ in range(n)]
+        self.threads = [threading.Thread(target=self._client, args=(i, api, body), daemon=True)
+                        for i, (api, body) in enumerate(jobs)]
+
+    def _client(self, index: int, api: str, body: dict[str, Any]) -> None:
+        headers = {} if self.keepalive else {"Connection": "close"}
+        with httpx.Client(timeout=30, headers=headers) as client:
+            for _ in range(self.cap):
+                if self.stop.is_set() or time.monotonic() > self.stop_at:
+                    return
+                sent = time.monotonic()
+                status: int | None = None
+                error, version, answer = "", "", None
+                try:
+                    r = client.post(self.d.url(f"/{api}"), json=body)
+                    status, version = r.status_code, r.headers.get("x-predictor-version", "")
+                    if status == 200:
+                        answer = r.json()
+                    else:
+                        try:
+                            error = str(r.json()["error"])
+                        except (ValueError, KeyError, TypeError):
+                            error = r.text
+                except httpx.HTTPError as e:
+                    error = type(e).__name__
+                with self.lock:
+                    self.outcomes.append(Outcome(api, sent, time.monotonic(), status, error, version, answer, index))
+                if status is None:
+                    self.stop.wait(0.05)  # a refused connection answers at once: no busy loop
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(60)
+
+    def of(self, api: str) -> list[Outcome]:
+        with self.lock:
+            return [o for o in self.outcomes if o.api == api]
+
+    def failures(self, api: str) -> list[Outcome]:
+        return [o for o in self.of(api) if o.status != 200]
+
+    def count(self, api: str) -> int:
+        return len(self.of(api))
+
+    def clients(self, api: str) -> list[list[Outcome]]:
+        """What each client of ``api`` saw, in order."""
+        seen: dict[int, list[Outcome]] = {}
+        for o in self.of(api):
+            seen.setdefault(o.client, []).append(o)
+        return list(seen.values())
+
+    def served_since(self, api: str, since: float, n: int = 1) -> bool:
+        """At least ``n`` requests to ``api`` sent after ``since`` succeeded."""
+        return sum(1 for o in self.of(api) if o.sent >= since and o.status == 200) >= n

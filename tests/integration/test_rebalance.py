@@ -14,8 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness import Daemon, wait_until
-from test_reload import Load
+from harness import Daemon, Load, wait_until
 
 GIB = 1 << 30
 SLOW = '''

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from broken import SLOW
-from harness import Daemon, wait_until
+from harness import Daemon, Load, wait_until
 
 FAST = "[predictors]\ndebounce = 0.3\n"
 
@@ -65,47 +65,6 @@ def wait_new_version(d: Daemon, name: str, old: str, timeout: float = 30) -> str
         return None
 
     return wait_until(check, timeout, f"a new version of {name}")  # type: ignore[no-any-return]
-
-
-class Load:
-    """Keep-alive clients hammering APIs until stopped (bounded: a deadline and a request cap)."""
-
-    def __init__(self, d: Daemon, targets: dict[str, int], seconds: float = 120, cap: int = 200_000) -> None:
-        self.d = d
-        self.stop_at = time.monotonic() + seconds
-        self.cap = cap
-        self.stopped = threading.Event()
-        self.results: dict[str, list[list[tuple[int, str, Any]]]] = {name: [] for name in targets}
-        self.threads = [threading.Thread(target=self._client, args=(name,), daemon=True)
-                        for name, n in targets.items() for _ in range(n)]
-
-    def _client(self, name: str) -> None:
-        seen: list[tuple[int, str, Any]] = []
-        self.results[name].append(seen)
-        with httpx.Client(timeout=30) as client:
-            while not self.stopped.is_set() and time.monotonic() < self.stop_at and len(seen) < self.cap:
-                try:
-                    r = client.post(self.d.url(f"/{name}"), json={})
-                    body = r.json() if r.status_code == 200 else r.text
-                    seen.append((r.status_code, r.headers.get("x-predictor-version", ""), body))
-                except httpx.HTTPError as e:
-                    seen.append((0, "", repr(e)))
-
-    def __enter__(self) -> Load:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stopped.set()
-        for t in self.threads:
-            t.join(60)
-
-    def failures(self, name: str) -> list[tuple[int, str, Any]]:
-        return [r for client in self.results[name] for r in client if r[0] != 200]
-
-    def count(self, name: str) -> int:
-        return sum(len(c) for c in self.results[name])
 
 
 def test_new_api_is_served_when_dropped_in(make_daemon: Callable[..., Daemon]) -> None:
@@ -262,8 +221,8 @@ def test_broken_change_keeps_old_version_then_fix_loads(make_daemon: Callable[..
     assert load.failures("a") == [] and load.failures("b") == []
     assert d.logs().count("is broken") == 1
     assert d.get("/a").json()["error"] is None
-    for client in load.results["a"]:
-        versions = [v for _, v, _ in client]
+    for client in load.clients("a"):
+        versions = [o.version for o in client]
         assert set(versions) <= {old, new}
         assert versions == sorted(versions, key=lambda v: v == new), "old until the fix, then new"
 
@@ -276,15 +235,16 @@ def test_twenty_reloads_under_load_fail_nothing(make_daemon: Callable[..., Daemo
         for n in range(1, 21):
             atomic_save(d.predictors / "a.py", gen(n, 0.002))
             versions.append(wait_new_version(d, "a", versions[-1]))
-        time.sleep(0.2)  # let every client see the last version
+        wait_until(lambda: all(c[-1].version == versions[-1] for c in load.clients("a")), 10,
+                   "every client to see the last version")
     assert load.failures("a") == [] and load.failures("b") == []
     assert load.count("a") > 100 and load.count("b") > 50
     order = {v: i for i, v in enumerate(versions)}
-    for client in load.results["a"]:
-        seen = [order[v] for _, v, _ in client]
+    for client in load.clients("a"):
+        seen = [order[o.version] for o in client]
         assert seen == sorted(seen), "a client saw a version go back"
-        assert all(body == {"generation": order[v]} for _, v, body in client), "header and body disagree"
-    assert {body["generation"] for client in load.results["b"] for _, _, body in client} == {100}
+        assert all(o.body == {"generation": order[o.version]} for o in client), "header and body disagree"
+    assert {o.body["generation"] for o in load.of("b")} == {100}
 
 
 def test_sighup_rolls_new_workers_and_keeps_serving(make_daemon: Callable[..., Daemon]) -> None:
