@@ -1,8 +1,8 @@
 """The HTTP worker's side of dispatch: routes from the master, connections to model workers, and job futures.
 
 A request goes to the replica with the fewest outstanding jobs per thread, counted over all HTTP workers through
-the scoreboard (least-outstanding with a global view). The job's raw body travels unparsed. When a model worker's
-connection closes, every job this HTTP worker had on it fails at once.
+the scoreboard (least-outstanding with a global view). The job carries the payload as the front made it (see
+protocol.py). When a model worker's connection closes, every job this HTTP worker had on it fails at once.
 """
 
 from __future__ import annotations

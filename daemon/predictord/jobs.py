@@ -69,7 +69,7 @@ class LoadedApi:
     last_job: float = 0.0  # monotonic time the newest job arrived
     modules: dict[str, Any] = field(default_factory=dict)  # what its import added to sys.modules
 
-    seconds: float = 0.01  # moving average of a sync predict (parse and serialize included)
+    seconds: float = 0.01  # moving average of a sync predict (serializing the result included)
     inline: bool = False  # run on the loop: the thread hop costs more than predict itself
 
     def observe(self, seconds: float) -> None:
@@ -255,17 +255,14 @@ class JobRunner:
         result: Any = None
         payload: Any = None
         try:
-            payload = await pl.parse_form(content_type, job.body) if pl.is_form(content_type) else None
+            payload = await pl.load(content_type, job.body)
             if api.signature.is_async:
-                if payload is None:
-                    payload = pl.parse_body(content_type, job.body)
                 result = await api.instance.predict(**offer(api.signature.predict_args, payload, query, headers))
                 reply = pl.to_reply(result)
             elif api.inline:
-                payload, result, reply = self._predict_sync(api, job, payload)
+                result, reply = self._predict_sync(api, job, payload)
             else:
-                payload, result, reply = await self.loop.run_in_executor(api.executor, self._predict_sync, api, job,
-                                                                         payload)
+                result, reply = await self.loop.run_in_executor(api.executor, self._predict_sync, api, job, payload)
         except Exception as e:  # noqa: BLE001 - user code: every failure becomes a clear reply
             reply = failure_reply(api, job, e)
         if reply.stream is None:
@@ -275,14 +272,12 @@ class JobRunner:
         if api.signature.post_predict_args is not None and reply.status < 500:
             self.loop.run_in_executor(api.executor, self._post_predict, api, job, payload, result)
 
-    def _predict_sync(self, api: LoadedApi, job: Job, payload: Any) -> tuple[Any, Any, pl.Reply]:
-        _, content_type, query, headers, _, _ = job.header
+    def _predict_sync(self, api: LoadedApi, job: Job, payload: Any) -> tuple[Any, pl.Reply]:
+        _, _, query, headers, _, _ = job.header
         started = time.perf_counter()
         try:
-            if payload is None:
-                payload = pl.parse_body(content_type, job.body)
             result = api.instance.predict(**offer(api.signature.predict_args, payload, query, headers))
-            return payload, result, pl.to_reply(result)
+            return result, pl.to_reply(result)
         finally:
             api.observe(time.perf_counter() - started)
 
@@ -322,14 +317,12 @@ class JobRunner:
 
     # -- a batch --------------------------------------------------------------------------------------------------
     async def _answer_batch(self, api: LoadedApi, batch: list[Job]) -> None:
-        """Parse each payload (a bad one fails alone), call predict once with lists, answer each request."""
+        """Load each payload (a bad one fails alone), call predict once with lists, answer each request."""
         good: list[Job] = []
         payloads: list[Any] = []
         for job in batch:
-            content_type = job.header[1]
             try:
-                payloads.append(await pl.parse_form(content_type, job.body) if pl.is_form(content_type)
-                                else pl.parse_body(content_type, job.body))
+                payloads.append(await pl.load(job.header[1], job.body))
                 good.append(job)
             except pl.BadPayload as e:
                 self._send(api, job, error_reply(400, str(e), job))

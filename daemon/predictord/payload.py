@@ -1,10 +1,16 @@
-"""Request bodies into payloads, and predictor results into responses (runs in the model worker)."""
+"""Request bodies into payloads, and predictor results into responses.
+
+JSON bodies are parsed in the HTTP worker (``parse_body``), which sends the parsed payload pickled
+(``pack``/``unpack``): parsing is most of a small model's cost per request, and the HTTP workers run beside each
+other while one model worker runs every request of its APIs. Forms and other bodies are parsed in the model worker.
+"""
 
 from __future__ import annotations
 
 import inspect
 import json
 import math
+import pickle
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +42,11 @@ def is_form(content_type: str) -> bool:
     return media_type(content_type)[0] in FORM_TYPES
 
 
+def is_json(content_type: str) -> bool:
+    kind = media_type(content_type)[0]
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
 def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number (RFC 8259)")
 
@@ -47,7 +58,7 @@ _DECODER = json.JSONDecoder(parse_constant=_no_constants)
 def parse_body(content_type: str, body: bytes) -> Any:
     """The payload for a body: JSON -> parsed, text/plain -> str, anything else -> bytes (forms: see parse_form)."""
     kind, params = media_type(content_type)
-    if kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json")):
+    if is_json(kind):
         if not body.strip():
             raise BadPayload("the body is empty; Content-Type application/json needs a JSON document")
         try:
@@ -71,6 +82,20 @@ def parse_body(content_type: str, body: bytes) -> Any:
         except UnicodeError as e:  # a codec that fails in its own way (charset=undefined, punycode)
             raise BadPayload(f"the body cannot be decoded as {charset}: {e}") from None
     return body
+
+
+def pack(payload: Any) -> bytes:
+    """A payload parsed in the HTTP worker, for the model worker (both are this daemon's processes: pickle is safe)."""
+    return pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+async def load(content_type: str | None, body: bytes) -> Any:
+    """A job's payload in the model worker: ``content_type`` None means the HTTP worker parsed it (see ``pack``)."""
+    if content_type is None:
+        return pickle.loads(body)
+    if is_form(content_type):
+        return await parse_form(content_type, body)
+    return parse_body(content_type, body)
 
 
 async def parse_form(content_type: str, body: bytes) -> FormData:

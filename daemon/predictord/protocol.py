@@ -1,9 +1,10 @@
 """Wire format between HTTP workers and model workers, and the master's control messages.
 
-A frame is ``u32 length | u8 kind | u64 job id | body``. Job frames carry a pickled header tuple and the raw
-request body unparsed (the model worker parses it once); reply frames carry a pickled ``(status, headers)`` and the
-response body. Both ends are processes of this daemon, so pickle is safe here and is the fastest stdlib codec for
-small tuples.
+A frame is ``u32 length | u8 kind | u64 job id | body``. Job frames carry a pickled header tuple and the request
+body: a JSON body parsed once, by the HTTP worker, and pickled (the header's content type is then None), any other
+body raw, for the model worker to parse; reply frames carry a pickled ``(status, headers)`` and the response body.
+Both ends are processes of this daemon, so pickle is safe here and is the fastest stdlib codec for small tuples.
+No client bytes are ever unpickled: a client's content type is a string, never None.
 """
 
 from __future__ import annotations

@@ -239,6 +239,28 @@ def _count(d: Daemon, name: str, **labels: str) -> float:
                for sample in family.samples if sample.name == name and labels.items() <= sample.labels.items())
 
 
+def test_malformed_json_is_answered_at_once_while_every_predict_thread_is_busy(daemon: Daemon) -> None:
+    """JSON is parsed once, in the HTTP worker: a malformed body is a 400 there and never queues behind predicts."""
+    gate = daemon.root / "gate"
+    gate.unlink(missing_ok=True)
+    codes: list[int] = []
+    held = [threading.Thread(target=lambda: codes.append(daemon.post("/gated", json={}, timeout=30).status_code))
+            for _ in range(4)]
+    for t in held:
+        t.start()
+    try:
+        wait_until(lambda: daemon.get("/gated").json()["outstanding"] == 4, 10, "all 4 predict threads held")
+        r = daemon.post("/gated", content=b'{"x": [1, 2', headers={"content-type": "application/json"}, timeout=10)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"].startswith("malformed JSON") and r.json()["request_id"]
+        assert daemon.get("/gated").json()["outstanding"] == 4  # it never reached the model worker
+    finally:
+        gate.touch()
+        for t in held:
+            t.join(30)
+    assert codes == [200] * 4
+
+
 def test_clients_that_disconnect_mid_request_leave_nothing_behind(daemon: Daemon) -> None:
     gate = daemon.root / "gate"
     gate.touch()
