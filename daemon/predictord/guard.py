@@ -40,6 +40,40 @@ def raw_error(status: int, message: str) -> bytes:
                      b"\r\nconnection: close\r\n\r\n", body])
 
 
+class CoalescingTransport:
+    """A transport whose writes within one turn of the loop go out as one ``writelines``.
+
+    uvicorn writes a response's head and its body separately: two send() calls, and on loopback two packets for the
+    client to read. Held until the end of the loop turn, they leave together. Everything else is the transport's.
+    """
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._held:
+            self._loop.call_soon(self.flush)
+        self._held.append(data)
+
+    def flush(self) -> None:
+        if self._held:
+            held, self._held = self._held, []
+            if not self._transport.is_closing():
+                self._transport.writelines(held)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + sum(map(len, self._held))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 ON_LOST = "predictord.on_lost"  # scope["extensions"] key: callbacks run when the client's connection closes
 
 
@@ -66,7 +100,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.extensions: dict[str, dict[object, object]] = {ON_LOST: {"callbacks": self.on_lost}}  # ASGI: dicts
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
         self.began = self.loop.time()
         self.sweep = self.loop.call_later(self._period(), self._sweep)
 

@@ -188,6 +188,7 @@ def _fds(d: Daemon) -> int:
 
 
 def test_slow_clients_are_cut_at_read_timeout_and_never_pin_the_worker(daemon: Daemon) -> None:
+    healthy(daemon)  # links and metric files opened, so that the fd count below is a baseline
     before = _fds(daemon)
     slow: list[socket.socket] = []
     for i in range(30):  # 10 that send nothing, 10 trickling a head, 10 trickling a body
@@ -220,8 +221,11 @@ def test_slow_clients_are_cut_at_read_timeout_and_never_pin_the_worker(daemon: D
         for s in slow:
             s.settimeout(15)
             data = b""
-            while chunk := s.recv(65536):
-                data += chunk
+            try:
+                while chunk := s.recv(65536):
+                    data += chunk
+            except ConnectionResetError:  # the trickle's bytes that reached a closed socket: TCP answers RST
+                pass
             answers.append(head(data)[0] if data else None)
     finally:
         stop.set()

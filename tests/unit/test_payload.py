@@ -7,7 +7,17 @@ import pytest
 import torch
 from starlette.responses import JSONResponse
 
-from predictord.payload import BadPayload, chunk_bytes, media_type, parse_body, parse_form, to_reply
+from predictord.payload import (
+    BadPayload,
+    chunk_bytes,
+    is_json,
+    load,
+    media_type,
+    pack,
+    parse_body,
+    parse_form,
+    to_reply,
+)
 
 
 def test_media_type() -> None:
@@ -22,6 +32,16 @@ def test_parse_by_content_type() -> None:
     assert parse_body("text/plain", "é".encode()) == "é"
     assert parse_body("image/png", b"\x89PNG") == b"\x89PNG"
     assert parse_body("", b"raw") == b"raw"
+
+
+def test_json_is_parsed_in_the_http_worker_and_loaded_as_is_in_the_model_worker() -> None:
+    assert is_json("application/json; charset=utf-8") and is_json("application/problem+json")
+    assert not is_json("text/plain") and not is_json("application/x-www-form-urlencoded") and not is_json("")
+    payload = parse_body("application/json", b'{"x": [0.5, 1, "a", null, {"b": true}]}')
+    assert asyncio.run(load(None, pack(payload))) == payload  # None: the body is the packed, parsed payload
+    assert asyncio.run(load("text/plain", b"hi")) == "hi"  # any other body is parsed where the predictor runs
+    assert asyncio.run(load("application/octet-stream", b"\x00")) == b"\x00"
+    assert asyncio.run(load("application/x-www-form-urlencoded", b"a=1"))["a"] == "1"
 
 
 @pytest.mark.parametrize("content_type,body,message", [
