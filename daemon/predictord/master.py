@@ -14,6 +14,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections import deque
@@ -39,6 +40,17 @@ from .watcher import PredictorWatcher
 log = logging.getLogger("predictord.master")
 SAMPLE_EVERY = 5.0  # seconds between the samples behind status's recent figures
 RSS_EVERY = 0.1  # seconds between looks at the model workers' RSS when [workers] max_rss_mib is set
+
+
+def answers(path: Path) -> bool:
+    """Whether a live process accepts connections on the Unix socket ``path`` (a stale one refuses them)."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(2)
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 class Master(ApiRegistry, Balancer, Arbiter):  # type: ignore[misc]
@@ -97,6 +109,10 @@ class Master(ApiRegistry, Balancer, Arbiter):  # type: ignore[misc]
         it, so the admin surface is never on the network (also under socket activation, where gunicorn binds
         nothing itself)."""
         path = self.pconfig.admin_socket
+        if answers(path):  # gunicorn would unlink it and bind anew: the other daemon's status would be gone
+            log.warning("another predictord answers on its admin socket %s; this one has none (set [server] "
+                        "admin_socket to a path of its own)", path)
+            return
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
             self.LISTENERS.append(gunicorn_sock.UnixSocket(str(path), self.cfg, self.log))

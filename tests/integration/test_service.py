@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -263,3 +264,26 @@ def test_unsafe_predictor_files_are_refused_with_the_fix(make_daemon: Callable[.
         d.wait_for_log(rf"API {name} refused: ")
     os.chmod(p / "world.py", 0o644)  # the fix the message gave: the watcher sees the chmod and checks again
     wait_until(lambda: d.post("/world", json={}).status_code == 200, 30, "world to load once fixed")
+
+
+def test_a_second_daemon_leaves_a_live_admin_socket_alone(make_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    """Two daemons given one admin socket (the default path, say): the second must not take the first's."""
+    shared = f'[server]\nadmin_socket = "{tmp_path / "admin.sock"}"\n'
+    first = make_daemon({"first.py": OK}, shared)
+    first.wait_settled()
+    second = make_daemon({"second.py": OK}, shared)
+    second.wait_settled()
+    second.wait_for_log(r"another predictord answers on its admin socket .*admin\.sock; this one has none")
+    cmd = [sys.executable, "-m", "predictord", "status", "--json", "--config", str(first.config_path)]
+
+    def apis() -> set[str]:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True).stdout
+        return set(json.loads(out)["apis"])
+
+    assert apis() == {"first"}
+    second.stop()  # its exit leaves the first's socket in place
+    assert apis() == {"first"}
+    first.stop()  # a socket whose daemon is gone is stale: the next daemon takes it
+    third = make_daemon({"third.py": OK}, shared)
+    third.wait_settled()
+    assert apis() == {"third"}
