@@ -40,7 +40,14 @@ class PendingJob:
 
     api_slot: int
     future: asyncio.Future[Answer]
+    link: ModelLink
+    job_id: int
     stream: asyncio.Queue[bytes | BaseException | None] | None = None
+
+    def cancel(self) -> None:
+        """Tell the model worker nobody wants this job any more: it leaves the queue, or a stream stops."""
+        if not self.link.lost and self.job_id in self.link.jobs:
+            self.link.send(CANCEL, self.job_id)
 
 
 class ModelLink(FrameProtocol):
@@ -187,7 +194,7 @@ class Dispatcher:
             link = await self.link(replica[0], replica[1])
         job_id = next(self.job_ids)
         loop = asyncio.get_running_loop()
-        job = PendingJob(api_slot, loop.create_future())
+        job = PendingJob(api_slot, loop.create_future(), link, job_id)
         link.jobs[job_id] = job
         self.scoreboard.add(self.http_slot, link.slot, api_slot, +1)
         link.send(JOB, job_id, *with_header(header, body))
@@ -199,8 +206,7 @@ class Dispatcher:
         try:
             return job, await job.future
         except (TimeoutError, ClientGone):  # drop it from the worker's queue if it has not started
-            if not link.lost and job_id in link.jobs:
-                link.send(CANCEL, job_id)
+            job.cancel()
             raise
         finally:
             timer.cancel()

@@ -8,6 +8,7 @@ because this is the hot path of every request.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import logging
@@ -330,15 +331,26 @@ class Front:
             await send({"type": "http.response.body", "body": out_body})
             return
         await send({"type": "http.response.start", "status": status, "headers": [*out_headers, *extra]})
-        assert job.stream is not None
-        while True:
-            part = await job.stream.get()
-            if part is None:
-                break
-            if isinstance(part, BaseException):
-                log.error("API %s request %s: stream cut: %s", name, request_id, part)
-                raise part  # uvicorn closes the connection: the client sees a truncated response
-            await send({"type": "http.response.body", "body": part, "more_body": True})
+        stream = job.stream
+        assert stream is not None
+        left = functools.partial(stream.put_nowait, ClientGone())
+        if on_lost is not None:
+            on_lost.append(left)
+        try:
+            while True:
+                part = await stream.get()
+                if part is None:
+                    break
+                if isinstance(part, ClientGone):  # nobody reads the rest: the model worker closes the generator
+                    job.cancel()
+                    return
+                if isinstance(part, BaseException):
+                    log.error("API %s request %s: stream cut: %s", name, request_id, part)
+                    raise part  # uvicorn closes the connection: the client sees a truncated response
+                await send({"type": "http.response.body", "body": part, "more_body": True})
+        finally:
+            if on_lost is not None:
+                on_lost.remove(left)
         await send({"type": "http.response.body", "body": b""})
 
     async def _wait_loaded(self, name: str, route: dict[str, Any], started: float) -> dict[str, Any]:

@@ -41,6 +41,7 @@ class Job:
     arrived: float = 0.0
     started: float = 0.0
     reported: bool = False  # told the master it hung
+    cancelled: bool = False  # the HTTP worker said nobody wants the rest (a stream whose client left)
 
     @property
     def request_id(self) -> str:
@@ -177,12 +178,17 @@ class JobRunner:
         self.start_runners(api)
 
     def cancel(self, conn: JobConnection, job_id: int) -> None:
-        """The HTTP worker gave up on a job (deadline): drop it if it has not started."""
+        """The HTTP worker gave up on a job (deadline, or its client left): drop it if it has not started; a
+        running stream stops before its next part. A running predict() cannot be stopped: it finishes unread."""
         for api in self.apis.values():
             for job in api.queue:
                 if job.conn is conn and job.job_id == job_id:
                     api.queue.remove(job)
                     conn.reply(job_id, 504, [], b"")
+                    return
+            for job in api.running.values():
+                if job.conn is conn and job.job_id == job_id:
+                    job.cancelled = True
                     return
 
     def discard(self, conn: JobConnection) -> None:
@@ -289,21 +295,26 @@ class JobRunner:
             log.exception("API %s request %s: post_predict() raised", api.name, job.request_id)
 
     async def _stream(self, api: LoadedApi, job: Job, reply: pl.Reply) -> None:
-        """Send a generator's parts as they come; a failure midway aborts the response."""
+        """Send a generator's parts as they come; a failure midway aborts the response; a client that left (or an
+        HTTP worker gone) stops it, and the generator is closed so that its cleanup runs."""
         conn, job_id = job.conn, job.job_id
         conn.send(START, job_id, *with_header((reply.status, reply.headers, api.version)))
         stream = reply.stream
+        finished = False
         try:
             if hasattr(stream, "__anext__"):
                 async for part in stream:  # type: ignore[union-attr]
-                    if conn.closed:
-                        return
+                    if conn.closed or job.cancelled:
+                        break
                     conn.send(CHUNK, job_id, pl.chunk_bytes(part))
+                else:
+                    finished = True
             else:
                 done = object()
-                while not conn.closed:
+                while not (conn.closed or job.cancelled):
                     part = await self.loop.run_in_executor(api.executor, _next, stream, done)
                     if part is done:
+                        finished = True
                         break
                     conn.send(CHUNK, job_id, pl.chunk_bytes(part))
         except Exception as e:  # noqa: BLE001 - user code failed midway: log it, cut the response
@@ -312,8 +323,25 @@ class JobRunner:
             if not conn.closed:
                 conn.send(ABORT, job_id, str(e).encode())
             return
+        if finished:
+            if not conn.closed:
+                conn.send(END, job_id)
+            return
+        log.info("API %s request %s: nobody reads the stream any more (%s); closing its generator", api.name,
+                 job.request_id, "the HTTP worker went away" if conn.closed else "the client left")
+        await self._close(api, stream)
         if not conn.closed:
-            conn.send(END, job_id)
+            conn.send(ABORT, job_id, b"cancelled: the client left")
+
+    async def _close(self, api: LoadedApi, stream: Any) -> None:
+        """Run a generator's cleanup (its finally blocks, with blocks): an async one here, a sync one in a thread."""
+        try:
+            if hasattr(stream, "aclose"):
+                await stream.aclose()
+            elif hasattr(stream, "close"):
+                await self.loop.run_in_executor(api.executor, stream.close)
+        except Exception:  # noqa: BLE001 - user code; the response is over already
+            log.exception("API %s: closing a stream raised", api.name)
 
     # -- a batch --------------------------------------------------------------------------------------------------
     async def _answer_batch(self, api: LoadedApi, batch: list[Job]) -> None:

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from harness import Daemon, wait_until
 
@@ -287,3 +288,56 @@ def test_body_over_limit_is_413(tmp_path: Path) -> None:
     finally:
         d.stop()
 
+
+STREAMS = '''
+import asyncio
+import pathlib
+import time
+
+
+class PythonPredictor:
+    def __init__(self, config):
+        self.closed = pathlib.Path(config["closed"])
+
+    def predict(self, payload):
+        if payload["kind"] == "sync":
+            def parts():
+                try:
+                    for n in range(10**9):  # endless: only a reader that leaves ends it
+                        yield f"part {n}\\n"
+                        time.sleep(0.01)
+                finally:
+                    self.closed.write_text("sync")
+        else:
+            async def parts():
+                try:
+                    for n in range(10**9):
+                        yield f"part {n}\\n"
+                        await asyncio.sleep(0.01)
+                finally:
+                    self.closed.write_text("async")
+        return parts()
+'''
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_stream_whose_client_leaves_is_stopped_and_its_generator_closed(tmp_path: Path, kind: str) -> None:
+    closed = tmp_path / "closed"
+    d = Daemon(tmp_path / "d", "[workers]\ncpu = 1\n")
+    d.write("streams.py", STREAMS)
+    d.write("streams.toml", f'[config]\nclosed = "{closed}"\n')
+    d.start()
+    try:
+        d.wait_settled()
+        with httpx.Client(timeout=10) as client, client.stream("POST", d.url("/streams"), json={"kind": kind}) as r:
+            parts = r.iter_lines()
+            assert [next(parts), next(parts)] == ["part 0", "part 1"]
+        # the client has gone: the generator's finally block runs, and the job is over everywhere
+        wait_until(closed.exists, 10, "the generator to be closed")
+        assert closed.read_text() == kind
+        wait_until(lambda: d.get("/streams").json()["outstanding"] == 0, 10, "no job left outstanding")
+        d.wait_for_log(r"nobody reads the stream any more \(the client left\); closing its generator")
+        with d.client.stream("POST", d.url("/streams"), json={"kind": kind}) as r:  # the API serves on
+            assert next(r.iter_lines()) == "part 0"
+    finally:
+        d.stop()
