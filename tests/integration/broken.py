@@ -63,12 +63,12 @@ class PythonPredictor:
 }
 
 HANG = '''
-import time
+import threading
 
 
 class PythonPredictor:
     def __init__(self, config):
-        time.sleep(3600)
+        threading.Event().wait()  # never set: an __init__ that never returns
 
     def predict(self, payload):
         return 1

@@ -22,6 +22,7 @@ from harness import Daemon, Load, Outcome, wait_until
 MakeDaemon = Callable[..., Daemon]
 
 SLEEPY = '''
+import threading
 import time
 
 
@@ -32,8 +33,7 @@ class PythonPredictor:
 
     def predict(self, payload):
         if payload.get("hang"):
-            while True:
-                time.sleep(1)
+            threading.Event().wait()  # never set: a predict() that never returns
         time.sleep(payload.get("sleep", 0))
         return {"generation": self.generation}
 '''

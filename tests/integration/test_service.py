@@ -107,23 +107,38 @@ def notify(tmp_path: Path) -> Iterator[NotifySocket]:
 
 
 SLOW_INIT = '''
+import os
 import time
 
 
 class PythonPredictor:
-    def __init__(self, config):
-        time.sleep(3)
+    def __init__(self, config):  # loads until the test opens the gate
+        deadline = time.monotonic() + 60
+        while not os.path.exists(config["gate"]):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the test never opened the gate")
+            time.sleep(0.01)
 
     def predict(self, payload):
         return {"ready": True}
 '''
 
 
+def slow_init(d: Daemon) -> Path:
+    """The gated predictor in ``d``; returns its gate (a file to create when its __init__ may finish)."""
+    gate = d.root / "gate"
+    d.write("slow.py", SLOW_INIT)
+    d.write("slow.toml", f'[config]\ngate = "{gate}"\n')
+    return gate
+
+
 def test_notify_ready_after_models_load_reloading_and_stopping(tmp_path: Path, notify: NotifySocket) -> None:
     d = Daemon(tmp_path / "d", env={"NOTIFY_SOCKET": str(notify.path)})
-    d.write("slow.py", SLOW_INIT)
+    gate = slow_init(d)
     d.start()
     try:
+        wait_until(lambda: any("1 loading" in m for _, m in notify.messages), 30, "a STATUS line while it loads")
+        gate.touch()
         ready = wait_until(lambda: notify.find("READY=1"), 60, "READY=1")[0]
         loaded = d.wait_for_log(r"API slow version \w+ ready on model worker")
         assert loaded and d.get("/slow").json()["state"] == "ready"
@@ -169,12 +184,15 @@ def _status(d: Daemon, path: str, body: object) -> int | str:
 
 def test_ready_waits_for_a_slow_init_before_it_is_sent(tmp_path: Path, notify: NotifySocket) -> None:
     d = Daemon(tmp_path / "d", env={"NOTIFY_SOCKET": str(notify.path)})
-    d.write("slow.py", SLOW_INIT)
-    start = time.monotonic()
+    gate = slow_init(d)
     d.start()
     try:
+        wait_until(lambda: d.get("/slow").json()["state"] == "loading", 30, "its __init__ to be running")
+        assert not notify.find("READY=1"), "READY=1 came before the __init__ finished"
+        opened = time.monotonic()
+        gate.touch()
         ready = wait_until(lambda: notify.find("READY=1"), 60, "READY=1")[0]
-        assert ready - start >= 3, "READY=1 came before the 3 s __init__ finished"
+        assert ready >= opened, "READY=1 came before the __init__ finished"
     finally:
         d.stop()
 
@@ -188,7 +206,7 @@ def free_port() -> int:
 @pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="systemd-socket-activate missing")
 def test_socket_activation_answers_the_first_request(tmp_path: Path) -> None:
     d = Daemon(tmp_path / "d")
-    d.write("slow.py", SLOW_INIT)
+    gate = slow_init(d)
     d.write_config()
     port = free_port()
     log = d.log_path.open("ab")
@@ -197,8 +215,13 @@ def test_socket_activation_answers_the_first_request(tmp_path: Path) -> None:
                             start_new_session=True, cwd=d.root)
     try:
         wait_until(lambda: "Listening on 127.0.0.1" in d.logs(), 10, "systemd-socket-activate to listen")
-        # The daemon is not running yet: this request starts it, waits in the backlog, and gets the real answer.
+        # The daemon is not running yet: this request starts it, waits in the backlog, and gets the real answer
+        # once the API has loaded (its __init__ is held until the daemon has found it).
+        opener = threading.Thread(target=lambda: (wait_until(lambda: "API slow found" in d.logs(), 30, "the load"),
+                                                  gate.touch()))
+        opener.start()
         r = httpx.post(f"http://127.0.0.1:{port}/slow", json={}, timeout=60)
+        opener.join()
         assert r.status_code == 200 and r.json() == {"ready": True}
         assert "Execing" in d.logs()
     finally:
