@@ -290,7 +290,7 @@ class Front:
         sent_type: str | None = content_type
         if pl.is_json(content_type):
             try:
-                body = await self._parse(content_type, body)
+                body = await self._parse(body)
             except pl.BadPayload as e:
                 await self._error(send, 400, str(e), request_id)
                 return
@@ -377,11 +377,11 @@ class Front:
                 return fresh
         return None
 
-    async def _parse(self, content_type: str, body: bytes) -> bytes:
+    async def _parse(self, body: bytes) -> bytes:
         """A JSON body, parsed and packed for the model worker; a large one in a thread, off this worker's loop."""
         if len(body) <= PARSE_ON_LOOP:
-            return pl.pack(pl.parse_body(content_type, body))
-        return await asyncio.to_thread(lambda: pl.pack(pl.parse_body(content_type, body)))
+            return pl.pack(pl.parse_json(body))
+        return await asyncio.to_thread(lambda: pl.pack(pl.parse_json(body)))
 
     async def _read_body(self, scope: Scope, receive: Any) -> bytes:
         for key, value in scope["headers"]:

@@ -55,22 +55,27 @@ def _no_constants(name: str) -> Any:
 _DECODER = json.JSONDecoder(parse_constant=_no_constants)
 
 
+def parse_json(body: bytes) -> Any:
+    """A JSON body (any UTF of RFC 8259, detected) parsed; BadPayload says what is wrong with it."""
+    if not body.strip():
+        raise BadPayload("the body is empty; Content-Type application/json needs a JSON document")
+    try:
+        return _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
+    except UnicodeDecodeError as e:
+        raise BadPayload(f"the body is not valid UTF-8 JSON: {e.reason} at byte {e.start}") from None
+    except json.JSONDecodeError as e:
+        raise BadPayload(f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise BadPayload("the JSON document is nested too deeply") from None
+    except ValueError as e:  # an integer past Python's digit limit, or NaN/Infinity (see _no_constants)
+        raise BadPayload(f"the JSON document holds a number it cannot carry: {e}") from None
+
+
 def parse_body(content_type: str, body: bytes) -> Any:
     """The payload for a body: JSON -> parsed, text/plain -> str, anything else -> bytes (forms: see parse_form)."""
     kind, params = media_type(content_type)
     if is_json(kind):
-        if not body.strip():
-            raise BadPayload("the body is empty; Content-Type application/json needs a JSON document")
-        try:
-            return _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
-        except UnicodeDecodeError as e:
-            raise BadPayload(f"the body is not valid UTF-8 JSON: {e.reason} at byte {e.start}") from None
-        except json.JSONDecodeError as e:
-            raise BadPayload(f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-        except RecursionError:
-            raise BadPayload("the JSON document is nested too deeply") from None
-        except ValueError as e:  # an integer past Python's digit limit, or NaN/Infinity (see _no_constants)
-            raise BadPayload(f"the JSON document holds a number it cannot carry: {e}") from None
+        return parse_json(body)
     if kind == "text/plain":
         charset = params.get("charset", "utf-8")
         try:
