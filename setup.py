@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.11",
     # The code lives in daemon/; it installs as `predictord` (a top-level `daemon` would clash with python-daemon).
     package_dir={"": "daemon"},
-    packages=["predictord"],
+    packages=["predictord", "predictord.master", "predictord.http", "predictord.model"],
     install_requires=[
         "gunicorn>=27,<28",
         "uvicorn[standard]>=0.54",

@@ -54,7 +54,7 @@ def nvml_samples(seconds: float, every: float, record: Path | None, ours: set[in
     """The real sampler, read directly (what the daemon's master reads)."""
     import pynvml
 
-    from predictord.sampler import NvmlGpus
+    from predictord.devices import NvmlGpus
 
     pynvml.nvmlInit()
     reader = NvmlGpus(list(range(pynvml.nvmlDeviceGetCount())))

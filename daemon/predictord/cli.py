@@ -173,6 +173,6 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     if args.command == "status":
         sys.exit(status(config, args.json))
-    from .app import serve
+    from .master.app import serve
 
     serve(config, reload=lambda: _load(args))

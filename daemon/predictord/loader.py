@@ -1,4 +1,4 @@
-"""Predictor files: finding them in the directory, importing them, and checking them against the contract.
+"""Importing a predictor's code and checking its class against the contract.
 
 The contract (Cortex's, kept exactly, then extended)::
 
@@ -15,12 +15,9 @@ The contract (Cortex's, kept exactly, then extended)::
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import inspect
 import os
-import re
-import shutil
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -28,138 +25,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from .sources import ApiSource, name_problem
+
 CLASS_NAME = "PythonPredictor"
-FOLDER_ENTRY = "predictor.py"
-FOLDER_SETTINGS = "predictor.toml"
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-RESERVED = frozenset({"healthz", "readyz", "metrics", "admin", "status", "openapi.json", "docs", "favicon.ico"})
 PREDICT_ARGS = ("payload", "query_params", "headers")
 INIT_ARGS = ("config", "device", "predictor_dir")
 POST_PREDICT_ARGS = ("response", *PREDICT_ARGS)
-
-
-def is_ignored(name: str) -> bool:
-    """Editor droppings and caches that never make or change an API."""
-    return (
-        name.startswith(".")
-        or name.endswith(("~", ".swp", ".swx", ".tmp", ".pyc"))
-        or name == "__pycache__"
-    )
-
-
-def name_problem(name: str) -> str | None:
-    """Why NAME cannot be an API's name and route, or None when it can."""
-    if name in RESERVED:
-        return f"{name!r} is reserved for the daemon's own route /{name}; rename the predictor"
-    if not NAME_RE.match(name):
-        return (
-            f"{name!r} is not a valid API name: use lowercase letters, digits, '-' and '_' "
-            "(starting with a letter or digit, at most 63 characters)"
-        )
-    return None
-
-
-@dataclass(frozen=True)
-class ApiSource:
-    """Where an API's files are: NAME.py (+ NAME.toml) or NAME/ (predictor.py + predictor.toml + assets)."""
-
-    name: str
-    code: Path
-    settings: Path | None
-    folder: Path | None = None
-    home: Path | None = None  # for a snapshot: the user's folder, where its assets (weights...) stay
-
-    @property
-    def root(self) -> Path:
-        """Where its code is (and its helper modules are imported from)."""
-        return self.folder if self.folder is not None else self.code.parent
-
-    @property
-    def assets(self) -> Path:
-        """The predictor's own folder as the predictor sees it (``predictor_dir``): its assets are relative to it."""
-        return self.home if self.home is not None else self.root
-
-    def original(self, path: str | None) -> str | None:
-        """A path inside a snapshot, as the user's file it was copied from (for error messages)."""
-        if path is None or self.home is None or not path.startswith(str(self.root)):
-            return path
-        return str(self.home) + path[len(str(self.root)):]
-
-    def files(self) -> list[Path]:
-        """Every file whose change makes a new version."""
-        if self.folder is None:
-            return [p for p in (self.code, self.settings) if p is not None and p.exists()]
-        found = []
-        for p in sorted(self.folder.rglob("*")):
-            rel = p.relative_to(self.folder).parts
-            if p.is_file() and not any(is_ignored(part) for part in rel):
-                found.append(p)
-        return found
-
-    def version(self) -> str:
-        """Content hash of code and settings, plus size and mtime of other files (weights are not re-read)."""
-        h = hashlib.sha256()
-        for p in self.files():
-            h.update(str(p.relative_to(self.root)).encode() + b"\0")
-            try:
-                if p.suffix in (".py", ".toml"):
-                    h.update(p.read_bytes())
-                else:
-                    st = p.stat()
-                    h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
-            except OSError:
-                h.update(b"<unreadable>")
-        return h.hexdigest()[:12]
-
-
-def snapshot(source: ApiSource, dest: Path) -> ApiSource:
-    """Copy an API's code and settings (not its assets) to ``dest``, and describe the copy.
-
-    The probe checks the copy and the workers load the copy, so what was validated is exactly what runs, and a
-    replacement worker can load the last good version after the files on disk have changed (or broken).
-    """
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.mkdir(parents=True)
-    if source.folder is None:
-        for path in (source.code, source.settings):
-            if path is not None and path.exists():
-                shutil.copy2(path, dest / path.name)
-        settings = dest / source.settings.name if source.settings is not None else None
-        return ApiSource(source.name, dest / source.code.name, settings, None, source.root)
-    folder = dest / source.name  # the copy keeps the folder's name: a probe takes the API's name from it
-    folder.mkdir()
-    for path in source.files():
-        if path.suffix in (".py", ".toml"):
-            target = folder / path.relative_to(source.folder)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, target)
-    return ApiSource(source.name, folder / FOLDER_ENTRY, folder / FOLDER_SETTINGS, folder, source.folder)
-
-
-def scan(directory: Path) -> dict[str, ApiSource]:
-    """Every API in the predictors directory, by name (names may be invalid: loading reports that)."""
-    found: dict[str, ApiSource] = {}
-    if not directory.is_dir():
-        return found
-    for entry in sorted(directory.iterdir()):
-        if is_ignored(entry.name):
-            continue
-        if entry.is_dir():
-            code = entry / FOLDER_ENTRY
-            if code.is_file():
-                found[entry.name] = ApiSource(entry.name, code, entry / FOLDER_SETTINGS, entry)
-        elif entry.suffix == ".py" and entry.is_file():
-            found[entry.stem] = ApiSource(entry.stem, entry, entry.with_suffix(".toml"))
-    return found
-
-
-def source_for(path: Path) -> ApiSource:
-    """The ApiSource of a path given on the command line (a .py file or a folder)."""
-    path = path.resolve()
-    if path.is_dir():
-        return ApiSource(path.name, path / FOLDER_ENTRY, path / FOLDER_SETTINGS, path)
-    return ApiSource(path.stem, path, path.with_suffix(".toml"))
 
 
 class LoadError(Exception):

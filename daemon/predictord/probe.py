@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, load_api_settings
-from .loader import LoadError, instantiate, load_class, source_for
+from .loader import LoadError, instantiate, load_class
+from .sources import source_for
 
 
 def probe(path: Path, init: bool) -> dict[str, Any]:

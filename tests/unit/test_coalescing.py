@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from predictord.guard import CoalescingTransport
+from predictord.http.guard import CoalescingTransport
 
 
 class Recorder:

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from predictord.loader import LoadError, inspect_class, is_ignored, load_class, name_problem, scan, source_for
+from predictord.loader import LoadError, inspect_class, load_class
+from predictord.sources import is_ignored, name_problem, scan, source_for
 
 
 def src(tmp_path: Path, text: str, name: str = "p.py") -> Path:
@@ -98,7 +99,7 @@ def test_inspect_rejects_non_class(tmp_path: Path) -> None:
 
 
 def test_snapshot_copies_code_not_assets_and_maps_paths_back(tmp_path: Path) -> None:
-    from predictord.loader import snapshot
+    from predictord.sources import snapshot
 
     folder = tmp_path / "preds" / "api"
     (folder / "lib").mkdir(parents=True)

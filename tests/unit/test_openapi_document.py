@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from predictord.openapi import document
+from predictord.http.openapi import document
 
 ROUTES = {"apis": {"b": {"status": {"serving": {"timeout": 2.5}}}, "a": {"status": {}}}}
 

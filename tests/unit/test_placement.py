@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from predictord.placement import Want, WorkerSlot, place, plan_slots
+from predictord.master.placement import Want, WorkerSlot, place, plan_slots
 
 CPU2 = [WorkerSlot(0, "cpu", "cpu"), WorkerSlot(1, "cpu", "cpu")]
 MIXED = [WorkerSlot(0, "gpu", "gpu0"), WorkerSlot(1, "gpu", "gpu1"), WorkerSlot(2, "cpu", "cpu")]

@@ -6,18 +6,16 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from predictord.rebalance import (
+from predictord.devices import GpuSample, HostSample, TraceGpus
+from predictord.master.rebalance import (
     ApiSample,
     Decision,
-    GpuSample,
-    HostSample,
     Limits,
     PolicyState,
     Sample,
     WorkerSample,
     decide,
 )
-from predictord.sampler import TraceGpus
 
 GIB = 1 << 30
 LIMITS = Limits(window=3, cooldown=10.0, idle_after=30.0, queue_high=2.0, headroom=GIB, cpu_workers_max=2,

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from predictord.safety import ENV_VALUE, OUTSIDE, authorized, redact, redact_status
+from predictord.http.safety import ENV_VALUE, OUTSIDE, authorized, redact, redact_status
 
 
 def test_authorized_compares_the_bearer_token() -> None:
@@ -35,7 +35,7 @@ def test_redact_status_copies_only_when_there_is_an_error() -> None:
 def test_status_page_writes_text_never_markup() -> None:
     """Every string on the page comes from predictors or their errors: it may only reach the DOM as text (the
     browser test checks a <script> error shows as text; this holds where no browser is installed)."""
-    from predictord.page import PAGE
+    from predictord.http.page import PAGE
 
     for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function"):
         assert sink not in PAGE, sink

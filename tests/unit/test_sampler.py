@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from predictord.sampler import NvmlGpus, read_host
+from predictord.devices import NvmlGpus, read_host
 
 GIB = 1 << 30
 

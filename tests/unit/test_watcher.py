@@ -3,7 +3,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from predictord.watcher import PredictorWatcher, api_of
+from predictord.master.watcher import PredictorWatcher, api_of
 
 
 def test_paths_map_to_apis(tmp_path: Path) -> None:

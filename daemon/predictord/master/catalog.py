@@ -14,16 +14,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import metrics, permissions, probe
-from .apis import ApiRecord, Replica, route, write_routes
-from .config import Config, ConfigError, load_api_settings
+from .. import metrics, probe
+from ..config import Config, ConfigError, load_api_settings
+from ..devices import Device
+from ..scoreboard import MAX_APIS, Scoreboard
+from ..sources import name_problem, scan, snapshot
+from . import permissions
 from .fleet import Fleet
-from .loader import name_problem, scan, snapshot
-from .model_worker import Device
+from .history import History
 from .notify import Notifier
 from .placement import Want, WorkerSlot, place
-from .scoreboard import MAX_APIS, Scoreboard
-from .stats import History
+from .records import ApiRecord, Replica, route, write_routes
 
 log = logging.getLogger("predictord.master")
 Probe = tuple[subprocess.Popen[bytes], str, float, list[bytes]]  # process, version, deadline, output so far

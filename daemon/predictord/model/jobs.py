@@ -20,10 +20,10 @@ from typing import Any
 from starlette.datastructures import Headers, QueryParams
 from starlette.exceptions import HTTPException
 
-from . import metrics
-from . import payload as pl
-from .loader import Signature
-from .protocol import ABORT, CANCEL, CHUNK, END, JOB, REPLY, START, FrameProtocol, split_header, with_header
+from .. import metrics
+from .. import payload as pl
+from ..loader import Signature
+from ..protocol import ABORT, CANCEL, CHUNK, END, JOB, REPLY, START, FrameProtocol, split_header, with_header
 
 log = logging.getLogger("predictord.model")
 JSON_HEADERS = [(b"content-type", b"application/json")]

@@ -17,36 +17,21 @@ import socket
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import psutil
 
-from . import logs, metrics
+from .. import logs, metrics
+from ..devices import Device
+from ..loader import LoadError, instantiate, load_class, modules_under
+from ..protocol import CONTROL, FrameReader, control
+from ..scoreboard import Scoreboard
+from ..sources import ApiSource
 from .jobs import JobRunner, LoadedApi
-from .loader import ApiSource, LoadError, instantiate, load_class, modules_under
-from .protocol import CONTROL, FrameReader, control
-from .scoreboard import Scoreboard
 
 log = logging.getLogger("predictord.model")
 HUNG_GRACE = 5.0  # seconds past its request timeout before a running predict counts as hung
 DRAIN_QUIET = 0.5
-
-
-@dataclass(frozen=True)
-class Device:
-    """Where a model worker runs: ``cpu`` or one GPU (its NVML index and the name shown to users)."""
-
-    kind: str  # "cpu" or "gpu"
-    index: int | None = None
-
-    @property
-    def label(self) -> str:
-        return "cpu" if self.kind == "cpu" else f"gpu{self.index}"
-
-    @property
-    def torch_device(self) -> str:
-        return "cpu" if self.kind == "cpu" else "cuda"
 
 
 def _loop_factory() -> Any:

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ApiSettings
-from .loader import ApiSource
+from ..config import ApiSettings
+from ..sources import ApiSource
 
 
 @dataclass

@@ -17,13 +17,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import metrics, openapi
-from . import payload as pl
+from .. import metrics
+from .. import payload as pl
+from ..scoreboard import Scoreboard
+from . import openapi
 from .dispatch import ClientGone, Dispatcher, WorkerLost
 from .guard import ON_LOST, Limits
 from .page import PAGE
 from .safety import Tokens, authorized, redact, redact_status
-from .scoreboard import Scoreboard
 
 log = logging.getLogger("predictord.http")
 access = logging.getLogger("predictord.access")

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .protocol import ABORT, CANCEL, CHUNK, END, JOB, REPLY, START, FrameProtocol, split_header, with_header
-from .scoreboard import Scoreboard
+from ..protocol import ABORT, CANCEL, CHUNK, END, JOB, REPLY, START, FrameProtocol, split_header, with_header
+from ..scoreboard import Scoreboard
 
 log = logging.getLogger("predictord.http")
 

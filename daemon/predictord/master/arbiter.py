@@ -25,16 +25,16 @@ import psutil
 from gunicorn import sock as gunicorn_sock
 from gunicorn.arbiter import Arbiter
 
-from . import logs, metrics
-from .apis import ApiRecord
+from .. import logs, metrics
+from ..config import Config, ConfigError
+from ..devices import Device
+from ..scoreboard import MAX_HTTP, Scoreboard
 from .balancer import Balancer
-from .config import Config, ConfigError
+from .catalog import ApiRegistry
 from .fleet import Fleet, ModelWorkerHandle, describe_exit, exit_cause
-from .model_worker import Device
+from .history import History, read_snapshot
 from .notify import Notifier
-from .registry import ApiRegistry
-from .scoreboard import MAX_HTTP, Scoreboard
-from .stats import History, read_snapshot
+from .records import ApiRecord
 from .watcher import PredictorWatcher
 
 log = logging.getLogger("predictord.master")

@@ -10,14 +10,13 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from . import metrics
-from .apis import ApiRecord, Replica
-from .config import Config
+from .. import metrics
+from ..config import Config
+from ..devices import Device, GpuReader, NvmlGpus, TraceGpus, read_host
+from ..scoreboard import MAX_MODEL, Scoreboard
 from .fleet import Fleet
-from .model_worker import Device
 from .rebalance import ApiSample, Decision, Limits, PolicyState, Sample, WorkerSample, decide
-from .sampler import GpuReader, NvmlGpus, TraceGpus, read_host
-from .scoreboard import MAX_MODEL, Scoreboard
+from .records import ApiRecord, Replica
 
 log = logging.getLogger("predictord.master")
 SERIES = 60  # samples of each device kept for the status page

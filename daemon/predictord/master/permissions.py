@@ -12,7 +12,7 @@ import pwd
 import stat
 from pathlib import Path
 
-from .loader import ApiSource, is_ignored
+from ..sources import ApiSource, is_ignored
 
 
 def _user(uid: int) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import __version__
+from .. import __version__
 
 ERROR = {"$ref": "#/components/schemas/Error"}
 ANY_JSON: dict[str, Any] = {}

@@ -1,5 +1,7 @@
-"""What the rebalancer samples: GPUs (NVML, or a replayed trace), the host (psutil). Every NVML call is guarded:
-a GPU that errors is reported unhealthy, never raised."""
+"""Devices: where model workers run (``Device``), GPU discovery through NVML (never through CUDA: the master must
+not initialise CUDA before it forks), and what the rebalancer samples: GPUs (NVML, or a replayed trace) and the host
+(psutil). This is the one module that speaks NVML; every call is guarded, so a GPU that errors is reported unhealthy,
+never raised."""
 
 from __future__ import annotations
 
@@ -7,15 +9,108 @@ import dataclasses
 import json
 import logging
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import psutil
 
-from .gpus import Gpu
-from .rebalance import GpuSample, HostSample
-
 log = logging.getLogger("predictord.master")
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where a model worker runs: ``cpu`` or one GPU (its NVML index and the name shown to users)."""
+
+    kind: str  # "cpu" or "gpu"
+    index: int | None = None
+
+    @property
+    def label(self) -> str:
+        return "cpu" if self.kind == "cpu" else f"gpu{self.index}"
+
+    @property
+    def torch_device(self) -> str:
+        return "cpu" if self.kind == "cpu" else "cuda"
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """One GPU as NVML reports it."""
+
+    index: int
+    name: str
+    uuid: str
+    memory_total: int
+
+
+def discover(wanted: Any) -> tuple[list[Gpu], str]:
+    """The GPUs to use (``wanted``: "all", "none" or a list of indices) and one line saying what was found."""
+    if wanted == "none":
+        return [], "GPUs disabled by [workers] gpus = \"none\"; running CPU-only"
+    try:
+        import pynvml
+    except ImportError:
+        return [], "nvidia-ml-py is not installed; running CPU-only"
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as e:
+        return [], f"no NVIDIA driver or GPU found ({e}); running CPU-only"
+    try:
+        gpus, notes = [], []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            if wanted != "all" and i not in wanted:
+                continue
+            try:
+                h = pynvml.nvmlDeviceGetHandleByIndex(i)
+                name = pynvml.nvmlDeviceGetName(h)
+                gpus.append(Gpu(i, name if isinstance(name, str) else name.decode(),
+                                str(pynvml.nvmlDeviceGetUUID(h)), int(pynvml.nvmlDeviceGetMemoryInfo(h).total)))
+            except pynvml.NVMLError as e:  # a GPU that errors is skipped, the others still serve
+                notes.append(f"GPU {i} did not answer NVML ({e}); skipping it")
+        missing = [] if wanted == "all" else sorted(set(wanted) - {g.index for g in gpus})
+        summary = ", ".join(f"gpu{g.index} {g.name} {g.memory_total // 2**20} MiB" for g in gpus) or "none"
+        if missing:
+            notes.append(f"asked for GPUs {missing}, which do not exist")
+        summary = "; ".join([summary, *notes])
+        return gpus, f"GPUs found: {summary}"
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except pynvml.NVMLError:
+            pass
+
+
+@dataclass(frozen=True)
+class GpuSample:
+    """One GPU at one moment (from NVML, or from a replayed trace)."""
+
+    index: int
+    healthy: bool = True
+    util: float = 0.0  # percent of the last sample period the GPU was busy
+    memory_used: int = 0  # bytes
+    memory_total: int = 0
+    foreign_memory: int = 0  # bytes held by processes that are not ours
+    foreign_util: float = 0.0  # percent taken by processes that are not ours
+    error: str | None = None
+    processes: tuple[tuple[int, int, bool], ...] = ()  # compute processes on it: (pid, bytes, ours)
+
+    @property
+    def label(self) -> str:
+        return f"gpu{self.index}"
+
+    @property
+    def free(self) -> int:
+        return max(0, self.memory_total - self.memory_used)
+
+
+@dataclass(frozen=True)
+class HostSample:
+    """The host's CPU and memory (psutil)."""
+
+    cpu: float = 0.0  # percent over all cores
+    memory_available: int = 0
+    memory_total: int = 0
 
 
 class GpuReader(Protocol):

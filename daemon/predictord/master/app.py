@@ -12,18 +12,16 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
-from . import logs, metrics
-from .config import Config
-from .front import Front
-from .gpus import discover
-from .guard import Limits
-from .master import Master
-from .model_worker import Device
+from .. import logs, metrics
+from ..config import Config
+from ..devices import Device, TraceGpus, discover
+from ..http.front import Front
+from ..http.guard import Limits
+from ..http.safety import Tokens
+from ..scoreboard import MAX_HTTP, Scoreboard
+from .arbiter import Master
 from .notify import Notifier
 from .placement import plan_slots
-from .safety import Tokens
-from .sampler import TraceGpus
-from .scoreboard import MAX_HTTP, Scoreboard
 
 log = logging.getLogger("predictord.master")
 def preload(modules: tuple[str, ...]) -> None:
@@ -77,7 +75,7 @@ class PredictordApp(BaseApplication):  # type: ignore[misc]
         settings: dict[str, Any] = {
             "bind": [f"[{s.host}]:{s.port}" if ":" in s.host else f"{s.host}:{s.port}"],
             "workers": s.http_workers,
-            "worker_class": "predictord.http_worker.HttpWorker",
+            "worker_class": "predictord.http.worker.HttpWorker",
             "preload_app": True,
             "graceful_timeout": int(s.graceful_timeout),
             "timeout": 30,

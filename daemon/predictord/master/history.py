@@ -9,7 +9,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from .metrics import LATENCY
+from ..metrics import LATENCY
 
 WINDOW = 60.0  # seconds of "recent" in status
 KEEP = 600.0  # seconds of history for the charts

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .model_worker import Device, ModelWorker
-from .protocol import CONTROL, FrameReader, control
-from .scoreboard import Scoreboard
+from ..devices import Device
+from ..model.worker import ModelWorker
+from ..protocol import CONTROL, FrameReader, control
+from ..scoreboard import Scoreboard
 
 log = logging.getLogger("predictord.master")
 

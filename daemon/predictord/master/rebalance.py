@@ -11,39 +11,9 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+from ..devices import GpuSample, HostSample
+
 GIB = float(1 << 30)
-
-
-@dataclass(frozen=True)
-class GpuSample:
-    """One GPU at one moment (from NVML, or from a replayed trace)."""
-
-    index: int
-    healthy: bool = True
-    util: float = 0.0  # percent of the last sample period the GPU was busy
-    memory_used: int = 0  # bytes
-    memory_total: int = 0
-    foreign_memory: int = 0  # bytes held by processes that are not ours
-    foreign_util: float = 0.0  # percent taken by processes that are not ours
-    error: str | None = None
-    processes: tuple[tuple[int, int, bool], ...] = ()  # compute processes on it: (pid, bytes, ours)
-
-    @property
-    def label(self) -> str:
-        return f"gpu{self.index}"
-
-    @property
-    def free(self) -> int:
-        return max(0, self.memory_total - self.memory_used)
-
-
-@dataclass(frozen=True)
-class HostSample:
-    """The host's CPU and memory (psutil)."""
-
-    cpu: float = 0.0  # percent over all cores
-    memory_available: int = 0
-    memory_total: int = 0
 
 
 @dataclass(frozen=True)

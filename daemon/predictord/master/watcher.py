@@ -18,7 +18,7 @@ from pathlib import Path
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from .loader import is_ignored
+from ..sources import is_ignored
 
 IGNORED_EVENTS = ("opened", "closed_no_write")  # reads (ours included) change nothing
 Fingerprint = tuple[tuple[str, int, int], ...]
