@@ -25,6 +25,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from .protocol import Problem
 from .sources import ApiSource, name_problem
 
 CLASS_NAME = "PythonPredictor"
@@ -44,6 +45,9 @@ class LoadError(Exception):
 
     def as_dict(self) -> dict[str, Any]:
         return {"message": self.message, "file": self.file, "line": self.line}
+
+    def problem(self) -> Problem:
+        return Problem(self.message, self.file, self.line)
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}: " if self.file and self.line else f"{self.file}: " if self.file else ""

@@ -1,4 +1,5 @@
-"""Wire format between HTTP workers and model workers, and the master's control messages.
+"""Wire format between HTTP workers and model workers, the master's control messages, and the typed records that
+cross every process boundary (this module is the only contract between an HTTP worker and a model worker).
 
 A frame is ``u32 length | u8 kind | u64 job id | body``. Job frames carry a pickled header tuple and the request
 body: a JSON body parsed once, by the HTTP worker, and pickled (the header's content type is then None), any other
@@ -10,10 +11,15 @@ No client bytes are ever unpickled: a client's content type is a string, never N
 from __future__ import annotations
 
 import asyncio
+import json
 import pickle
 import struct
-from collections.abc import Callable
-from typing import Any
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, NamedTuple
+
+from .sources import ApiSource
 
 PREFIX = struct.Struct("!IBQ")  # length of (kind + job id + body), kind, job id
 HEADER_LEN = struct.Struct("!I")
@@ -29,6 +35,168 @@ END = 13  # a streamed response ends
 ABORT = 14  # a streamed response failed midway (body: message)
 # master <-> model worker
 CONTROL = 20
+
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class JobHeader(NamedTuple):
+    """What a JOB frame says about its request, beside the body."""
+
+    api: str
+    content_type: str | None  # None: the body is the payload the HTTP worker parsed and pickled (payload.load)
+    query_string: bytes
+    headers: Headers | None  # only when the predictor asks for them
+    request_id: str
+    timeout: float
+
+
+class ReplyHeader(NamedTuple):
+    """What a REPLY or START frame says about its response, beside the body."""
+
+    status: int
+    headers: Headers
+    version: str
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What went wrong with an API, for a person: the one error type of loads, probes, placement and requests."""
+
+    message: str
+    file: str | None = None
+    line: int | None = None
+    kind: str = ""  # "name" or "permissions" (refused before loading), else ""
+    version: str | None = None
+    at: float | None = None
+
+    def where(self) -> str:
+        """``file:line: `` or ``file: `` or nothing, to put before the message."""
+        return f"{self.file}:{self.line}: " if self.file and self.line else f"{self.file}: " if self.file else ""
+
+    def __str__(self) -> str:
+        return self.where() + self.message
+
+    def stamped(self, version: str) -> Problem:
+        """This problem, as of now, for ``version``."""
+        return Problem(self.message, self.file, self.line, self.kind, version, time.time())
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Problem:
+        return cls(str(d.get("message", "")), d.get("file"), d.get("line"), d.get("kind", ""), d.get("version"),
+                   d.get("at"))
+
+
+# -- master <-> model worker (pickled in CONTROL frames) -----------------------------------------------------------
+@dataclass(frozen=True)
+class Started:
+    """Model worker -> master: it listens for jobs."""
+
+    pid: int
+
+
+@dataclass(frozen=True)
+class Load:
+    """Master -> model worker: load this version of an API."""
+
+    source: ApiSource  # the version's snapshot
+    version: str
+    config: dict[str, Any]
+    serving: dict[str, Any]  # the API's [serving] settings, as a dict
+    api_slot: int  # its column in the scoreboard
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """Model worker -> master: a Load finished (``problem`` is None when it worked)."""
+
+    api: str
+    version: str
+    problem: Problem | None = None
+    seconds: float = 0.0
+    footprint: int = 0  # bytes the load took where it runs
+    signature: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+
+@dataclass(frozen=True)
+class Unload:
+    """Master -> model worker: stop serving an API once no job has come for a moment."""
+
+    api: str
+
+
+@dataclass(frozen=True)
+class Unloaded:
+    """Model worker -> master: an API is gone from it."""
+
+    api: str
+
+
+@dataclass(frozen=True)
+class Hung:
+    """Model worker -> master: a predict() ran far past its timeout (the worker stops beating)."""
+
+    api: str
+    seconds: float
+    request_id: str
+
+
+Control = Started | Load | Loaded | Unload | Unloaded | Hung
+
+
+# -- master -> HTTP workers: the routing table ---------------------------------------------------------------------
+class ReplicaRow(NamedTuple):
+    """A model worker that serves an API, as a row of the routing table."""
+
+    worker: int  # its slot
+    socket: str
+    threads: int  # jobs it runs at once for this API
+    version: str
+
+
+@dataclass(frozen=True)
+class Route:
+    """What an HTTP worker needs to dispatch to one API."""
+
+    slot: int  # the API's column in the scoreboard
+    replicas: tuple[ReplicaRow, ...]
+    timeout: float
+    queue_limit: int
+    wants_headers: bool
+    state: str  # ready, loading or failed
+    problem: Problem | None = None  # why it failed, when it did
+
+    @property
+    def capacity(self) -> int:
+        return sum(r.threads for r in self.replicas)
+
+
+@dataclass(frozen=True)
+class RoutingTable:
+    """The hot table every HTTP worker re-reads when the master bumps ``routes_version`` (status is elsewhere)."""
+
+    apis: dict[str, Route] = field(default_factory=dict)
+    predictors_dir: str = ""
+
+    def dumps(self) -> bytes:
+        apis = {n: {**asdict(r), "replicas": [list(x) for x in r.replicas],
+                    "problem": r.problem.as_dict() if r.problem else None} for n, r in self.apis.items()}
+        return json.dumps({"apis": apis, "predictors_dir": self.predictors_dir}).encode()
+
+    @classmethod
+    def loads(cls, data: bytes) -> RoutingTable:
+        raw = json.loads(data)
+        apis = {n: Route(a["slot"], tuple(ReplicaRow(*x) for x in a["replicas"]), a["timeout"], a["queue_limit"],
+                         a["wants_headers"], a["state"], Problem.from_dict(a["problem"]) if a["problem"] else None)
+                for n, a in raw["apis"].items()}
+        return cls(apis, raw.get("predictors_dir", ""))
 
 
 def frame(kind: int, job_id: int, *parts: bytes) -> list[bytes]:
@@ -49,7 +217,7 @@ def split_header(payload: memoryview) -> tuple[Any, bytes]:
     return pickle.loads(payload[4 : 4 + n]), bytes(payload[4 + n :])
 
 
-def control(message: dict[str, Any]) -> bytes:
+def control(message: Control) -> bytes:
     """A control message from or to the master, as one frame."""
     return b"".join(frame(CONTROL, 0, pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)))
 

@@ -11,7 +11,8 @@ Each cell has one writer, so no lock is needed (aligned 8-byte stores are atomic
 - Model worker ``m`` adds the time its jobs spent running to ``busy[m]`` (microseconds, cumulative), which the
   rebalancer's sampler turns into a busy fraction.
 - The master bumps ``routes_version`` whenever it rewrites the routing table, so an HTTP worker notices a change
-  with one memory read per request.
+  with one memory read per request, and ``status_version`` whenever it rewrites the status document (read only by
+  the slow status routes, so a status change never makes the HTTP workers re-read the routes).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ MAX_MODEL = 128
 MAX_APIS = 256
 
 _ROUTES = 0
-_BEAT = 1
+_STATUS = 1
+_BEAT = 2
 _SENT = _BEAT + MAX_MODEL
 _API = _SENT + MAX_HTTP * MAX_MODEL
 _SVC = _API + MAX_HTTP * MAX_APIS
@@ -47,6 +49,14 @@ class Scoreboard:
     def bump_routes(self) -> int:
         self.cells[_ROUTES] += 1
         return self.cells[_ROUTES]
+
+    @property
+    def status_version(self) -> int:
+        return self.cells[_STATUS]
+
+    def bump_status(self) -> int:
+        self.cells[_STATUS] += 1
+        return self.cells[_STATUS]
 
     def beat(self, model_slot: int) -> None:
         self.cells[_BEAT + model_slot] = int(time.time() * 1000)

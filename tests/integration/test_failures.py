@@ -51,6 +51,21 @@ def test_broken_predictors_report_errors_and_others_keep_serving(make_daemon: An
     assert d.post("/ok", json={}).status_code == 200
 
 
+def test_a_predictor_deleted_while_its_init_hangs_does_not_wedge_its_worker(make_daemon: Any) -> None:
+    """The load deadline holds whatever happened to the API: deleted while its __init__ hangs, its worker is still
+    killed at the deadline, so the worker's one load slot frees and an API added afterwards is served."""
+    timeout = 4
+    d = make_daemon({"hang.py": HANG}, f"[predictors]\nload_timeout = {timeout}\ndebounce = 0.2\n")
+    d.wait_for_log(r"loading API hang version \w+ on model worker 0")
+    (d.predictors / "hang.py").unlink()
+    d.wait_for_log(r"API hang was removed")
+    added = time.monotonic()
+    d.write("ok.py", OK)
+    wait_until(lambda: d.post("/ok", json={}).status_code == 200, timeout + 30, "ok to be served")
+    d.wait_for_log(rf"API hang version \w+: __init__ exceeded {timeout}s on model worker 0; killing the worker")
+    assert d.get("/hang").status_code == 404
+
+
 def test_predict_that_kills_its_worker_gets_502_and_worker_is_replaced(make_daemon: Any) -> None:
     d = make_daemon({"exit.py": EXIT, "exit.toml": '[serving]\ndevice = "cpu"\n', "ok.py": OK},
                     "[workers]\ncpu = 2\n")

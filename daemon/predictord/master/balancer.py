@@ -1,58 +1,69 @@
 """The master's rebalancer: sample devices, queues and workers every [rebalance] interval, ask the pure policy
-(``rebalance.decide``) what to change, and apply its decisions through placement, so every change is make before
-break like a reload. A mixin of the Master, kept apart so each file holds one concern."""
+(``rebalance.decide``) what to change, and turn its decisions into what is wanted (replicas, worker slots); the
+catalog re-plans from that, so every change is make before break like a reload."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
 from typing import Any
 
 from .. import metrics
 from ..config import Config
 from ..devices import Device, GpuReader, NvmlGpus, TraceGpus, read_host
 from ..scoreboard import MAX_MODEL, Scoreboard
+from .catalog import Catalog
 from .fleet import Fleet
+from .placement import WorkerSlot
 from .rebalance import ApiSample, Decision, Limits, PolicyState, Sample, WorkerSample, decide
-from .records import ApiRecord, Replica
+from .records import Events
 
 log = logging.getLogger("predictord.master")
 SERIES = 60  # samples of each device kept for the status page
 
 
 class Balancer:
-    """Samples, the policy's state and the decisions it made (the Master provides the state below)."""
+    """The model worker slots wanted on each device, the policy's samples and state, and the decisions it made."""
 
-    pconfig: Config
-    apis: dict[str, ApiRecord]
-    fleet: Fleet
-    devices: dict[int, Device]
-    scoreboard: Scoreboard
-    dirty: bool
-    replace: Callable[[], None]
-    replicas: Callable[[str], list[Replica]]
-    event: Callable[[str, str], None]
-
-    def init_balancer(self) -> None:
+    def __init__(self, config: Config, devices: dict[int, Device], catalog: Catalog, fleet: Fleet,
+                 scoreboard: Scoreboard, events: Events) -> None:
+        self.config = config
+        self.devices = devices  # slot -> device: the model workers that should run
+        self.catalog = catalog
+        self.fleet = fleet
+        self.scoreboard = scoreboard
+        self.events = events
         self.gpu_reader: GpuReader | None = None
-        self.window: deque[Sample] = deque(maxlen=self.pconfig.rebalance.window)
+        self.window: deque[Sample] = deque(maxlen=config.rebalance.window)
         self.policy = PolicyState()
-        self.next_rebalance = 0.0
+        self.next_tick = 0.0
         self.extra_slots: set[int] = set()  # model worker slots the policy added
         self.drained: set[str] = set()  # GPUs the policy took out of service
         self.busy_seen: dict[int, tuple[float, float]] = {}  # slot -> (when, busy seconds) at the last sample
         self.decisions: deque[dict[str, Any]] = deque(maxlen=30)
         self.device_series: dict[str, deque[tuple[float, float]]] = {}
+        self.changed = False
+
+    def configure(self, config: Config, devices: dict[int, Device]) -> None:
+        """A reloaded config: its slots (drained GPUs stay out, added slots that went stay gone) and its sampler."""
+        self.config = config
+        self.devices = {s: d for s, d in devices.items() if d.label not in self.drained}
+        self.extra_slots &= set(self.devices)
+        self.start_sampler()
+        self.catalog.needs_plan = True
+
+    def slots(self) -> list[WorkerSlot]:
+        """The wanted model workers, as placement sees them."""
+        return [WorkerSlot(s, d.kind, d.label) for s, d in self.devices.items()]
 
     def start_sampler(self) -> None:
         """The GPU reader: the configured trace, else NVML when there are GPUs; none for a CPU-only host."""
         if self.gpu_reader is not None:
             self.gpu_reader.close()
             self.gpu_reader = None
-        self.window = deque(self.window, maxlen=self.pconfig.rebalance.window)
-        trace = self.pconfig.gpu_trace
+        self.window = deque(self.window, maxlen=self.config.rebalance.window)
+        trace = self.config.gpu_trace
         indices = sorted({d.index for d in self.devices.values() if d.kind == "gpu" and d.index is not None})
         if trace is not None:
             self.gpu_reader = TraceGpus(trace)
@@ -64,32 +75,34 @@ class Balancer:
                 log.error("rebalance: NVML did not start (%s); GPUs are not sampled", e)
 
     def limits(self) -> Limits:
-        r, w = self.pconfig.rebalance, self.pconfig.workers
+        r, w = self.config.rebalance, self.config.workers
         return Limits(window=r.window, cooldown=r.cooldown, idle_after=r.idle_after, queue_high=r.queue_high,
                       gpu_spare=r.gpu_spare, foreign_util=r.foreign_util, foreign_memory=r.foreign_memory,
                       headroom=r.headroom_mib << 20, cpu_busy=r.cpu_busy, cpu_workers_max=max(w.cpu, w.cpu_max),
                       gpu_workers_max=w.gpu_max)
 
-    def rebalance_tick(self) -> None:
+    def due_in(self, now: float) -> float:
+        return max(0.0, self.next_tick - now)
+
+    def tick(self, now: float) -> None:
         """Every interval: one sample, the policy's decisions, and each applied and logged with its reason."""
-        now = time.monotonic()
-        if now < self.next_rebalance:
+        if now < self.next_tick:
             return
-        self.next_rebalance = now + self.pconfig.rebalance.interval
+        self.next_tick = now + self.config.rebalance.interval
         sample = self.take_sample()
         self.window.append(sample)
         for gpu in sample.gpus:
             series = self.device_series.setdefault(gpu.label, deque(maxlen=SERIES))
             series.append((round(sample.at, 1), gpu.util))
         self.device_series.setdefault("host", deque(maxlen=SERIES)).append((round(sample.at, 1), sample.host.cpu))
-        self.export_devices(sample)  # the routes carry the devices at the next publish (every 5 s at least)
-        if any(r.settings is not None and not r.placement for r in self.apis.values()):
-            self.replace()  # an API that fit nowhere may fit now
-        if not self.pconfig.rebalance.enabled:
+        self.export_devices(sample)  # the status document carries the devices at the next publish
+        if self.catalog.unplaced():
+            self.catalog.needs_plan = True  # an API that fit nowhere may fit now
+        if not self.config.rebalance.enabled:
             return
         decisions, self.policy = decide(list(self.window), self.policy, self.limits())
         for decision in decisions:
-            self.apply_decision(decision)
+            self.apply(decision)
 
     # -- sampling --------------------------------------------------------------------------------------------------
     def take_sample(self) -> Sample:
@@ -97,7 +110,7 @@ class Balancer:
         ours = {h.pid for h in self.fleet.workers.values()}
         gpus = self.gpu_reader.read(ours) if self.gpu_reader is not None else []
         placed: dict[int, list[str]] = {}
-        for name, record in self.apis.items():
+        for name, record in self.catalog.apis.items():
             for slot in record.placement:
                 placed.setdefault(slot, []).append(name)
         workers = []
@@ -107,20 +120,20 @@ class Balancer:
             self.busy_seen[slot] = (now, busy_now)
             handle = self.fleet.workers.get(slot)
             names = tuple(sorted(placed.get(slot, ())))
-            service = [self.scoreboard.service(slot, self.apis[n].slot) for n in names]
+            service = [self.scoreboard.service(slot, self.catalog.apis[n].slot) for n in names]
             workers.append(WorkerSample(slot, device.label, names,
                                         (busy_now - before) / (now - when) if now > when else 0.0,
                                         slot in self.extra_slots, handle.pid if handle else 0,
                                         self.scoreboard.outstanding(slot), sum(service) / max(1, len(service))))
         has_gpu = any(d.kind == "gpu" for d in self.devices.values())
         apis = []
-        for name, record in sorted(self.apis.items()):
+        for name, record in sorted(self.catalog.apis.items()):
             if record.settings is None:
                 continue
             serving = record.settings.serving
             kind = serving.device if serving.device != "any" else ("gpu" if has_gpu else "cpu")
-            replicas = self.replicas(name)
-            service = [self.scoreboard.service(r.slot, record.slot) for r in replicas]
+            replicas = self.fleet.replicas(name)
+            service = [self.scoreboard.service(r.worker, record.slot) for r in replicas]
             apis.append(ApiSample(name, kind, record.placement, len(replicas),
                                   self.scoreboard.api_outstanding(record.slot), sum(r.threads for r in replicas),
                                   record.footprint, serving.replicas, serving.max_replicas,
@@ -139,8 +152,9 @@ class Balancer:
         m.device_memory.labels("host", "total").set(sample.host.memory_total)
 
     # -- applying decisions ----------------------------------------------------------------------------------------
-    def apply_decision(self, d: Decision) -> None:
-        record = self.apis.get(d.api) if d.api else None
+    def apply(self, d: Decision) -> None:
+        """A decision changes what is wanted (replicas, worker slots); the catalog re-plans from it."""
+        record = self.catalog.apis.get(d.api) if d.api else None
         if d.action in ("add", "move", "remove") and record is None:
             return
         if d.action == "refuse":
@@ -154,22 +168,21 @@ class Balancer:
             if slot is None:
                 return
             kept = [s for s in record.placement if d.action == "add" or s != d.slot]
-            record.placement = tuple(sorted({*kept, slot}))
-            record.scale = len(record.placement)
-            record.rebalance_note = None
+            steer = tuple(sorted({*kept, slot}))
+            self.catalog.want(record.name, len(steer), steer)
         elif record is not None and d.action == "remove":
-            record.placement = tuple(s for s in record.placement if s != d.slot)
-            record.scale = len(record.placement)
+            steer = tuple(s for s in record.placement if s != d.slot)
+            self.catalog.want(record.name, len(steer), steer, record.rebalance_note)
         elif d.action == "drain" and d.device:
             self.drained.add(d.device)
             for slot in [s for s, dev in self.devices.items() if dev.label == d.device]:
                 del self.devices[slot]
                 self.extra_slots.discard(slot)
-            self.replace()
+            self.catalog.needs_plan = True
         elif d.action == "restore" and d.device:
             self.drained.discard(d.device)
             self.add_worker(d.device, extra=False)
-            self.replace()
+            self.catalog.needs_plan = True
         elif d.action == "retire" and d.slot is not None:
             self.devices.pop(d.slot, None)
             self.extra_slots.discard(d.slot)
@@ -177,8 +190,8 @@ class Balancer:
         self.decisions.append({"at": round(time.time(), 3), "action": d.action, "api": d.api, "device": d.device,
                                "text": d.text()})
         if d.action != "refuse":
-            self.event("rebalance", d.text())
-        self.dirty = True
+            self.events.add("rebalance", d.text())
+        self.changed = True
 
     def add_worker(self, label: str, extra: bool = True) -> int | None:
         """A new model worker slot on ``label`` (cpu, gpu0, ...); the master's loop spawns it."""
@@ -193,16 +206,10 @@ class Balancer:
             self.extra_slots.add(free[0])
         return free[0]
 
-    def forget_dropped_slots(self) -> None:
-        """After a config reload re-planned the slots: drained GPUs stay out, added slots that went stay gone."""
-        for slot in [s for s, d in self.devices.items() if d.label in self.drained]:
-            del self.devices[slot]
-        self.extra_slots &= set(self.devices)
-
     def gpu_room(self) -> dict[str, int]:
         """Memory a new replica may take on each GPU in service: free at the last sample, less the headroom."""
         last = self.window[-1] if self.window else None
-        headroom = self.pconfig.rebalance.headroom_mib << 20
+        headroom = self.config.rebalance.headroom_mib << 20
         return {g.label: g.free - headroom for g in (last.gpus if last else ()) if g.label not in self.drained}
 
     def worker_load(self, slot: int) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The model worker processes as the master sees them: spawning, control messages, exit statuses."""
+"""The model worker processes as the master sees them: spawning, control messages, exits, deadlines and the
+restarts that follow."""
 
 from __future__ import annotations
 
@@ -8,20 +9,29 @@ import pickle
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+import psutil
+
+from .. import metrics
 from ..devices import Device
 from ..model.worker import ModelWorker
-from ..protocol import CONTROL, FrameReader, control
+from ..protocol import CONTROL, Control, FrameReader, Hung, Loaded, Started, Unloaded, control
 from ..scoreboard import Scoreboard
+from .reconcile import WorkerView
+from .records import Replica
 
 log = logging.getLogger("predictord.master")
 
 EXIT_CODES = {0: "exited cleanly", 1: "crashed (see its traceback above)"}
 MAX_BACKOFF = 10.0
+KILLED_BY_US = {
+    "heartbeat": "was killed by the daemon: it sent no heartbeat within [workers] heartbeat_timeout",
+    "load_timeout": "was killed by the daemon: a load ran past [predictors] load_timeout",
+    "memory": "was killed by the daemon: its memory passed [workers] max_rss_mib",
+}
 
 
 def describe_exit(status: int | None) -> str:
@@ -58,14 +68,14 @@ class ModelWorkerHandle:
     socket_path: str
     spawned_at: float
     started_at: float = field(default_factory=time.time)  # wall clock, for uptime in status
-    up: bool = False  # it has said "started"
+    up: bool = False  # it has said Started
     stopping: bool = False
     kill_reason: str = ""  # why the master ended it: heartbeat, load_timeout, memory, retired
     loaded: dict[str, str] = field(default_factory=dict)  # API -> version serving
     loading: dict[str, tuple[str, float]] = field(default_factory=dict)  # API -> (version, deadline)
     unloading: set[str] = field(default_factory=set)
-    threads: dict[str, int] = field(default_factory=dict)
-    inbox: list[dict[str, Any]] = field(default_factory=list)  # control messages read, not yet handled
+    threads: dict[str, int] = field(default_factory=dict)  # API -> jobs it runs at once
+    inbox: list[Control] = field(default_factory=list)  # control messages read, not yet handled
 
     def __post_init__(self) -> None:
         self.reader = FrameReader(self._frame)
@@ -74,16 +84,20 @@ class ModelWorkerHandle:
         if kind == CONTROL:
             self.inbox.append(pickle.loads(payload))
 
-    def send(self, message: dict[str, Any]) -> bool:
+    def send(self, message: Control) -> bool:
         try:
             self.ctl.sendall(control(message))
             return True
         except OSError:
             return False
 
+    def view(self, configured: bool) -> WorkerView:
+        return WorkerView(self.slot, configured, self.up, self.stopping, dict(self.loaded), dict(self.loading),
+                          frozenset(self.unloading))
+
 
 class Fleet:
-    """Spawns model workers in their slots and reads what they say."""
+    """Spawns model workers in their slots, reads what they say, and reaps and replaces them."""
 
     def __init__(self, scoreboard: Scoreboard, runtime: Path, torch_threads: int,
                  close_in_child: Callable[[], None]) -> None:
@@ -94,9 +108,16 @@ class Fleet:
         self.workers: dict[int, ModelWorkerHandle] = {}
         self.generation = 0
         self.deaths: dict[int, list[float]] = {}  # slot -> recent death times, for back-off
+        self.respawn_at: dict[int, float] = {}  # slot -> monotonic time it may be spawned again
+        self.restarts: dict[int, int] = {}  # slot -> unplanned exits
+        self.changed = True
 
+    def __iter__(self) -> Iterator[ModelWorkerHandle]:
+        return iter(list(self.workers.values()))
+
+    # -- processes -------------------------------------------------------------------------------------------------
     def spawn(self, slot: int, device: Device) -> ModelWorkerHandle:
-        """Fork a model worker into ``slot``; it reports "started" on its control channel when it listens."""
+        """Fork a model worker into ``slot``; it reports Started on its control channel when it listens."""
         self.generation += 1
         path = str(self.runtime / f"model-{slot}-{self.generation}.sock")
         ours, theirs = socket.socketpair()
@@ -113,10 +134,22 @@ class Fleet:
         handle = ModelWorkerHandle(slot, device, pid, ours, path, time.monotonic())
         self.workers[slot] = handle
         self.scoreboard.beat(slot)
+        self.changed = True
         log.info("spawned model worker %d (%s) pid %d", slot, device.label, pid)
         return handle
 
-    def read(self, handle: ModelWorkerHandle) -> list[dict[str, Any]]:
+    def spawn_missing(self, devices: Mapping[int, Device], now: float) -> None:
+        """A worker for every wanted slot that has none, once its back-off (if any) has passed."""
+        for slot, device in devices.items():
+            if slot not in self.workers and now >= self.respawn_at.get(slot, 0.0):
+                self.spawn(slot, device)
+
+    def next_respawn(self, devices: Mapping[int, Device]) -> float | None:
+        """When the earliest backed-off respawn is due (monotonic), if one is waiting."""
+        due = [t for slot, t in self.respawn_at.items() if slot in devices and slot not in self.workers]
+        return min(due) if due else None
+
+    def read(self, handle: ModelWorkerHandle) -> list[Control]:
         """Messages waiting on a worker's control channel ([] and EOF look alike; reaping tells them apart)."""
         try:
             data = handle.ctl.recv(65536, socket.MSG_DONTWAIT)
@@ -126,6 +159,24 @@ class Fleet:
             handle.reader.feed(data)
         messages, handle.inbox = handle.inbox, []
         return messages
+
+    def note(self, handle: ModelWorkerHandle, m: Control) -> None:
+        """What a worker's message changes about the worker itself (the catalog hears about the APIs)."""
+        self.changed = True
+        if isinstance(m, Started):
+            handle.up = True
+            log.info("model worker %d (%s) pid %d is up", handle.slot, handle.device.label, handle.pid)
+        elif isinstance(m, Loaded):
+            handle.loading.pop(m.api, None)
+            if m.ok:
+                handle.loaded[m.api] = m.version
+        elif isinstance(m, Unloaded):
+            handle.loaded.pop(m.api, None)
+            handle.unloading.discard(m.api)
+        elif isinstance(m, Hung):
+            log.error("model worker %d (%s) pid %d: API %s predict() has run %.0fs (request %s); it will be "
+                      "replaced when its heartbeat times out", handle.slot, handle.device.label, handle.pid,
+                      m.api, m.seconds, m.request_id)
 
     def backoff(self, slot: int) -> float:
         """Seconds to wait before respawning a slot that keeps dying (0 for the first death in a minute)."""
@@ -153,15 +204,74 @@ class Fleet:
                 gone.append((handle, status))
         return gone
 
-    def kill(self, handle: ModelWorkerHandle, sig: int) -> None:
+    def exited(self, handle: ModelWorkerHandle, status: int | None, stopping: bool) -> str:
+        """Log a worker's exit, count it, and plan its respawn; returns what happened, in words."""
+        how = KILLED_BY_US.get(handle.kill_reason) or describe_exit(status)
+        level = logging.INFO if handle.stopping or stopping else logging.ERROR
+        log.log(level, "model worker %d (%s) pid %d %s", handle.slot, handle.device.label, handle.pid, how)
+        if not stopping:
+            # Back off only from a worker that died starting or loading (a crash loop); one that was serving comes
+            # back at once, however often it is killed (OOM killer, max_rss_mib, a hang, an operator).
+            serving = handle.up and not handle.loading
+            self.respawn_at[handle.slot] = time.monotonic() + (0.0 if serving else self.backoff(handle.slot))
+            if handle.kill_reason != "retired":
+                metrics.get().restarts.labels("model", handle.kill_reason or exit_cause(status)).inc()
+                self.restarts[handle.slot] = self.restarts.get(handle.slot, 0) + 1
+        metrics.process_gone(handle.pid)
+        self.changed = True
+        return how
+
+    def kill(self, handle: ModelWorkerHandle, sig: int, reason: str = "") -> None:
+        """Signal a worker; with a ``reason`` (heartbeat, load_timeout, memory, retired) it is one we end."""
+        if reason:
+            handle.stopping = True
+            handle.kill_reason = reason
+            self.changed = True
         try:
             os.kill(handle.pid, sig)
         except ProcessLookupError:
             pass
 
+    # -- policing --------------------------------------------------------------------------------------------------
+    def murder_silent(self, limit: float) -> None:
+        """A worker whose heartbeat is older than ``limit`` seconds (hung, or stopped) is killed and replaced."""
+        now = time.time()
+        for handle in self:
+            silent = now - self.scoreboard.last_beat(handle.slot)
+            if silent > limit and not handle.stopping:
+                log.error("model worker %d (%s) pid %d sent no heartbeat for %.0fs; killing it", handle.slot,
+                          handle.device.label, handle.pid, silent)
+                self.kill(handle, signal.SIGKILL, "heartbeat")
+
+    def murder_fat(self, limit_mib: int) -> None:
+        """[workers] max_rss_mib: a worker whose resident memory passed it is killed and replaced."""
+        for handle in self if limit_mib else ():
+            try:
+                rss = psutil.Process(handle.pid).memory_info().rss
+            except psutil.Error:
+                continue  # gone already: reaping will say why
+            if rss > limit_mib * 2**20 and not handle.stopping:
+                log.error("model worker %d (%s) pid %d uses %d MiB, over [workers] max_rss_mib = %d; killing it "
+                          "(APIs: %s)", handle.slot, handle.device.label, handle.pid, rss >> 20, limit_mib,
+                          ", ".join(sorted(handle.loaded)) or "none")
+                self.kill(handle, signal.SIGKILL, "memory")
+
+    # -- what they serve -------------------------------------------------------------------------------------------
+    def replicas(self, name: str) -> list[Replica]:
+        """The workers that take an API's jobs now."""
+        return [Replica(h.slot, h.pid, h.device.label, h.socket_path, h.loaded[name], h.threads.get(name, 1))
+                for h in self.workers.values() if name in h.loaded and name not in h.unloading and not h.stopping]
+
+    def in_use(self) -> set[tuple[str, str]]:
+        """(API, version) pairs loaded or loading on some worker."""
+        out = set()
+        for h in self.workers.values():
+            out |= set(h.loaded.items()) | {(name, version) for name, (version, _) in h.loading.items()}
+        return out
+
     def stop_all(self, timeout: float) -> None:
         """SIGTERM every model worker, wait for them to drain, SIGKILL what is left."""
-        for handle in self.workers.values():
+        for handle in self:
             handle.stopping = True
             self.kill(handle, signal.SIGTERM)
         deadline = time.monotonic() + timeout
@@ -170,10 +280,10 @@ class Fleet:
                 log.info("model worker %d (%s) pid %d stopped: %s", handle.slot, handle.device.label, handle.pid,
                          describe_exit(status))
             time.sleep(0.05)
-        for handle in list(self.workers.values()):
+        for handle in self:
             log.warning("model worker %d pid %d did not stop in %.0fs; killing it", handle.slot, handle.pid, timeout)
             self.kill(handle, signal.SIGKILL)
         deadline = time.monotonic() + 5
         while self.workers and time.monotonic() < deadline:
             self.reap()
-            time.sleep(0.01)
+            time.sleep(0.05)

@@ -1,17 +1,19 @@
-"""The master's record of each API, and the routing table it publishes to the HTTP workers."""
+"""The master's records: each API (what it wants served, where, what went wrong), the replicas that serve it, and
+the recent events a person looking at `predictord status` wants to see."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ..config import ApiSettings
+from ..protocol import Problem, ReplicaRow, Route
 from ..sources import ApiSource
+
+Target = tuple[str, ApiSource, ApiSettings]  # version, its snapshot, its settings
 
 
 @dataclass
@@ -24,54 +26,67 @@ class ApiRecord:
     version: str  # the newest version seen on disk
     settings: ApiSettings | None = None  # None until the version passed its probe
     signature: dict[str, Any] | None = None
-    placement: tuple[int, ...] = ()
+    placement: tuple[int, ...] = ()  # written by Catalog.plan only
     probing: bool = False
-    error: dict[str, Any] | None = None  # the last failure: message, file, line, version
+    error: Problem | None = None  # the last failure
     note: str | None = None
     failed_versions: set[str] = field(default_factory=set)
     loaded_at: dict[str, float] = field(default_factory=dict)  # version -> when its first replica became ready
     origin: ApiSource | None = None  # the user's files (``source`` is the snapshot that probes and workers use)
-    good: tuple[str, ApiSource, ApiSettings] | None = None  # the newest version that loaded: a fallback
+    good: Target | None = None  # the newest version that loaded: a fallback
     scale: int | None = None  # replicas the rebalancer wants (None: [serving] replicas)
+    steer: tuple[int, ...] | None = None  # workers the rebalancer asked for; the next plan starts from them
     footprint: int = 0  # bytes its last load took where it runs (GPU memory on a GPU, else host memory)
     rebalance_note: str | None = None  # why the rebalancer could not give it what it needed
 
-    def target(self) -> tuple[str, ApiSource, ApiSettings] | None:
+    def target(self) -> Target | None:
         """What a worker should load now: the newest version, or while it is broken or being checked, the last
         version that loaded (None: nothing loadable yet)."""
         if self.settings is not None and not self.probing and self.version not in self.failed_versions:
             return self.version, self.source, self.settings
         return self.good
 
-    def user_paths(self, error: dict[str, Any]) -> dict[str, Any]:
-        """An error whose file (and message) name the snapshot, pointed at the user's files instead."""
-        message = str(error.get("message", ""))
+    def user_paths(self, problem: Problem) -> Problem:
+        """A problem whose file (and message) name the snapshot, pointed at the user's files instead."""
+        message = problem.message
         if self.source.home is not None:
             message = message.replace(str(self.source.root), str(self.source.home))
-        return {**error, "file": self.source.original(error.get("file")), "message": message}
+        return dataclasses.replace(problem, file=self.source.original(problem.file), message=message)
 
     @property
     def user_source(self) -> ApiSource:
         """The user's files (for messages), not the snapshot."""
         return self.origin or self.source
 
-    def fail(self, error: dict[str, Any], version: str | None = None) -> None:
-        self.error = {**error, "version": version or self.version, "at": time.time()}
-        self.failed_versions.add(version or self.version)
-        if self.good is not None and self.good[0] == (version or self.version):
+    def fail(self, problem: Problem, version: str | None = None) -> None:
+        version = version or self.version
+        self.error = problem.stamped(version)
+        self.failed_versions.add(version)
+        if self.good is not None and self.good[0] == version:
             self.good = None  # the fallback itself failed (a replacement worker could not load it)
+
+    def replicas_wanted(self) -> int:
+        """[serving] replicas, or what the rebalancer gave it, within max_replicas."""
+        serving = self.settings.serving if self.settings else None
+        if serving is None:
+            return 1
+        wanted = max(serving.replicas, self.scale or 0)
+        return min(wanted, max(serving.replicas, serving.max_replicas)) if serving.max_replicas else wanted
 
 
 @dataclass(frozen=True)
 class Replica:
     """A model worker that has an API loaded and takes its jobs."""
 
-    slot: int
+    worker: int
     pid: int
     device: str
     socket: str
     version: str
     threads: int
+
+    def row(self) -> ReplicaRow:
+        return ReplicaRow(self.worker, self.socket, self.threads, self.version)
 
 
 def api_state(record: ApiRecord, replicas: list[Replica]) -> str:
@@ -95,32 +110,39 @@ def api_status(record: ApiRecord, replicas: list[Replica]) -> dict[str, Any]:
             "serving": live,
             "loaded_at": {v: record.loaded_at.get(v) for v in live},
         },
-        "source": str((record.origin or record.source).code),
-        "replicas": [{"worker": r.slot, "pid": r.pid, "device": r.device, "version": r.version} for r in replicas],
+        "source": str(record.user_source.code),
+        "replicas": [{"worker": r.worker, "pid": r.pid, "device": r.device, "version": r.version} for r in replicas],
         "placement": list(record.placement),
         "signature": record.signature,
         "serving": serving,
-        "error": record.error,
+        "error": record.error.as_dict() if record.error else None,
         "note": record.note,
         "rebalance": {"replicas": record.scale, "footprint": record.footprint, "note": record.rebalance_note},
     }
 
 
-def route(record: ApiRecord, replicas: list[Replica]) -> dict[str, Any]:
-    """What an HTTP worker needs to dispatch to an API, plus its status document."""
+def route(record: ApiRecord, replicas: list[Replica]) -> Route:
+    """What an HTTP worker needs to dispatch to an API."""
     serving = record.settings.serving if record.settings else None
-    return {
-        "slot": record.slot,
-        "replicas": [[r.slot, r.socket, r.threads, r.version] for r in replicas],
-        "timeout": serving.timeout if serving else 60.0,
-        "queue_limit": serving.queue_limit if serving else 0,
-        "wants_headers": any("headers" in ((record.signature or {}).get(m) or ()) for m in ("predict", "post_predict")),
-        "status": api_status(record, replicas),
-    }
+    signature = record.signature or {}
+    return Route(
+        slot=record.slot,
+        replicas=tuple(r.row() for r in replicas),
+        timeout=serving.timeout if serving else 60.0,
+        queue_limit=serving.queue_limit if serving else 0,
+        wants_headers=any("headers" in (signature.get(m) or ()) for m in ("predict", "post_predict")),
+        state=api_state(record, replicas),
+        problem=record.error,
+    )
 
 
-def write_routes(path: Path, routes: dict[str, Any]) -> None:
-    """Replace the routing table atomically (readers never see half a file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(routes, default=str))
-    os.replace(tmp, path)
+class Events:
+    """Recent loads, reloads, failures, restarts and rebalancing, for `predictord status` and the page."""
+
+    def __init__(self, keep: int = 50) -> None:
+        self.recent: deque[dict[str, Any]] = deque(maxlen=keep)
+        self.changed = False
+
+    def add(self, kind: str, text: str) -> None:
+        self.recent.append({"at": round(time.time(), 3), "kind": kind, "text": text})
+        self.changed = True

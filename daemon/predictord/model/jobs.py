@@ -23,7 +23,20 @@ from starlette.exceptions import HTTPException
 from .. import metrics
 from .. import payload as pl
 from ..loader import Signature
-from ..protocol import ABORT, CANCEL, CHUNK, END, JOB, REPLY, START, FrameProtocol, split_header, with_header
+from ..protocol import (
+    ABORT,
+    CANCEL,
+    CHUNK,
+    END,
+    JOB,
+    REPLY,
+    START,
+    FrameProtocol,
+    JobHeader,
+    ReplyHeader,
+    split_header,
+    with_header,
+)
 
 log = logging.getLogger("predictord.model")
 JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -36,7 +49,7 @@ class Job:
 
     conn: JobConnection
     job_id: int
-    header: tuple[Any, ...]  # api, content type, query string, headers or None, request id, timeout
+    header: JobHeader
     body: bytes
     arrived: float = 0.0
     started: float = 0.0
@@ -45,7 +58,7 @@ class Job:
 
     @property
     def request_id(self) -> str:
-        return str(self.header[4])
+        return self.header.request_id
 
 
 @dataclass
@@ -114,7 +127,7 @@ class JobConnection(FrameProtocol):
 
     def reply(self, job_id: int, status: int, headers: list[pl.Header], body: bytes, version: str = "") -> None:
         if not self.closed:
-            self.send(REPLY, job_id, *with_header((status, headers, version), body))
+            self.send(REPLY, job_id, *with_header(ReplyHeader(status, headers, version), body))
 
 
 def offer(names: tuple[str, ...], payload: Any, query: bytes, headers: Any, response: Any = None) -> dict[str, Any]:
@@ -167,9 +180,9 @@ class JobRunner:
         return lambda: JobConnection(self)
 
     def submit(self, job: Job) -> None:
-        api = self.apis.get(job.header[0])
+        api = self.apis.get(job.header.api)
         if api is None:
-            reply = error_reply(503, f"API {job.header[0]!r} is not loaded on this worker; retry", job)
+            reply = error_reply(503, f"API {job.header.api!r} is not loaded on this worker; retry", job)
             job.conn.reply(job.job_id, reply.status, reply.headers + [(b"retry-after", b"1")], reply.body)
             return
         job.arrived = api.last_job = time.monotonic()
@@ -257,7 +270,7 @@ class JobRunner:
 
     # -- one request ----------------------------------------------------------------------------------------------
     async def _answer(self, api: LoadedApi, job: Job) -> None:
-        _, content_type, query, headers, _, _ = job.header
+        content_type, query, headers = job.header.content_type, job.header.query_string, job.header.headers
         result: Any = None
         payload: Any = None
         try:
@@ -279,7 +292,7 @@ class JobRunner:
             self.loop.run_in_executor(api.executor, self._post_predict, api, job, payload, result)
 
     def _predict_sync(self, api: LoadedApi, job: Job, payload: Any) -> tuple[Any, pl.Reply]:
-        _, _, query, headers, _, _ = job.header
+        query, headers = job.header.query_string, job.header.headers
         started = time.perf_counter()
         try:
             result = api.instance.predict(**offer(api.signature.predict_args, payload, query, headers))
@@ -288,7 +301,7 @@ class JobRunner:
             api.observe(time.perf_counter() - started)
 
     def _post_predict(self, api: LoadedApi, job: Job, payload: Any, result: Any) -> None:
-        _, _, query, headers, _, _ = job.header
+        query, headers = job.header.query_string, job.header.headers
         try:
             api.instance.post_predict(**offer(api.signature.post_predict_args or (), payload, query, headers, result))
         except Exception:  # noqa: BLE001 - the response is gone already; the log is the only place for this
@@ -298,7 +311,7 @@ class JobRunner:
         """Send a generator's parts as they come; a failure midway aborts the response; a client that left (or an
         HTTP worker gone) stops it, and the generator is closed so that its cleanup runs."""
         conn, job_id = job.conn, job.job_id
-        conn.send(START, job_id, *with_header((reply.status, reply.headers, api.version)))
+        conn.send(START, job_id, *with_header(ReplyHeader(reply.status, reply.headers, api.version)))
         stream = reply.stream
         finished = False
         try:
@@ -350,7 +363,7 @@ class JobRunner:
         payloads: list[Any] = []
         for job in batch:
             try:
-                payloads.append(await pl.load(job.header[1], job.body))
+                payloads.append(await pl.load(job.header.content_type, job.body))
                 good.append(job)
             except pl.BadPayload as e:
                 self._send(api, job, error_reply(400, str(e), job))
@@ -391,9 +404,9 @@ class JobRunner:
             if name == "payload":
                 args[name] = payloads
             elif name == "query_params":
-                args[name] = [QueryParams(j.header[2]) for j in jobs]
+                args[name] = [QueryParams(j.header.query_string) for j in jobs]
             elif name == "headers":
-                args[name] = [Headers(raw=j.header[3] or []) for j in jobs]
+                args[name] = [Headers(raw=j.header.headers or []) for j in jobs]
         return args
 
     def _send(self, api: LoadedApi, job: Job, reply: pl.Reply) -> None:

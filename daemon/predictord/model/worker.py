@@ -24,9 +24,8 @@ import psutil
 from .. import logs, metrics
 from ..devices import Device
 from ..loader import LoadError, instantiate, load_class, modules_under
-from ..protocol import CONTROL, FrameReader, control
+from ..protocol import CONTROL, Control, FrameReader, Hung, Load, Loaded, Started, Unload, Unloaded, control
 from ..scoreboard import Scoreboard
-from ..sources import ApiSource
 from .jobs import JobRunner, LoadedApi
 
 log = logging.getLogger("predictord.model")
@@ -95,7 +94,7 @@ class ModelWorker:
         reader = FrameReader(self._control_frame)
         self.loop.add_reader(self.ctl.fileno(), self._read_control, reader)
         self.scoreboard.beat(self.slot)
-        self._tell_master({"op": "started", "pid": os.getpid()})
+        self._tell_master(Started(os.getpid()))
         while not self.stopping:
             self._beat()
             metrics.tally.flush()
@@ -129,8 +128,7 @@ class ModelWorker:
                 if now - job.started > api.timeout + HUNG_GRACE:
                     if not job.reported:
                         job.reported = True
-                        self._tell_master({"op": "hung", "api": api.name, "seconds": round(now - job.started, 1),
-                                           "request_id": job.header[4]})
+                        self._tell_master(Hung(api.name, round(now - job.started, 1), job.request_id))
                     return
         self.scoreboard.beat(self.slot)
 
@@ -147,7 +145,7 @@ class ModelWorker:
             return
         reader.feed(data)
 
-    def _tell_master(self, message: dict[str, Any]) -> None:
+    def _tell_master(self, message: Control) -> None:
         try:
             self.ctl.setblocking(True)
             self.ctl.sendall(control(message))
@@ -160,23 +158,21 @@ class ModelWorker:
         if kind != CONTROL:
             return
         message = pickle.loads(payload)
-        op = message["op"]
-        if op == "load":
+        if isinstance(message, Load):
             self.loop.create_task(self._load(message))
-        elif op == "unload":
-            self.loop.create_task(self._unload(message["api"]))
+        elif isinstance(message, Unload):
+            self.loop.create_task(self._unload(message.api))
 
-    async def _load(self, m: dict[str, Any]) -> None:
-        source: ApiSource = m["source"]
+    async def _load(self, m: Load) -> None:
+        source = m.source
         started = time.monotonic()
         before = self._memory()
         try:
             api = await self.loop.run_in_executor(self.loader, self._load_blocking, m)
         except LoadError as e:
             log.error("model worker %s: API %s version %s failed to load: %s", self.device.label, source.name,
-                      m["version"], e)
-            self._tell_master({"op": "loaded", "api": source.name, "version": m["version"], "ok": False,
-                               "error": e.as_dict()})
+                      m.version, e)
+            self._tell_master(Loaded(source.name, m.version, e.problem()))
             return
         old = self.apis.get(api.name)
         if old is None:
@@ -188,8 +184,7 @@ class ModelWorker:
         footprint = max(0, self._memory() - before)
         log.info("model worker %s (pid %d): API %s version %s loaded in %.2fs", self.device.label, os.getpid(),
                  api.name, api.version, seconds)
-        self._tell_master({"op": "loaded", "api": api.name, "version": api.version, "ok": True,
-                           "seconds": seconds, "signature": api.signature.as_dict(), "footprint": footprint})
+        self._tell_master(Loaded(api.name, api.version, None, seconds, footprint, api.signature.as_dict()))
 
     def _memory(self) -> int:
         """What a load costs where it matters: torch's reserved GPU memory on a GPU, else resident host memory."""
@@ -198,20 +193,20 @@ class ModelWorker:
             return int(torch.cuda.memory_reserved())
         return int(psutil.Process().memory_info().rss)
 
-    def _load_blocking(self, m: dict[str, Any]) -> LoadedApi:
-        source: ApiSource = m["source"]
-        module_name = f"predictord_api_{source.name.replace('-', '_')}_{m['version']}"
+    def _load_blocking(self, m: Load) -> LoadedApi:
+        source = m.source
+        module_name = f"predictord_api_{source.name.replace('-', '_')}_{m.version}"
         before = set(sys.modules)
         cls, signature = load_class(source, module_name)
         modules = {n: sys.modules[n] for n in set(sys.modules) - before
                    if n == module_name or (source.folder is not None and n in modules_under(source.folder))}
-        instance = instantiate(cls, signature, source, m["config"], self.device.torch_device)
-        serving = m["serving"]
+        instance = instantiate(cls, signature, source, m.config, self.device.torch_device)
+        serving = m.serving
         threads = serving["threads"]
-        return LoadedApi(source.name, m["version"], instance, signature, threads, serving["timeout"],
+        return LoadedApi(source.name, m.version, instance, signature, threads, serving["timeout"],
                          ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"predict-{source.name}"),
                          max_batch_size=serving["max_batch_size"], batch_wait=serving["batch_wait_ms"] / 1000,
-                         slot=m["slot"], modules=modules)
+                         slot=m.api_slot, modules=modules)
 
     async def _unload(self, name: str) -> None:
         api = self.apis.get(name)
@@ -224,7 +219,7 @@ class ModelWorker:
             if self.apis.get(name) is api:
                 del self.apis[name]
             await self._retire(api)
-        self._tell_master({"op": "unloaded", "api": name})
+        self._tell_master(Unloaded(name))
 
     async def _retire(self, api: LoadedApi) -> None:
         """Let an API's accepted jobs finish, then drop its instance and give its memory back."""
