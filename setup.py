@@ -21,7 +21,6 @@ setup(
         "psutil>=7",
         "nvidia-ml-py>=13",
         "watchdog>=7",
-        "tomli-w>=1.0",
         "prometheus-client>=0.20",
     ],
     extras_require={"test": ["pytest>=8", "httpx>=0.28", "ruff>=0.8", "mypy>=1.13", "types-psutil",

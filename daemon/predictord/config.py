@@ -1,7 +1,7 @@
 """The daemon's settings (config.toml) and an API's settings (NAME.toml), as typed, validated data.
 
 Each option is defined once, with its default and help text; the same definition feeds validation, the error
-messages, ``predictord --help-config`` and the README's table.
+messages, ``predictord options`` and the README's table.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Request bodies into payloads, and predictor results into responses.
 
-JSON bodies are parsed in the HTTP worker (``parse_body``), which sends the parsed payload pickled
-(``pack``/``unpack``): parsing is most of a small model's cost per request, and the HTTP workers run beside each
+JSON bodies are parsed in the HTTP worker (``parse_json``), which sends the parsed payload pickled (``pack``; the
+model worker's ``load`` unpickles it): parsing is most of a small model's cost per request, and the HTTP workers run beside each
 other while one model worker runs every request of its APIs. Forms and other bodies are parsed in the model worker.
 """
 
@@ -159,7 +159,7 @@ def _headers(media: str, extra: list[Header] | None = None) -> list[Header]:
 
 
 def to_reply(result: Any) -> Reply:
-    """A predictor's return value as a response, following the contract in DESIGN.md section 1."""
+    """A predictor's return value as a response, following the contract (README, "Writing a predictor")."""
     if isinstance(result, StreamingResponse):
         return Reply(result.status_code, list(result.raw_headers), stream=aiter(result.body_iterator))
     if isinstance(result, Response):
