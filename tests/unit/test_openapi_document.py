@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from predictord.http.openapi import document
 
-ROUTES = {"apis": {"b": {"status": {"serving": {"timeout": 2.5}}}, "a": {"status": {}}}}
+ROUTES = {"apis": {"b": {"serving": {"timeout": 2.5}}, "a": {}}}  # a status document: GET /NAME per API
 
 
 def test_one_post_and_get_per_api_beside_the_own_routes() -> None:

@@ -1,5 +1,5 @@
 """The daemon's HTTP surface as an OpenAPI 3.1 document (``GET /openapi.json``): its own routes, and one
-``POST /NAME`` and ``GET /NAME`` per API in the routing table."""
+``POST /NAME`` and ``GET /NAME`` per API in the status document."""
 
 from __future__ import annotations
 
@@ -69,8 +69,8 @@ def _own(summary: str, ok: dict[str, Any], extra: dict[str, Any] | None = None) 
     return {"get": {"summary": summary, "tags": ["daemon"], "responses": {"200": ok, **(extra or {})}}}
 
 
-def document(routes: dict[str, Any], predict_token: bool = False, admin_token: bool = False) -> dict[str, Any]:
-    """The OpenAPI document for the current routing table (and which routes ask for a bearer token)."""
+def document(status: dict[str, Any], predict_token: bool = False, admin_token: bool = False) -> dict[str, Any]:
+    """The OpenAPI document for the APIs of the status document (and which routes ask for a bearer token)."""
     paths: dict[str, Any] = {
         "/": _own("Every API and model worker (JSON; a browser asking for HTML gets the status page).",
                   _json("The daemon's status.", {"type": "object", "required": ["apis", "workers"]}),
@@ -84,8 +84,8 @@ def document(routes: dict[str, Any], predict_token: bool = False, admin_token: b
         "/openapi.json": _own("This document.", _json("OpenAPI 3.1.", {"type": "object"}),
                               {"401": _error(ERROR_CODES["401"])}),
     }
-    for name, route in sorted(routes.get("apis", {}).items()):
-        paths[f"/{name}"] = {"post": _predict(name, route.get("status") or {}), "get": _status(name)}
+    for name, api in sorted(status.get("apis", {}).items()):
+        paths[f"/{name}"] = {"post": _predict(name, api or {}), "get": _status(name)}
     bearer: list[dict[str, list[str]]] = [{"bearer": []}]
     for path, operations in paths.items():
         for method, operation in operations.items():
