@@ -96,7 +96,7 @@ class PredictordApp(BaseApplication):  # type: ignore[misc]
         preload(self.pconfig.workers.preload)
         s = self.pconfig.server
         tokens = Tokens(self.pconfig.token("auth_token_file"), self.pconfig.token("admin_token_file"))
-        return Front(self.scoreboard, self.runtime / "routes.json", s.max_body_bytes, s.access_log,
+        return Front(self.scoreboard, self.runtime, s.max_body_bytes, s.access_log,
                      Limits(s.max_header_bytes, s.read_timeout), tokens)
 
 
