@@ -1,0 +1,130 @@
+"""The dispatcher in-process: the choice of a replica from typed rows, the queue count, and jobs over a real Unix
+socket to a fake model worker that speaks the wire protocol."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from predictord.http.dispatch import Dispatcher, WorkerLost
+from predictord.protocol import (
+    CANCEL,
+    JOB,
+    REPLY,
+    START,
+    FrameProtocol,
+    JobHeader,
+    ReplicaRow,
+    ReplyHeader,
+    Route,
+    split_header,
+    with_header,
+)
+from predictord.scoreboard import Scoreboard
+
+HEADER = JobHeader("echo", None, b"", None, "rid", 1.0)
+
+
+def test_one_replica_is_chosen_without_looking() -> None:
+    only = ReplicaRow(3, "/run/m3.sock", 2, "v1")
+    assert Dispatcher(Scoreboard(), 0).choose((only,), 0) is only
+
+
+def test_the_replica_that_finishes_first_is_chosen() -> None:
+    board = Scoreboard()
+    slow, fast = ReplicaRow(0, "/run/m0.sock", 1, "v1"), ReplicaRow(1, "/run/m1.sock", 1, "v1")
+    board.set_service(0, 5, 0.010)
+    board.set_service(1, 5, 0.001)
+    dispatcher = Dispatcher(board, 0)
+    assert {dispatcher.choose((slow, fast), 5) for _ in range(4)} == {fast}
+    board.add(0, 1, 5, +20)  # 20 jobs ahead on the fast one: 21 ms there, 10 ms on the slow one
+    assert dispatcher.choose((slow, fast), 5) is slow
+
+
+def test_threads_divide_the_jobs_ahead() -> None:
+    board = Scoreboard()
+    one, four = ReplicaRow(0, "/a", 1, "v1"), ReplicaRow(1, "/b", 4, "v1")
+    board.add(0, 0, 0, +2)
+    board.add(0, 1, 0, +4)  # 2 ahead on one thread, 1 per thread on four: the same service time
+    assert Dispatcher(board, 0).choose((one, four), 0) is four
+
+
+def test_queued_is_outstanding_beyond_capacity() -> None:
+    board = Scoreboard()
+    route = Route(7, (ReplicaRow(0, "/a", 2, "v1"), ReplicaRow(1, "/b", 3, "v1")), 1.0, 10, False, "ready")
+    assert Dispatcher(board, 0).queued(route) == -5
+    board.add(0, 0, 7, +8)
+    assert Dispatcher(board, 0).queued(route) == 3
+
+
+class FakeModel(FrameProtocol):
+    """A model worker that answers each job as ``answer`` says and records what it was sent."""
+
+    def __init__(self, answer: Callable[[FakeModel, int, JobHeader, bytes], None], seen: list[object]) -> None:
+        super().__init__()
+        self.answer = answer
+        self.seen = seen
+
+    def frame_received(self, kind: int, job_id: int, payload: memoryview) -> None:
+        if kind == JOB:
+            header, body = split_header(payload)
+            self.seen.append(header)
+            self.answer(self, job_id, header, body)
+        else:
+            self.seen.append(kind)
+
+
+async def exchange(tmp_path: Path, answer: Callable[[FakeModel, int, JobHeader, bytes], None],
+                   timeout: float = 2.0) -> tuple[object, list[object], int]:
+    """One job through a Dispatcher to a fake model worker: what submit gave (or raised), what the worker saw, and
+    the jobs still outstanding on the scoreboard."""
+    seen: list[object] = []
+    path = str(tmp_path / "m0.sock")
+    server = await asyncio.get_running_loop().create_unix_server(lambda: FakeModel(answer, seen), path)
+    board = Scoreboard()
+    dispatcher = Dispatcher(board, 0)
+    try:
+        _, got = await dispatcher.submit(ReplicaRow(0, path, 1, "v1"), 4, HEADER, b"body", timeout)
+        result: object = got
+    except (TimeoutError, WorkerLost) as e:
+        result = e
+    await asyncio.sleep(0.05)  # let a CANCEL reach the worker
+    server.close()
+    return result, seen, board.api_outstanding(4)
+
+
+@pytest.mark.parametrize("typed", [True, False], ids=["ReplyHeader", "plain tuple"])
+def test_a_reply_arrives_as_a_reply_header(tmp_path: Path, typed: bool) -> None:
+    def answer(conn: FakeModel, job_id: int, header: JobHeader, body: bytes) -> None:
+        head = (201, [(b"content-type", b"text/plain")], "v1")
+        conn.send(REPLY, job_id, *with_header(ReplyHeader(*head) if typed else head, body.upper()))
+
+    got, seen, outstanding = asyncio.run(exchange(tmp_path, answer))
+    assert seen == [HEADER] and isinstance(seen[0], JobHeader) and outstanding == 0
+    assert got == (ReplyHeader(201, [(b"content-type", b"text/plain")], "v1"), b"BODY")
+    assert isinstance(got[0], ReplyHeader)  # type: ignore[index]
+
+
+def test_a_stream_start_has_no_body(tmp_path: Path) -> None:
+    def answer(conn: FakeModel, job_id: int, header: JobHeader, body: bytes) -> None:
+        conn.send(START, job_id, *with_header(ReplyHeader(200, [], "v2")))
+
+    got, _, outstanding = asyncio.run(exchange(tmp_path, answer))
+    assert got == (ReplyHeader(200, [], "v2"), None) and outstanding == 1, "until the stream's END"
+
+
+def test_a_deadline_cancels_the_job_on_the_worker(tmp_path: Path) -> None:
+    got, seen, outstanding = asyncio.run(exchange(tmp_path, lambda *_: None, timeout=0.05))
+    assert isinstance(got, TimeoutError) and seen == [HEADER, CANCEL]
+    assert outstanding == 1, "counted until the worker answers: it may be running it"
+
+
+def test_a_worker_that_closes_fails_its_jobs(tmp_path: Path) -> None:
+    def answer(conn: FakeModel, job_id: int, header: JobHeader, body: bytes) -> None:
+        conn.transport.close()
+
+    got, _, outstanding = asyncio.run(exchange(tmp_path, answer))
+    assert isinstance(got, WorkerLost) and "model worker 0 exited" in str(got) and outstanding == 0

@@ -1,0 +1,379 @@
+"""The HTTP front in-process (starlette's TestClient way, with httpx's ASGI transport): routing, payload parsing and
+every answer, against a fake dispatcher and a routing table and status document written by the test."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from predictord.http.dispatch import Dispatcher, PendingJob, WorkerLost
+from predictord.http.front import Front
+from predictord.http.published import ROUTES_FILE, STATUS_FILE, Published
+from predictord.http.routes import status_body
+from predictord.http.safety import OUTSIDE, Tokens
+from predictord.protocol import JobHeader, Problem, ReplicaRow, ReplyHeader, Route, RoutingTable
+from predictord.scoreboard import Scoreboard
+
+PREDICTORS = "/srv/predictors"
+JSON_OK = ReplyHeader(200, [(b"content-type", b"application/json")], "v1")
+ECHO = Route(slot=0, replicas=(ReplicaRow(0, "/run/m0.sock", 1, "v1"),), timeout=2.0, queue_limit=4,
+             wants_headers=False, state="ready")
+Canned = Any  # (ReplyHeader, body), (ReplyHeader, [stream parts]), or an exception to raise
+
+
+class FakeDispatcher(Dispatcher):
+    """Answers each job with the next canned reply (a body, a list of stream parts) or raises it."""
+
+    def __init__(self, scoreboard: Scoreboard) -> None:
+        super().__init__(scoreboard, 0)
+        self.canned: list[Canned] = []
+        self.jobs: list[tuple[ReplicaRow, JobHeader, bytes, float]] = []
+
+    async def submit(self, replica: ReplicaRow, api_slot: int, header: JobHeader, body: bytes, timeout: float,
+                     on_lost: Any = None) -> tuple[PendingJob, Any]:
+        self.jobs.append((replica, header, body, timeout))
+        answer = self.canned.pop(0)
+        if isinstance(answer, BaseException):
+            raise answer
+        reply, out = answer
+        job = PendingJob(api_slot, asyncio.get_running_loop().create_future(), None, len(self.jobs))  # type: ignore
+        if isinstance(out, list):
+            job.stream = asyncio.Queue()
+            for part in [*out, None]:
+                job.stream.put_nowait(part)
+            return job, (reply, None)
+        return job, (reply, out)
+
+
+class Daemon:
+    """A Front as the master would make it, with what the master would publish, written by the test."""
+
+    def __init__(self, runtime: Path, max_body: int = 1000, tokens: Tokens | None = None,
+                 published: bool = True) -> None:
+        self.runtime = runtime
+        self.board = Scoreboard()
+        self.dispatcher = FakeDispatcher(self.board)
+        self.front = Front(self.board, runtime, max_body, tokens=tokens, dispatcher=self.dispatcher)
+        if published:
+            self.publish({"echo": ECHO})
+            self.publish_status(ready=True)
+
+    def publish(self, apis: dict[str, Route]) -> None:
+        (self.runtime / ROUTES_FILE).write_bytes(RoutingTable(apis, PREDICTORS).dumps())
+        self.board.bump_routes()
+
+    def publish_status(self, ready: bool = False, apis: dict[str, Any] | None = None, **daemon: Any) -> None:
+        document = {"apis": apis or {"echo": {"name": "echo", "state": "ready", "serving": {"timeout": 2.0}}},
+                    "workers": [{"slot": 0, "pid": 1, "apis": {"echo": "v1"}}], "series": {}, "devices": [],
+                    "events": [{"at": 1.0, "kind": "load", "text": "echo loaded from /etc/private/x.py"}],
+                    "decisions": [], "daemon": {"pid": 1, "started_at": 1.0, "predictors_dir": PREDICTORS,
+                                                "ready": ready, "not_ready": {}, "workers_down": [], **daemon}}
+        (self.runtime / STATUS_FILE).write_text(json.dumps(document))
+        self.board.bump_status()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        return asyncio.run(self.during(method, path, lambda: None, **kwargs))
+
+    async def during(self, method: str, path: str, meanwhile: Callable[[], Any], after: float = 0.1,
+                     **kwargs: Any) -> httpx.Response:
+        """One request, with ``meanwhile`` run ``after`` seconds into it (the master publishing, say)."""
+        asyncio.get_running_loop().call_later(after, meanwhile)
+        transport = httpx.ASGITransport(app=self.front)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8080") as client:
+            return await client.request(method, path, **kwargs)
+
+
+@pytest.fixture
+def d(tmp_path: Path) -> Daemon:
+    return Daemon(tmp_path)
+
+
+def error_of(response: httpx.Response) -> str:
+    body = response.json()
+    assert body["request_id"] == response.headers["x-request-id"], "every error names its request"
+    message: str = body["error"]
+    return message
+
+
+# -- POST /NAME ----------------------------------------------------------------------------------------------------
+def test_a_json_body_is_parsed_here_and_the_answer_relayed(d: Daemon) -> None:
+    d.dispatcher.canned.append((JSON_OK, b'{"y":2}'))
+    r = d.request("POST", "/echo?k=v", json={"x": 1}, headers={"X-Request-ID": "abc"})
+    assert r.status_code == 200 and r.json() == {"y": 2}
+    assert r.headers["x-request-id"] == "abc" and r.headers["x-predictor-version"] == "v1"
+    assert r.headers["content-length"] == "7"
+    replica, header, body, timeout = d.dispatcher.jobs[0]
+    assert replica == ECHO.replicas[0]
+    assert header == JobHeader("echo", None, b"k=v", None, "abc", 2.0), "None: the body is the parsed payload"
+    assert pickle.loads(body) == {"x": 1}
+    assert 0 < timeout <= 2.0
+
+
+def test_other_bodies_go_as_they_came_and_headers_only_when_asked(d: Daemon) -> None:
+    d.publish({"echo": Route(0, ECHO.replicas, 2.0, 4, True, "ready")})
+    d.dispatcher.canned.append((ReplyHeader(201, [(b"content-length", b"2")], ""), b"ok"))
+    r = d.request("POST", "/echo", content=b"raw", headers={"content-type": "text/plain"})
+    assert r.status_code == 201 and r.text == "ok" and "x-predictor-version" not in r.headers
+    header = d.dispatcher.jobs[0][1]
+    assert header.content_type == "text/plain" and d.dispatcher.jobs[0][2] == b"raw"
+    assert header.headers is not None and (b"content-type", b"text/plain") in header.headers
+    assert len(header.request_id) == 32, "a request without X-Request-ID gets one"
+
+
+def test_a_stream_is_relayed_part_by_part(d: Daemon) -> None:
+    d.dispatcher.canned.append((ReplyHeader(200, [(b"content-type", b"text/plain")], "v1"), [b"a", b"b", b"c"]))
+    r = d.request("POST", "/echo", content=b"")
+    assert r.status_code == 200 and r.text == "abc" and "content-length" not in r.headers
+
+
+def test_malformed_json_is_a_400_here(d: Daemon) -> None:
+    r = d.request("POST", "/echo", content=b'{"x": ', headers={"content-type": "application/json",
+                                                                "x-request-id": "bad-1"})
+    assert r.status_code == 400 and r.json()["request_id"] == "bad-1" and error_of(r)
+    assert not d.dispatcher.jobs, "a malformed body never reaches a model worker"
+
+
+def test_an_unknown_api_is_a_404_that_points_at_the_list(d: Daemon) -> None:
+    for method, path in (("POST", "/nope"), ("GET", "/nope"), ("POST", "/echo/more"), ("DELETE", "/nope")):
+        r = d.request(method, path)
+        assert r.status_code == 404, (method, path)
+        assert error_of(r) == f"no API named {path[1:]!r} at {path}; GET / lists the APIs"
+
+
+def test_a_body_over_max_body_is_a_413_that_closes(d: Daemon) -> None:
+    too_much = b"x" * 1001
+    r = d.request("POST", "/echo", content=too_much)  # Content-Length says so: refused before reading
+    assert r.status_code == 413 and r.headers["connection"] == "close"
+    assert error_of(r) == "the request body is over 1000 bytes ([server] max_body_bytes)"
+
+    async def chunks() -> Any:  # no Content-Length: refused once the parts pass the bound
+        for _ in range(3):
+            yield b"x" * 400
+
+    r = d.request("POST", "/echo", content=chunks())
+    assert r.status_code == 413 and r.headers["connection"] == "close"
+    assert not d.dispatcher.jobs
+
+
+def test_a_failed_api_is_a_503_naming_file_and_line_redacted(d: Daemon) -> None:
+    problem = Problem("cannot open /etc/private/key: denied", f"{PREDICTORS}/bad.py", 7)
+    d.publish({"bad": Route(1, (), 2.0, 4, False, "failed", problem)})
+    r = d.request("POST", "/bad", json={})
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert error_of(r) == f"API 'bad' failed to load: {PREDICTORS}/bad.py:7: cannot open {OUTSIDE}: denied"
+
+
+def test_a_loading_api_is_waited_for(d: Daemon) -> None:
+    d.publish({"echo": Route(0, (), 2.0, 4, False, "loading")})
+    d.dispatcher.canned.append((JSON_OK, b"{}"))
+    r = asyncio.run(d.during("POST", "/echo", lambda: d.publish({"echo": ECHO}), json={}))
+    assert r.status_code == 200 and len(d.dispatcher.jobs) == 1
+
+
+def test_an_api_still_loading_at_its_deadline_is_a_503(d: Daemon) -> None:
+    d.publish({"echo": Route(0, (), 0.2, 4, False, "loading")})
+    r = d.request("POST", "/echo", json={})
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert error_of(r) == "API 'echo' is loading; retry shortly"
+
+
+def test_a_full_queue_is_a_503_with_retry_after(d: Daemon) -> None:
+    d.board.add(0, 0, ECHO.slot, +5)  # 1 running on the one thread, 4 queued: queue_limit reached
+    r = d.request("POST", "/echo", json={})
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert error_of(r) == "API 'echo' has 4 requests queued ([serving] queue_limit); retry later"
+    assert not d.dispatcher.jobs
+
+
+def test_a_deadline_passed_is_a_504(d: Daemon) -> None:
+    d.dispatcher.canned += [TimeoutError(), (ReplyHeader(504, [], "v1"), b"")]
+    r = d.request("POST", "/echo", json={})
+    assert r.status_code == 504 and error_of(r) == "API 'echo' did not answer within 2s ([serving] timeout)"
+    r = d.request("POST", "/echo", json={})  # the model worker dropped it from its queue, past the deadline
+    assert r.status_code == 504 and error_of(r) == "API 'echo' did not answer in time"
+
+
+def test_a_worker_lost_is_a_502(d: Daemon) -> None:
+    d.dispatcher.canned.append(WorkerLost("model worker 0 exited while handling this request"))
+    r = d.request("POST", "/echo", json={})
+    assert r.status_code == 502
+    assert error_of(r) == ("API 'echo': model worker 0 exited while handling this request; the worker is being "
+                           "replaced")
+
+
+def test_a_refused_connection_waits_for_routes_without_that_worker(d: Daemon) -> None:
+    moved = Route(0, (ReplicaRow(1, "/run/m1.sock", 1, "v1"),), 2.0, 4, False, "ready")
+    d.dispatcher.canned += [ConnectionRefusedError(111, "Connection refused"), (JSON_OK, b"{}")]
+    r = asyncio.run(d.during("POST", "/echo", lambda: d.publish({"echo": moved}), json={}))
+    assert r.status_code == 200
+    assert [job[0].socket for job in d.dispatcher.jobs] == ["/run/m0.sock", "/run/m1.sock"]
+
+
+def test_a_refused_connection_with_no_other_worker_is_a_503(d: Daemon) -> None:
+    d.publish({"echo": Route(0, ECHO.replicas, 0.2, 4, False, "ready")})
+    d.dispatcher.canned.append(ConnectionRefusedError(111, "Connection refused"))
+    r = d.request("POST", "/echo", json={})
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert error_of(r) == "API 'echo': its model worker is not reachable (Connection refused); retry"
+
+
+def test_while_draining_every_answer_closes_its_connection(d: Daemon) -> None:
+    d.front.draining = True
+    d.dispatcher.canned.append((JSON_OK, b"{}"))
+    assert d.request("POST", "/echo", json={}).headers["connection"] == "close"
+    assert d.request("GET", "/healthz").headers["connection"] == "close"
+
+
+# -- tokens and methods --------------------------------------------------------------------------------------------
+@pytest.fixture
+def locked(tmp_path: Path) -> Daemon:
+    return Daemon(tmp_path, tokens=Tokens(predict=b"predict-token", admin=b"admin-token"))
+
+
+def test_predict_asks_for_its_token(locked: Daemon) -> None:
+    r = locked.request("POST", "/echo", json={})
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    assert error_of(r) == ("this route needs the bearer token of [server] auth_token_file: send 'Authorization: "
+                           "Bearer TOKEN'")
+    admin = locked.request("POST", "/echo", json={}, headers={"authorization": "Bearer admin-token"})
+    assert admin.status_code == 401, "each surface has its own token"
+    locked.dispatcher.canned.append((JSON_OK, b"{}"))
+    assert locked.request("POST", "/echo", json={}, headers={"authorization": "Bearer predict-token"}).is_success
+
+
+def test_status_routes_ask_for_the_admin_token_and_probes_do_not(locked: Daemon) -> None:
+    for path in ("/", "/metrics", "/openapi.json", "/echo"):
+        r = locked.request("GET", path)
+        assert r.status_code == 401 and "admin_token_file" in error_of(r), path
+    for path in ("/healthz", "/readyz"):
+        assert locked.request("GET", path).status_code == 200, path
+    r = locked.request("GET", "/echo", headers={"authorization": "Bearer admin-token"})
+    assert r.status_code == 200 and r.json()["name"] == "echo"
+
+
+def test_a_wrong_method_is_a_405_with_allow(locked: Daemon) -> None:
+    for method, path in (("POST", "/"), ("PUT", "/healthz"), ("DELETE", "/metrics"), ("POST", "/openapi.json")):
+        r = locked.request(method, path)
+        assert r.status_code == 405 and r.headers["allow"] == "GET", (method, path)
+        assert error_of(r) == f"{path} answers GET only"
+    r = locked.request("PUT", "/echo")
+    assert r.status_code == 405 and r.headers["allow"] == "GET, POST"
+    assert error_of(r) == "/echo answers POST (predict) and GET (status)"
+
+
+# -- the handler table ---------------------------------------------------------------------------------------------
+def test_healthz(d: Daemon) -> None:
+    r = d.request("GET", "/healthz", headers={"x-request-id": "probe"})
+    assert r.status_code == 200 and r.json()["status"] == "ok" and r.headers["x-request-id"] == "probe"
+
+
+def test_readyz_says_why_not(d: Daemon) -> None:
+    assert d.request("GET", "/readyz").json() == {"ready": True}
+    d.publish_status(ready=False, not_ready={"b": "failed", "a": "loading"}, workers_down=[1])
+    r = d.request("GET", "/readyz")
+    assert r.status_code == 503
+    assert r.json() == {"ready": False, "error": "API a is loading; API b is failed; model worker 1 is not up",
+                        "not_ready": {"b": "failed", "a": "loading"}}
+
+
+def test_before_the_master_published_anything(tmp_path: Path) -> None:
+    d = Daemon(tmp_path, published=False)
+    r = d.request("GET", "/readyz")
+    assert r.status_code == 503 and r.json()["error"] == "the daemon is starting"
+    assert d.request("POST", "/echo", json={}).status_code == 404
+    assert d.request("GET", "/").json()["apis"] == {}
+
+
+def test_get_name_is_the_status_document_plus_outstanding_redacted(d: Daemon) -> None:
+    error = {"message": "failed reading /etc/private/key", "file": f"{PREDICTORS}/echo.py", "line": 3}
+    d.publish_status(apis={"echo": {"name": "echo", "state": "ready", "error": error}})
+    d.board.add(0, 0, ECHO.slot, +2)
+    r = d.request("GET", "/echo")
+    assert r.status_code == 200
+    assert r.json() == {"name": "echo", "state": "ready", "outstanding": 2,
+                        "error": {**error, "message": f"failed reading {OUTSIDE}"}}
+    assert d.request("HEAD", "/echo").status_code == 200
+
+
+def test_get_root_is_the_status_document_redacted_or_the_page(d: Daemon) -> None:
+    body = d.request("GET", "/").json()
+    assert list(body) == ["apis", "workers", "devices", "decisions", "events", "daemon", "series"]
+    assert body["events"][0]["text"] == f"echo loaded from {OUTSIDE}"
+    page = d.request("GET", "/", headers={"accept": "text/html,*/*"})
+    assert page.headers["content-type"] == "text/html; charset=utf-8" and page.headers["cache-control"] == "no-cache"
+    assert page.text.startswith("<!doctype html>")
+
+
+def test_admin_status_only_on_the_unix_socket_and_unredacted(d: Daemon) -> None:
+    assert d.request("GET", "/admin/status").status_code == 404, "over TCP it names no API"
+    messages: list[dict[str, Any]] = []
+    scope = {"type": "http", "method": "GET", "path": "/admin/status", "headers": [], "query_string": b"",
+             "server": ("/run/predictord/admin.sock", None)}
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+
+    asyncio.run(d.front(scope, receive, send))
+    assert messages[0]["status"] == 200
+    body = json.loads(messages[1]["body"])
+    assert body["events"][0]["text"] == "echo loaded from /etc/private/x.py", "the host's own tool sees it all"
+    assert body == status_body(json.loads((d.runtime / STATUS_FILE).read_text()))
+
+
+def test_openapi_lists_the_apis_of_the_status_document(d: Daemon) -> None:
+    doc = d.request("GET", "/openapi.json").json()
+    assert "/echo" in doc["paths"] and "Requests past 2s get 504." in doc["paths"]["/echo"]["post"]["description"]
+
+
+def test_metrics_has_the_live_rows(d: Daemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    d.board.add(0, 0, ECHO.slot, +3)
+    r = d.request("GET", "/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert 'predictord_in_flight_requests{api="echo"} 3.0' in r.text
+    assert 'predictord_queued_requests{api="echo"} 2.0' in r.text
+
+
+def test_lifespan_starts_and_stops(d: Daemon) -> None:
+    async def run() -> list[str]:
+        inbox: asyncio.Queue[dict[str, str]] = asyncio.Queue()
+        for kind in ("lifespan.startup", "lifespan.shutdown"):
+            inbox.put_nowait({"type": kind})
+        sent: list[str] = []
+
+        async def send(message: dict[str, str]) -> None:
+            sent.append(message["type"])
+
+        await d.front({"type": "lifespan"}, inbox.get, send)
+        return sent
+
+    assert asyncio.run(run()) == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+
+
+# -- the published files -------------------------------------------------------------------------------------------
+def test_each_file_is_re_read_only_when_its_counter_moved(tmp_path: Path) -> None:
+    board = Scoreboard()
+    published = Published(board, tmp_path)
+    assert published.routes() == RoutingTable() and published.status()["daemon"]["ready"] is False
+    (tmp_path / ROUTES_FILE).write_bytes(RoutingTable({"echo": ECHO}, PREDICTORS).dumps())
+    (tmp_path / STATUS_FILE).write_text(json.dumps({"apis": {}, "daemon": {"ready": True}}))
+    first = published.routes()
+    assert first.apis == {"echo": ECHO}, "the first read takes whatever is there"
+    board.bump_status()
+    assert published.status()["daemon"]["ready"] is True
+    (tmp_path / ROUTES_FILE).write_bytes(RoutingTable({}, PREDICTORS).dumps())
+    board.bump_status()
+    assert published.routes() is first, "a status change does not make the routes be re-read"
+    board.bump_routes()
+    assert published.routes().apis == {}
+
