@@ -1,8 +1,9 @@
 """Request bodies into payloads, and predictor results into responses.
 
 JSON bodies are parsed in the HTTP worker (``parse_json``), which sends the parsed payload pickled (``pack``; the
-model worker's ``load`` unpickles it): parsing is most of a small model's cost per request, and the HTTP workers run beside each
-other while one model worker runs every request of its APIs. Forms and other bodies are parsed in the model worker.
+model worker's ``load`` unpickles it): parsing is most of a small model's cost per request, and the HTTP workers run
+beside each other while one model worker runs every request of its APIs. Forms and other bodies are parsed in the
+model worker.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ No client bytes are ever unpickled: a client's content type is a string, never N
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import pickle
 import struct
@@ -173,8 +174,9 @@ class Route:
     state: str  # ready, loading or failed
     problem: Problem | None = None  # why it failed, when it did
 
-    @property
+    @functools.cached_property
     def capacity(self) -> int:
+        """Jobs its replicas run at once (computed once per table: it is read on every request)."""
         return sum(r.threads for r in self.replicas)
 
 
@@ -205,9 +207,10 @@ def frame(kind: int, job_id: int, *parts: bytes) -> list[bytes]:
     return [PREFIX.pack(size, kind, job_id), *parts]
 
 
-def with_header(header: Any, body: bytes = b"") -> tuple[bytes, bytes, bytes]:
-    """A pickled header, its length, and the body: the payload of JOB, REPLY and START frames."""
-    h = pickle.dumps(header, protocol=pickle.HIGHEST_PROTOCOL)
+def with_header(header: tuple[Any, ...], body: bytes = b"") -> tuple[bytes, bytes, bytes]:
+    """A pickled header, its length, and the body: the payload of JOB, REPLY and START frames. A typed header goes
+    as a plain tuple (a NamedTuple pickles by class, ~3.5 us more each way); the reader rebuilds it with ``_make``."""
+    h = pickle.dumps(tuple(header), protocol=pickle.HIGHEST_PROTOCOL)
     return HEADER_LEN.pack(len(h)), h, body
 
 

@@ -59,7 +59,6 @@ def test_a_predictor_deleted_while_its_init_hangs_does_not_wedge_its_worker(make
     d.wait_for_log(r"loading API hang version \w+ on model worker 0")
     (d.predictors / "hang.py").unlink()
     d.wait_for_log(r"API hang was removed")
-    added = time.monotonic()
     d.write("ok.py", OK)
     wait_until(lambda: d.post("/ok", json={}).status_code == 200, timeout + 30, "ok to be served")
     d.wait_for_log(rf"API hang version \w+: __init__ exceeded {timeout}s on model worker 0; killing the worker")

@@ -117,7 +117,7 @@ class JobConnection(FrameProtocol):
     def frame_received(self, kind: int, job_id: int, payload: memoryview) -> None:
         if kind == JOB:
             header, body = split_header(payload)
-            self.runner.submit(Job(self, job_id, header, body))
+            self.runner.submit(Job(self, job_id, JobHeader._make(header), body))
         elif kind == CANCEL:
             self.runner.cancel(self, job_id)
 
