@@ -4,6 +4,7 @@ socket to a fake model worker that speaks the wire protocol."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -71,6 +72,7 @@ class FakeModel(FrameProtocol):
     def frame_received(self, kind: int, job_id: int, payload: memoryview) -> None:
         if kind == JOB:
             header, body = split_header(payload)
+            header = JobHeader._make(header)  # typed headers cross the wire as plain tuples
             self.seen.append(header)
             self.answer(self, job_id, header, body)
         else:
@@ -91,7 +93,10 @@ async def exchange(tmp_path: Path, answer: Callable[[FakeModel, int, JobHeader, 
         result: object = got
     except (TimeoutError, WorkerLost) as e:
         result = e
-    await asyncio.sleep(0.05)  # let a CANCEL reach the worker
+    if isinstance(result, TimeoutError):  # the dispatcher sends CANCEL: wait for the worker to read it
+        deadline = time.monotonic() + 10
+        while CANCEL not in seen and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
     server.close()
     return result, seen, board.api_outstanding(4)
 
