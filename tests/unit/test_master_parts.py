@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import socket
 import time
 from collections.abc import Iterator
@@ -18,10 +19,24 @@ from predictord.master.fleet import Fleet, ModelWorkerHandle
 from predictord.master.notify import Notifier
 from predictord.master.publisher import DaemonInfo, Publisher
 from predictord.master.rebalance import Decision
+from predictord.master.reconcile import LoadApi, UnloadApi
 from predictord.master.records import ApiRecord, Events
-from predictord.protocol import Hung, Loaded, Problem, RoutingTable, Started, Unloaded
+from predictord.protocol import (
+    CONTROL,
+    FrameReader,
+    Hung,
+    Load,
+    Loaded,
+    Problem,
+    RoutingTable,
+    Started,
+    Unload,
+    Unloaded,
+)
 from predictord.scoreboard import Scoreboard
 from predictord.sources import source_for
+
+THEIRS: dict[int, socket.socket] = {}  # the worker's end of each stand-in control channel
 
 
 @pytest.fixture
@@ -54,7 +69,7 @@ def api(catalog: Catalog, tmp_path: Path, name: str, version: str = "v1", replic
 def worker(fleet: Fleet, slot: int) -> ModelWorkerHandle:
     """A worker as the fleet tracks one, with a real control channel and no process behind it."""
     ours, theirs = socket.socketpair()
-    theirs.close()
+    THEIRS[slot] = theirs
     handle = ModelWorkerHandle(slot, Device("cpu"), 40000 + slot, ours, f"/tmp/model-{slot}.sock", time.monotonic())
     fleet.workers[slot] = handle
     return handle
@@ -165,3 +180,25 @@ def test_publisher_rewrites_routes_only_when_routing_changes(parts, tmp_path: Pa
     assert board.routes_version == routes_v + 1
     row = RoutingTable.loads((tmp_path / "routes.json").read_bytes()).apis["a"].replicas[0]
     assert (row.worker, row.socket, row.version) == (handle.slot, handle.socket_path, "v1")
+
+
+def received(slot: int) -> list[object]:
+    """The control messages a stand-in worker was sent."""
+    got: list[object] = []
+    reader = FrameReader(lambda kind, _, body: got.append(pickle.loads(body)) if kind == CONTROL else None)
+    reader.feed(THEIRS[slot].recv(65536))
+    return got
+
+
+def test_fleet_carries_out_reconciles_loads_and_unloads(parts, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    catalog, fleet, _, _, _ = parts
+    record = api(catalog, tmp_path, "a")
+    handle = worker(fleet, 0)
+    fleet.carry_out(LoadApi(0, "a", "v1"), catalog, 30.0)
+    [load] = received(0)
+    assert isinstance(load, Load) and load.version == "v1" and load.api_slot == record.slot
+    assert handle.loading["a"][0] == "v1" and handle.threads["a"] == 1
+    handle.loading.clear()
+    handle.loaded["a"] = "v1"
+    fleet.carry_out(UnloadApi(0, "a"), catalog, 30.0)
+    assert received(0) == [Unload("a")] and handle.unloading == {"a"}

@@ -8,7 +8,6 @@ publisher. The master never imports predictor code and never touches CUDA.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import select
@@ -23,14 +22,14 @@ from gunicorn.arbiter import Arbiter
 
 from .. import logs, metrics
 from ..config import Config, ConfigError
-from ..protocol import Control, Load, Loaded, Unload
+from ..protocol import Control, Loaded
 from ..scoreboard import MAX_HTTP
 from .balancer import Balancer
 from .catalog import Catalog
 from .fleet import Fleet, ModelWorkerHandle
 from .notify import Notifier
 from .publisher import DaemonInfo, Publisher
-from .reconcile import Action, KillForDeadline, Retire, reconcile
+from .reconcile import Action, Retire, reconcile
 from .records import Events
 from .watcher import PredictorWatcher
 
@@ -301,43 +300,16 @@ class Master(Arbiter):  # type: ignore[misc]
             self.publish()
 
     def execute(self, action: Action) -> None:
-        """Carry out one of reconcile's actions."""
+        """Carry out one of reconcile's actions (a retirement publishes first: out of the routes, then drain)."""
+        if not isinstance(action, Retire):
+            self.fleet.carry_out(action, self.catalog, self.pconfig.predictors.load_timeout)
+            return
         handle = self.fleet.workers[action.worker]
-        if isinstance(action, KillForDeadline):
-            timeout = self.pconfig.predictors.load_timeout
-            log.error("API %s version %s: __init__ exceeded %gs on model worker %d; killing the worker",
-                      action.api, action.version, timeout, handle.slot)
-            handle.loading.pop(action.api, None)
-            self.catalog.load_failed(action.api, action.version, f"__init__ took longer than the load deadline "
-                                     f"({timeout:g}s); raise [predictors] load_timeout if it is just slow")
-            self.fleet.kill(handle, signal.SIGKILL, "load_timeout")
-        elif isinstance(action, Retire):
-            log.info("retiring model worker %d (%s) pid %d: its slot is no longer configured", handle.slot,
-                     handle.device.label, handle.pid)
-            handle.stopping, handle.kill_reason = True, "retired"
-            self.publish()  # out of the routes first, then it drains what it holds
-            self.fleet.kill(handle, signal.SIGTERM)
-        elif isinstance(action, Unload):
-            if handle.send(Unload(action.api)):
-                handle.unloading.add(action.api)
-                self.fleet.changed = True
-                log.info("unloading API %s from model worker %d (%s)", action.api, handle.slot, handle.device.label)
-        else:
-            self.load(handle, action.api)
-
-    def load(self, handle: ModelWorkerHandle, name: str) -> None:
-        record = self.catalog.apis[name]
-        target = record.target()
-        assert target is not None, "reconcile loads only an API that has a target"
-        version, source, settings = target
-        serving = settings.serving
-        message = Load(source, version, dict(settings.config), dataclasses.asdict(serving), record.slot)
-        if handle.send(message):
-            handle.loading[name] = (version, time.monotonic() + self.pconfig.predictors.load_timeout)
-            handle.threads[name] = serving.threads * serving.max_batch_size  # jobs it runs at once
-            self.fleet.changed = True
-            log.info("loading API %s version %s on model worker %d (%s)%s", name, version, handle.slot,
-                     handle.device.label, "" if version == record.version else ", the last good version")
+        log.info("retiring model worker %d (%s) pid %d: its slot is no longer configured", handle.slot,
+                 handle.device.label, handle.pid)
+        handle.stopping, handle.kill_reason = True, "retired"
+        self.publish()
+        self.fleet.kill(handle, signal.SIGTERM)
 
     def publish(self) -> None:
         info = DaemonInfo(self.pid, self.started_at, str(self.pconfig.predictors_dir), len(self.WORKERS))

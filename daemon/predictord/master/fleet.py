@@ -3,6 +3,7 @@ restarts that follow."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pickle
@@ -18,9 +19,10 @@ import psutil
 from .. import metrics
 from ..devices import Device
 from ..model.worker import ModelWorker
-from ..protocol import CONTROL, Control, FrameReader, Hung, Loaded, Started, Unloaded, control
+from ..protocol import CONTROL, Control, FrameReader, Hung, Load, Loaded, Started, Unload, Unloaded, control
 from ..scoreboard import Scoreboard
-from .reconcile import WorkerView
+from .catalog import Catalog
+from .reconcile import KillForDeadline, LoadApi, UnloadApi, WorkerView
 from .records import Replica
 
 log = logging.getLogger("predictord.master")
@@ -255,6 +257,34 @@ class Fleet:
                           "(APIs: %s)", handle.slot, handle.device.label, handle.pid, rss >> 20, limit_mib,
                           ", ".join(sorted(handle.loaded)) or "none")
                 self.kill(handle, signal.SIGKILL, "memory")
+
+    # -- reconcile's actions ---------------------------------------------------------------------------------------
+    def carry_out(self, action: LoadApi | UnloadApi | KillForDeadline, catalog: Catalog, load_timeout: float) -> None:
+        """Send a load or an unload, or kill a worker whose load ran past its deadline."""
+        handle = self.workers[action.worker]
+        self.changed = True
+        if isinstance(action, KillForDeadline):
+            log.error("API %s version %s: __init__ exceeded %gs on model worker %d; killing the worker",
+                      action.api, action.version, load_timeout, handle.slot)
+            handle.loading.pop(action.api, None)
+            catalog.load_failed(action.api, action.version, f"__init__ took longer than the load deadline "
+                                f"({load_timeout:g}s); raise [predictors] load_timeout if it is just slow")
+            self.kill(handle, signal.SIGKILL, "load_timeout")
+        elif isinstance(action, UnloadApi):
+            if handle.send(Unload(action.api)):
+                handle.unloading.add(action.api)
+                log.info("unloading API %s from model worker %d (%s)", action.api, handle.slot, handle.device.label)
+        else:
+            record = catalog.apis[action.api]
+            target = record.target()
+            assert target is not None and target[0] == action.version, "reconcile loads the API's target"
+            version, source, settings = target
+            serving = settings.serving
+            if handle.send(Load(source, version, dict(settings.config), dataclasses.asdict(serving), record.slot)):
+                handle.loading[action.api] = (version, time.monotonic() + load_timeout)
+                handle.threads[action.api] = serving.threads * serving.max_batch_size  # jobs it runs at once
+                log.info("loading API %s version %s on model worker %d (%s)%s", action.api, version, handle.slot,
+                         handle.device.label, "" if version == record.version else ", the last good version")
 
     # -- what they serve -------------------------------------------------------------------------------------------
     def replicas(self, name: str) -> list[Replica]:

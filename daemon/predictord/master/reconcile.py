@@ -37,14 +37,14 @@ class WorkerView:
 
 
 @dataclass(frozen=True)
-class Load:
+class LoadApi:
     worker: int
     api: str
     version: str
 
 
 @dataclass(frozen=True)
-class Unload:
+class UnloadApi:
     worker: int
     api: str
 
@@ -63,7 +63,7 @@ class KillForDeadline:
     version: str
 
 
-Action = Load | Unload | Retire | KillForDeadline
+Action = LoadApi | UnloadApi | Retire | KillForDeadline
 
 
 def served_elsewhere(api: str, worker: int, apis: Mapping[str, Wanted], workers: Sequence[WorkerView]) -> bool:
@@ -95,14 +95,14 @@ def reconcile(apis: Mapping[str, Wanted], workers: Sequence[WorkerView], now: fl
         if load is not None:
             actions.append(load)
             loading_anywhere.add(load.api)  # the next worker sees this roll as started
-        actions += [Unload(w.slot, api) for api in w.loaded
+        actions += [UnloadApi(w.slot, api) for api in w.loaded
                     if api not in w.unloading and (api not in apis or w.slot not in apis[api].placement)
                     and served_elsewhere(api, w.slot, apis, workers)]
     return actions
 
 
 def _load(w: WorkerView, apis: Mapping[str, Wanted], workers: Sequence[WorkerView],
-          loading_anywhere: set[str]) -> Load | None:
+          loading_anywhere: set[str]) -> LoadApi | None:
     """At most one load for this worker: the first API placed here whose wanted version it does not serve."""
     if w.loading:
         return None
@@ -112,5 +112,5 @@ def _load(w: WorkerView, apis: Mapping[str, Wanted], workers: Sequence[WorkerVie
         rolling = api in loading_anywhere and any(api in o.loaded for o in workers)
         if rolling:
             continue  # one replica at a time while an old one serves
-        return Load(w.slot, api, wanted.version)
+        return LoadApi(w.slot, api, wanted.version)
     return None
