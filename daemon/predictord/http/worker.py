@@ -1,7 +1,7 @@
 """The HTTP worker: uvicorn-worker's UvicornWorker, with uvloop, httptools bounded by guard.py, and a drain.
 
 Stock uvicorn shutdown closes idle keep-alive connections at once, and a client that sent its next request on one
-at that moment gets a connection error (DESIGN.md measured 0-3 failures per reload). Draining first fixes it: stop
+at that moment gets a connection error (0-3 failures per reload, measured). Draining first fixes it: stop
 accepting, answer every request with ``Connection: close`` until the clients have closed their connections (or
 ``DRAIN_SECONDS`` pass), then shut down as usual.
 """
