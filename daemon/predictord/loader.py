@@ -50,8 +50,7 @@ class LoadError(Exception):
         return Problem(self.message, self.file, self.line)
 
     def __str__(self) -> str:
-        where = f"{self.file}:{self.line}: " if self.file and self.line else f"{self.file}: " if self.file else ""
-        return where + self.message
+        return str(self.problem())
 
 
 def error_from_exception(exc: BaseException, source: ApiSource, doing: str) -> LoadError:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import pickle
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,9 +85,19 @@ class Daemon:
                      **kwargs: Any) -> httpx.Response:
         """One request, with ``meanwhile`` run ``after`` seconds into it (the master publishing, say)."""
         asyncio.get_running_loop().call_later(after, meanwhile)
-        transport = httpx.ASGITransport(app=self.front)
-        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8080") as client:
+        transport = httpx.ASGITransport(app=over_tcp(self.front))
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
             return await client.request(method, path, **kwargs)
+
+
+def over_tcp(app: Front) -> Callable[[dict[str, Any], Any, Any], Awaitable[None]]:
+    """The app as a TCP listener's requests reach it: with a port in the scope's server (httpx leaves it None, which
+    is how the front tells the Unix admin socket); no socket is bound in-process, so port 0 stands for any."""
+
+    async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await app({**scope, "server": ("127.0.0.1", 0)} if scope["type"] == "http" else scope, receive, send)
+
+    return asgi
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 from gunicorn import sock as gunicorn_sock
@@ -38,7 +39,7 @@ RSS_EVERY = 0.1  # seconds between looks at the model workers' RSS when [workers
 PRUNE_EVERY = 5.0  # seconds between prunings of old versions' code copies
 
 
-def answers(path: Any) -> bool:
+def answers(path: Path) -> bool:
     """Whether a live process accepts connections on the Unix socket ``path`` (a stale one refuses them)."""
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(2)
