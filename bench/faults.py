@@ -68,6 +68,8 @@ def main() -> None:
         "leak_memory": faults.leak_memory,
         "hang_forever": faults.hang_forever,
         "sigterm_mid_reload": faults.sigterm_mid_reload,
+        "crash_loop": faults.crash_loop,
+        "crash_loop_unlimited": lambda make: faults.crash_loop(make, limit=0),
     }
     print("| case | faults | requests to the hurt API | failed | failed share | how they failed | other API failed | "
           "recovery s (median / max) | notes |")

@@ -103,6 +103,18 @@ def _get_unix(path: Path, target: str) -> bytes:
         conn.close()
 
 
+def last_error(api: dict[str, Any]) -> str:
+    """The newest of an API's load error, crash and request-time error, as ``file:line: message``."""
+    found = [e for e in (api.get("error"), api.get("crash"), api.get("request_error")) if e]
+    if not found:
+        return ""
+    e = max(found, key=lambda e: e.get("at") or 0)
+    where = f"{e['file']}:{e['line']}: " if e.get("file") and e.get("line") else f"{e['file']}: " if e.get("file") \
+        else ""
+    count = api.get("request_errors", 0) if e is api.get("request_error") else 0
+    return where + str(e.get("message", "")) + (f" ({count} since start)" if count > 1 else "")
+
+
 def _memory(device: dict[str, Any]) -> str:
     if device["kind"] == "gpu":
         return f"{device['memory_used'] / 2**30:.1f}/{device['memory_total'] / 2**30:.1f} GiB used"
@@ -125,18 +137,19 @@ def status(config: Config, as_json: bool) -> int:
     rows = [("API", "STATE", "VERSION", "WHERE", "REQ/S", "P50", "P99", "ERRORS", "LAST ERROR")]
     for name, a in sorted(data["apis"].items()):
         where = ",".join(f"{r['device']}#{r['worker']}" for r in a["replicas"]) or "-"
-        err = a.get("error") or {}
-        error = f"{err['file']}:{err['line']}: {err['message']}" if err.get("line") else err.get("message", "")
+        error = last_error(a)
         st = a.get("stats") or {}
         ms = [f"{st[k]:.1f}ms" if st.get(k) is not None else "-" for k in ("p50_ms", "p99_ms")]
-        rows.append((name, a["state"], ",".join(a["version"]["serving"]) or a["version"]["wanted"], where,
+        rows.append((name, a["state"], ",".join(a["version"]["serving"]) or a["version"]["wanted"] or "-", where,
                      f"{st.get('rps', 0):.1f}", *ms, str(st.get("errors", 0)), error))
     lines = _table(rows)
     lines += ["", *_table([("WORKER", "PID", "DEVICE", "UPTIME", "RESTARTS", "BUSY", "JOBS", "APIS")] + [
         (str(w["slot"]) + ("+" if w.get("added") else ""), str(w["pid"]), w["device"],
          _ago(now - w.get("started_at", now)), str(w.get("restarts", 0)),
-         f"{w['busy']:.0%}" if w.get("busy") is not None else "-", str(w.get("jobs", "-")),
-         ", ".join(sorted(w["apis"])) or "-") for w in data["workers"] or []])]
+         f"{w['busy']:.0%}" if w.get("busy") is not None else "-",
+         str(w["jobs"]) if w.get("jobs") is not None else "-",
+         (", ".join(sorted(w["apis"])) or "-") + (" (dedicated)" if w.get("dedicated") else ""))
+        for w in data["workers"] or []])]
     devices = data.get("devices") or []
     if devices:
         lines += ["", *_table([("DEVICE", "STATE", "UTIL", "MEMORY", "NOT OURS", "WORKERS")] + [

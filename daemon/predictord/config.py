@@ -123,6 +123,9 @@ class WorkersConfig:
     heartbeat_timeout: float = opt(30.0, "Seconds a model worker may stay silent before it is replaced.", _in_range(1))
     max_rss_mib: int = opt(0, "Resident memory (MiB, shared pages included) past which a model worker is killed and "
                            "replaced; 0: no limit.", _in_range(0))
+    crash_limit: int = opt(3, "An API whose code ends its model worker (os._exit, a segfault, a hang) this many times "
+                           "within crash_window is quarantined until its files change; 0: never.", _in_range(0, 1000))
+    crash_window: float = opt(60.0, "Seconds over which crash_limit counts an API's crashes.", _in_range(1))
 
 
 @dataclass(frozen=True)
@@ -220,6 +223,9 @@ class ServingConfig:
                               _in_range(1, 4096))
     batch_wait_ms: float = opt(5.0, "Milliseconds a batch waits for more requests before it runs with fewer.",
                                _in_range(0, 10000))
+    isolation: str = opt("shared", "shared: its replicas share model workers with other APIs; process: model workers "
+                         "of its own, for code that must not share fate or global state.",
+                         _one_of(("shared", "process")))
 
 
 @dataclass(frozen=True)

@@ -15,16 +15,12 @@ The contract (Cortex's, kept exactly, then extended)::
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
-import os
-import sys
 import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
+from .namespace import Namespace
 from .protocol import Problem
 from .sources import ApiSource, name_problem
 
@@ -54,15 +50,23 @@ class LoadError(Exception):
 
 
 def error_from_exception(exc: BaseException, source: ApiSource, doing: str) -> LoadError:
-    """A LoadError pointing at the deepest line of the predictor's own code in the traceback."""
+    """A LoadError pointing at the deepest line of the predictor's own code in the traceback (its code is compiled
+    with the user's paths, so frames name the user's files)."""
     if isinstance(exc, SyntaxError) and exc.filename:
         return LoadError(f"syntax error: {exc.msg}", source.original(exc.filename), exc.lineno)
-    file, line = str(source.code), None
-    root = str(source.root)
+    file, line = user_frame(exc, source)
+    return LoadError(f"{doing} raised {type(exc).__name__}: {exc}", file or source.shown_code, line)
+
+
+def user_frame(exc: BaseException, source: ApiSource) -> tuple[str | None, int | None]:
+    """The deepest frame of an exception's traceback that is in the predictor's own files (its folder, or its file
+    for a single-file predictor): (file, line), or (None, None)."""
+    file, line = None, None
+    mine = source.own_files()
     for frame in traceback.extract_tb(exc.__traceback__):
-        if frame.filename.startswith(root):
-            file, line = frame.filename, frame.lineno
-    return LoadError(f"{doing} raised {type(exc).__name__}: {exc}", source.original(file), line)
+        if mine(frame.filename):
+            file, line = source.original(frame.filename), frame.lineno
+    return file, line
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,7 @@ def _asked(func: Any, allowed: tuple[str, ...], where: str, what: str, skip_firs
 
 def inspect_class(cls: Any, source: ApiSource) -> Signature:
     """Check a class against the contract; raise LoadError naming the first problem."""
-    where = str(source.code)
+    where = source.shown_code
     if not inspect.isclass(cls):
         raise LoadError(f"{CLASS_NAME} is a {type(cls).__name__}, not a class", where)
     predict = getattr(cls, "predict", None)
@@ -124,53 +128,51 @@ def inspect_class(cls: Any, source: ApiSource) -> Signature:
     return Signature(predict_args, init_args, inspect.iscoroutinefunction(predict), post_args)
 
 
-def import_module(source: ApiSource, module_name: str) -> ModuleType:
-    """Import a predictor's code under a unique module name; its folder is importable for its helpers."""
-    spec = importlib.util.spec_from_file_location(module_name, source.code)
-    if spec is None or spec.loader is None:
-        raise LoadError("cannot be imported as a Python module", str(source.code))
-    module = importlib.util.module_from_spec(spec)
-    root = str(source.root)
-    if source.folder is not None:
-        # A new version must import its own helpers, not the ones an older version left in sys.modules.
-        for name in modules_under(source.folder):
-            del sys.modules[name]
-        if root not in sys.path:
-            sys.path.insert(0, root)
-    sys.modules[module_name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException as e:  # noqa: BLE001 - any failure of user code is a load error, even SystemExit
-        sys.modules.pop(module_name, None)
-        raise error_from_exception(e, source, "importing it") from None
-    return module
+@dataclass
+class Imported:
+    """A predictor's class, what it asks for, and the namespace its modules live in (unload it to drop them)."""
+
+    cls: Any
+    signature: Signature
+    namespace: Namespace
 
 
-def modules_under(folder: Path) -> list[str]:
-    """Names of the imported modules whose file is inside ``folder`` (a predictor's helpers)."""
-    prefix = str(folder) + os.sep
-    return [name for name, m in list(sys.modules.items()) if (getattr(m, "__file__", None) or "").startswith(prefix)]
-
-
-def load_class(source: ApiSource, module_name: str) -> tuple[Any, Signature]:
-    """Import a predictor and check its class; raise LoadError with file and line."""
+def load_class(source: ApiSource, version: str) -> Imported:
+    """Import a predictor in a namespace of its own (see namespace.py) and check its class; raise LoadError with
+    file and line (and leave nothing of it in ``sys.modules``)."""
     problem = name_problem(source.name)
     if problem:
-        raise LoadError(problem, str(source.code))
+        raise LoadError(problem, source.shown_code)
     if not source.code.is_file():
-        raise LoadError("file not found", str(source.code))
-    module = import_module(source, module_name)
-    cls = getattr(module, CLASS_NAME, None)
-    if cls is None:
-        raise LoadError(f"no class named {CLASS_NAME}; define `class {CLASS_NAME}:` with predict()", str(source.code))
-    return cls, inspect_class(cls, source)
-
-
-def instantiate(cls: Any, signature: Signature, source: ApiSource, config: dict[str, Any], device: str) -> Any:
-    """Call the predictor's __init__ with what it asked for; raise LoadError on failure."""
-    offered = {"config": config, "device": device, "predictor_dir": str(source.assets)}
-    kwargs = {name: offered[name] for name in signature.init_args}
+        raise LoadError("file not found", source.shown_code)
+    namespace = Namespace(source, version)
     try:
-        return cls(**kwargs)
+        module = namespace.load()
+    except BaseException as e:  # noqa: BLE001 - any failure of user code is a load error, even SystemExit
+        namespace.unload()
+        raise error_from_exception(e, source, "importing it") from None
+    cls = getattr(module, CLASS_NAME, None)
+    try:
+        if cls is None:
+            raise LoadError(f"no class named {CLASS_NAME}; define `class {CLASS_NAME}:` with predict()",
+                            source.shown_code)
+        return Imported(cls, inspect_class(cls, source), namespace)
+    except LoadError:
+        namespace.unload()
+        raise
+
+
+def instantiate(imported: Imported, config: dict[str, Any], device: str) -> Any:
+    """Call the predictor's __init__ with what it asked for; raise LoadError on failure (and unload its namespace).
+    What the import and __init__ changed in sys.path and os.environ is noted, to be undone at unload."""
+    source = imported.namespace.source
+    offered = {"config": config, "device": device, "predictor_dir": str(source.assets)}
+    kwargs = {name: offered[name] for name in imported.signature.init_args}
+    try:
+        instance = imported.cls(**kwargs)
     except BaseException as e:  # noqa: BLE001 - user code: every failure becomes a load error
+        imported.namespace.settle()
+        imported.namespace.unload()
         raise error_from_exception(e, source, "__init__") from None
+    imported.namespace.settle()
+    return instance

@@ -1,8 +1,9 @@
 """Validate a predictor in a throwaway process, so broken code never reaches the master or a model worker.
 
-Run as ``python -m predictord.probe PATH [--init]``: it imports the predictor, checks its class and signature
-(and with ``--init`` constructs it on the CPU), then prints one JSON line with the outcome. The caller enforces
-the deadline by killing the process.
+Run as ``python -m predictord.probe PATH [--init] [--home DIR]``: it imports the predictor, checks its class and
+signature (and with ``--init`` constructs it on the CPU), then prints one JSON line with the outcome. The caller
+enforces the deadline by killing the process. It loads the way a model worker does (the same namespace, off the main
+thread), so what was checked is what runs; ``--home`` names the user's folder of a snapshot, for its messages.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -20,9 +22,17 @@ from .loader import LoadError, instantiate, load_class
 from .sources import source_for
 
 
-def probe(path: Path, init: bool) -> dict[str, Any]:
-    """The outcome of loading a predictor, as data."""
-    source = source_for(path)
+def probe(path: Path, init: bool, home: Path | None = None) -> dict[str, Any]:
+    """The outcome of loading a predictor, as data (loaded in a thread, as a model worker loads it)."""
+    result: dict[str, Any] = {}
+    loader = threading.Thread(target=lambda: result.update(_probe(path, init, home)), name="load")
+    loader.start()
+    loader.join()
+    return result
+
+
+def _probe(path: Path, init: bool, home: Path | None) -> dict[str, Any]:
+    source = source_for(path, home)
     started = time.monotonic()
     try:
         settings = load_api_settings(source.settings)
@@ -30,18 +40,19 @@ def probe(path: Path, init: bool) -> dict[str, Any]:
         return {"ok": False, "name": source.name, "error": {"message": str(e), "file": str(source.settings),
                                                              "line": None}}
     try:
-        cls, signature = load_class(source, f"predictord_probe_{source.name.replace('-', '_')}")
+        imported = load_class(source, "check")
         if init:
-            instantiate(cls, signature, source, dict(settings.config), "cpu")
+            instantiate(imported, dict(settings.config), "cpu")
     except LoadError as e:
         return {"ok": False, "name": source.name, "error": e.as_dict()}
-    return {"ok": True, "name": source.name, "signature": signature.as_dict(),
+    return {"ok": True, "name": source.name, "signature": imported.signature.as_dict(),
             "seconds": round(time.monotonic() - started, 3)}
 
 
-def start(path: Path, init: bool, stderr: Any = subprocess.PIPE) -> subprocess.Popen[bytes]:
+def start(path: Path, init: bool, stderr: Any = subprocess.PIPE, home: Path | None = None) -> subprocess.Popen[bytes]:
     """Start a probe process; its stdout carries the JSON outcome, its stderr whatever the predictor printed."""
     args = [sys.executable, "-m", "predictord.probe", str(path)] + (["--init"] if init else [])
+    args += ["--home", str(home)] if home is not None else []
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL, env=env)
 
@@ -80,7 +91,9 @@ def run(path: Path, init: bool, timeout: float) -> dict[str, Any]:
 def main() -> None:
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # whatever the predictor prints goes to stderr, not into our answer
-    result = probe(Path(sys.argv[1]), "--init" in sys.argv[2:])
+    args = sys.argv[2:]
+    home = Path(args[args.index("--home") + 1]) if "--home" in args else None
+    result = probe(Path(sys.argv[1]), "--init" in args, home)
     out.write(json.dumps(result) + "\n")
     out.flush()
     os._exit(0)

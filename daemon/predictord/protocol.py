@@ -141,6 +141,17 @@ class Unloaded:
 
 
 @dataclass(frozen=True)
+class Failed:
+    """Model worker -> master: an API's predict() raised (the newest such error, and how many since the last
+    report; at most one report per API per second, so an error storm costs the master nothing)."""
+
+    api: str
+    version: str
+    problem: Problem
+    count: int
+
+
+@dataclass(frozen=True)
 class Hung:
     """Model worker -> master: a predict() ran far past its timeout (the worker stops beating)."""
 
@@ -149,7 +160,16 @@ class Hung:
     request_id: str
 
 
-Control = Started | Load | Loaded | Unload | Unloaded | Hung
+Control = Started | Load | Loaded | Unload | Unloaded | Failed | Hung
+
+# Why the master ended a model worker itself (the scoreboard holds the index + 1, for the HTTP workers to say).
+KILL_CAUSES = {
+    "heartbeat": "it sent no heartbeat within [workers] heartbeat_timeout (a predict() hung)",
+    "load_timeout": "a load ran past [predictors] load_timeout",
+    "memory": "its memory passed [workers] max_rss_mib",
+    "retired": "it was retired",
+}
+KILL_CODES = {cause: i + 1 for i, cause in enumerate(KILL_CAUSES)}
 
 
 # -- master -> HTTP workers: the routing table ---------------------------------------------------------------------
@@ -160,6 +180,7 @@ class ReplicaRow(NamedTuple):
     socket: str
     threads: int  # jobs it runs at once for this API
     version: str
+    row: int = 0  # its process's row of job marks in the scoreboard (see scoreboard.py)
 
 
 @dataclass(frozen=True)

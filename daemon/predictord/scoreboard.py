@@ -10,6 +10,11 @@ Each cell has one writer, so no lock is needed (aligned 8-byte stores are atomic
   dispatch can send a job where it will finish first (shortest expected delay), not merely where fewest wait.
 - Model worker ``m`` adds the time its jobs spent running to ``busy[m]`` (microseconds, cumulative), which the
   rebalancer's sampler turns into a busy fraction.
+- Model worker process ``g`` (rows by spawn generation, so a replacement in the same slot writes a fresh row and
+  the dead one's is still there to read) marks each job it starts in ``run[g]`` (API column and job id) and clears
+  the mark once the reply has left; its ``os._exit`` hook notes which API called it. When a worker dies, an HTTP
+  worker tells the jobs that never started (sent again, to another replica) from those inside ``predict()`` (they
+  fail), and the master reads which API was running. The master notes there why it ended a worker itself.
 - The master bumps ``routes_version`` whenever it rewrites the routing table, so an HTTP worker notices a change
   with one memory read per request, and ``status_version`` whenever it rewrites the status document (read only by
   the slow status routes, so a status change never makes the HTTP workers re-read the routes).
@@ -31,7 +36,18 @@ _SENT = _BEAT + MAX_MODEL
 _API = _SENT + MAX_HTTP * MAX_MODEL
 _SVC = _API + MAX_HTTP * MAX_APIS
 _BUSY = _SVC + MAX_MODEL * MAX_APIS
-_CELLS = _BUSY + MAX_MODEL
+_RUN = _BUSY + MAX_MODEL
+RUN_ROWS = 2 * MAX_MODEL
+RUN_CELLS = 256  # per row: 3 cells of facts about the process, then one per job it runs at once
+_R_EXIT, _R_KILLED, _R_OVERFLOW, _R_JOBS = 0, 1, 2, 3
+_CELLS = _RUN + RUN_ROWS * RUN_CELLS
+API_SHIFT = 48  # a job mark: (API column + 1) << API_SHIFT | job id (HTTP workers' job ids stay below 2**48)
+JOB_BITS = (1 << API_SHIFT) - 1
+
+
+def job_ids_of(http_slot: int) -> int:
+    """The first job id HTTP worker ``http_slot`` uses: ids are unique over all HTTP workers (the slot in bits 40+)."""
+    return (http_slot << 40) + 1
 
 
 class Scoreboard:
@@ -99,6 +115,48 @@ class Scoreboard:
         for api_slot, n in api_counts.items():
             c[_API + http_slot * MAX_APIS + api_slot] -= n
 
+    # -- what each model worker process runs, for when it dies -----------------------------------------------------
+    def clear_run(self, row: int) -> None:
+        """A fresh row for a new model worker process (the master, before it forks)."""
+        base = _RUN + row * RUN_CELLS
+        self.cells[base : base + RUN_CELLS] = memoryview(bytes(RUN_CELLS * 8)).cast("q")
+
+    def mark(self, row: int, index: int, api_slot: int, job_id: int) -> None:
+        self.cells[_RUN + row * RUN_CELLS + _R_JOBS + index] = ((api_slot + 1) << API_SHIFT) | job_id
+
+    def unmark(self, row: int, index: int) -> None:
+        self.cells[_RUN + row * RUN_CELLS + _R_JOBS + index] = 0
+
+    def set_overflow(self, row: int) -> None:
+        self.cells[_RUN + row * RUN_CELLS + _R_OVERFLOW] = 1
+
+    def running(self, row: int) -> tuple[dict[int, int], set[int], bool]:
+        """What a model worker process was running: {API column: jobs}, the job ids, and whether it lost count."""
+        base = _RUN + row * RUN_CELLS
+        apis: dict[int, int] = {}
+        jobs = set()
+        for mark in self.cells[base + _R_JOBS : base + RUN_CELLS].tolist():
+            if mark:
+                apis[(mark >> API_SHIFT) - 1] = apis.get((mark >> API_SHIFT) - 1, 0) + 1
+                jobs.add(mark & JOB_BITS)
+        return apis, jobs, bool(self.cells[base + _R_OVERFLOW])
+
+    def set_exit(self, row: int, api_slot: int, code: int) -> None:
+        """The worker's os._exit was called from an API's code (its column), with this exit code."""
+        self.cells[_RUN + row * RUN_CELLS + _R_EXIT] = ((api_slot + 1) << 16) | (code & 0xFFFF)
+
+    def exit_of(self, row: int) -> tuple[int, int] | None:
+        """(API column, exit code) when an API's code called os._exit in that process, else None."""
+        value = self.cells[_RUN + row * RUN_CELLS + _R_EXIT]
+        return ((value >> 16) - 1, value & 0xFFFF) if value else None
+
+    def set_killed(self, row: int, cause: int) -> None:
+        """The master ended that process itself, for a cause (protocol.KILL_CAUSES index + 1)."""
+        self.cells[_RUN + row * RUN_CELLS + _R_KILLED] = cause
+
+    def killed(self, row: int) -> int:
+        return self.cells[_RUN + row * RUN_CELLS + _R_KILLED]
+
     def clear_http(self, http_slot: int) -> None:
         """An HTTP worker died: nothing it sent is outstanding any more."""
         c = self.cells
@@ -106,3 +164,27 @@ class Scoreboard:
             c[_SENT + http_slot * MAX_MODEL + i] = 0
         for i in range(MAX_APIS):
             c[_API + http_slot * MAX_APIS + i] = 0
+
+
+class RunMarks:
+    """A model worker's marks of the jobs it runs (one writer: that worker's event loop)."""
+
+    def __init__(self, board: Scoreboard, row: int) -> None:
+        self.board = board
+        self.row = row
+        self.free = list(range(RUN_CELLS - _R_JOBS - 1, -1, -1))
+
+    def start(self, api_slot: int, job_id: int) -> int:
+        """Mark a job as started; its index, or -1 when every cell is taken (then the row says it lost count)."""
+        if not self.free:
+            self.board.set_overflow(self.row)
+            return -1
+        index = self.free.pop()
+        self.board.mark(self.row, index, api_slot, job_id)
+        return index
+
+    def end(self, index: int) -> None:
+        """The job's answer has left the process: it no longer counts as running."""
+        if index >= 0:
+            self.board.unmark(self.row, index)
+            self.free.append(index)

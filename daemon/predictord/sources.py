@@ -4,9 +4,11 @@ version's code that probes and workers load (so what was checked is what runs)."
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 FOLDER_ENTRY = "predictor.py"
@@ -55,6 +57,20 @@ class ApiSource:
     def assets(self) -> Path:
         """The predictor's own folder as the predictor sees it (``predictor_dir``): its assets are relative to it."""
         return self.home if self.home is not None else self.root
+
+    @property
+    def shown_code(self) -> str:
+        """The predictor's file as the user knows it (for a snapshot: the file it was copied from)."""
+        return self.original(str(self.code)) or str(self.code)
+
+    def own_files(self) -> Callable[[str], bool]:
+        """Whether a path (a traceback frame's) is the predictor's own code: in its folder, or its one file; the
+        snapshot's paths and the user's both count."""
+        if self.folder is None:
+            mine = {str(self.code), self.shown_code}
+            return mine.__contains__
+        roots = tuple({str(self.root) + os.sep, str(self.assets) + os.sep})
+        return lambda path: path.startswith(roots)
 
     def original(self, path: str | None) -> str | None:
         """A path inside a snapshot, as the user's file it was copied from (for error messages)."""
@@ -114,26 +130,43 @@ def snapshot(source: ApiSource, dest: Path) -> ApiSource:
     return ApiSource(source.name, folder / FOLDER_ENTRY, folder / FOLDER_SETTINGS, folder, source.folder)
 
 
-def scan(directory: Path) -> dict[str, ApiSource]:
-    """Every API in the predictors directory, by name (names may be invalid: loading reports that)."""
-    found: dict[str, ApiSource] = {}
+@dataclass(frozen=True)
+class Found:
+    """What a scan of the predictors directory found: the APIs by name, and the names with two sources."""
+
+    apis: dict[str, ApiSource] = field(default_factory=dict)
+    clashes: dict[str, tuple[Path, Path]] = field(default_factory=dict)  # NAME -> (NAME.py, NAME/)
+
+
+def scan(directory: Path) -> Found:
+    """Every API in the predictors directory, by name (names may be invalid: loading reports that). A name with
+    both a ``NAME.py`` and a ``NAME/`` folder is a clash: neither is taken, both are named."""
+    found = Found()
     if not directory.is_dir():
         return found
+    files: dict[str, ApiSource] = {}
+    folders: dict[str, ApiSource] = {}
     for entry in sorted(directory.iterdir()):
         if is_ignored(entry.name):
             continue
         if entry.is_dir():
             code = entry / FOLDER_ENTRY
             if code.is_file():
-                found[entry.name] = ApiSource(entry.name, code, entry / FOLDER_SETTINGS, entry)
+                folders[entry.name] = ApiSource(entry.name, code, entry / FOLDER_SETTINGS, entry)
         elif entry.suffix == ".py" and entry.is_file():
-            found[entry.stem] = ApiSource(entry.stem, entry, entry.with_suffix(".toml"))
+            files[entry.stem] = ApiSource(entry.stem, entry, entry.with_suffix(".toml"))
+    for name in sorted(set(files) | set(folders)):
+        if name in files and name in folders:
+            found.clashes[name] = (files[name].code, folders[name].root)
+        else:
+            found.apis[name] = files.get(name) or folders[name]
     return found
 
 
-def source_for(path: Path) -> ApiSource:
-    """The ApiSource of a path given on the command line (a .py file or a folder)."""
+def source_for(path: Path, home: Path | None = None) -> ApiSource:
+    """The ApiSource of a path given on the command line (a .py file or a folder); ``home``: for a snapshot, the
+    user's folder it was copied from (what its errors and tracebacks name)."""
     path = path.resolve()
     if path.is_dir():
-        return ApiSource(path.name, path / FOLDER_ENTRY, path / FOLDER_SETTINGS, path)
-    return ApiSource(path.stem, path, path.with_suffix(".toml"))
+        return ApiSource(path.name, path / FOLDER_ENTRY, path / FOLDER_SETTINGS, path, home)
+    return ApiSource(path.stem, path, path.with_suffix(".toml"), None, home)

@@ -49,6 +49,15 @@ class PythonPredictor:
         return {"kept_mib": sum(len(b) for b in self.kept) >> 20}
 '''
 
+CRASHER = '''
+import os
+
+
+class PythonPredictor:
+    def predict(self, payload):
+        os._exit(3)
+'''
+
 
 @dataclass
 class Figures:
@@ -223,3 +232,42 @@ def sigterm_mid_reload(make: MakeDaemon) -> tuple[Figures, Daemon, float]:
     figures = Figures("master gets SIGTERM mid-reload", load.outcomes, "*", [fault])
     figures.note = f"exit {d.proc.returncode} {took:.2f} s after SIGTERM"
     return figures, d, took
+
+
+def daemon_cpu(d: Daemon) -> float:
+    """CPU seconds the daemon has used: the master, its live children, and the children it has reaped."""
+    assert d.proc is not None
+    master = psutil.Process(d.proc.pid)
+    total = sum(master.cpu_times()[:4])
+    for child in master.children(recursive=True):
+        try:
+            total += sum(child.cpu_times()[:2])
+        except psutil.NoSuchProcess:
+            continue
+    return total
+
+
+def crash_loop(make: MakeDaemon, limit: int = 3, seconds: float = 20.0) -> Figures:
+    """API crash calls os._exit(3) in every predict(), one client sending as fast as it is answered, beside a and
+    b (2 clients each) on the same model worker. With [workers] crash_limit it is quarantined; with 0 it is not,
+    and the worker's restarts back off."""
+    d = make({"crash.py": CRASHER, "a.py": SLEEPY, "b.py": SLEEPY},
+             f"[workers]\ncpu = 1\ncrash_limit = {limit}\ncrash_window = 60\n")
+    d.wait_settled()
+    cpu = daemon_cpu(d)
+    with Load(d, {"a": (2, {}), "b": (2, {}), "crash": (1, {})}, seconds=seconds) as load:
+        start = time.monotonic()
+        if limit:
+            d.wait_state("crash", "failed", 60)
+            quarantined = time.monotonic() - start
+        while time.monotonic() - start < seconds:
+            load.stop.wait(0.5)
+    used = daemon_cpu(d) - cpu
+    restarts = sum(1 for e in d.status()["events"] if e["kind"] == "restart")
+    crashes = d.get("/crash").json()["crashes"]
+    figures = Figures(f"predict() calls os._exit, crash_limit = {limit}", load.outcomes, "crash", [])
+    figures.faulty_api = "crash"
+    figures.note = (f"{restarts} worker restarts and {crashes} crashes blamed on crash in {seconds:.0f} s"
+                    + (f", quarantined {quarantined:.1f} s after the first" if limit else ", never quarantined")
+                    + f"; the daemon used {used:.1f} CPU-s over the run")
+    return figures

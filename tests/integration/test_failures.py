@@ -72,7 +72,8 @@ def test_predict_that_kills_its_worker_gets_502_and_worker_is_replaced(make_daem
     before = d.worker_pids()
     r = d.post("/exit", json={"die": True})
     assert r.status_code == 502
-    assert "exited while handling this request" in r.json()["error"]
+    assert re.search(r"its own code ended model worker \d \(os._exit\(3\)\) while handling this request",
+                     r.json()["error"]), r.json()
     d.wait_for_log(r"model worker \d \(cpu\) pid \d+ exited with status 3")
     assert d.post("/ok", json={}).status_code == 200
     def replaced() -> bool:
@@ -84,20 +85,26 @@ def test_predict_that_kills_its_worker_gets_502_and_worker_is_replaced(make_daem
     assert d.post("/exit", json={}).json() == {"alive": True}
 
 
-def test_sigkilled_worker_fails_its_requests_at_once_while_other_api_answers(make_daemon: Any) -> None:
+def test_sigkilled_worker_fails_its_running_request_at_once_and_sends_the_queued_ones_on(make_daemon: Any) -> None:
+    """Only the request inside predict() fails (at once, not at its deadline); the two the worker had received but
+    not started are sent again, to its replacement, and answered there."""
     d = make_daemon({"slow.py": SLOW, "ok.py": OK}, "[workers]\ncpu = 2\n")
     status = d.wait_settled()
     slow_pid = status["apis"]["slow"]["replicas"][0]["pid"]
     ok_pid = status["apis"]["ok"]["replicas"][0]["pid"]
     assert slow_pid != ok_pid, "placement spreads two APIs over two workers"
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        held = [pool.submit(d.post, "/slow", json={"sleep": 30}) for _ in range(3)]
-        wait_until(lambda: d.get("/slow").json()["outstanding"] == 3, 10, "3 requests in flight on slow")
+        running = pool.submit(d.post, "/slow", json={"sleep": 30})
+        wait_until(lambda: d.get("/slow").json()["outstanding"] == 1, 10, "1 request in predict() on slow")
+        queued = [pool.submit(d.post, "/slow", json={"sleep": 0}) for _ in range(2)]
+        wait_until(lambda: d.get("/slow").json()["outstanding"] == 3, 10, "2 more queued behind it")
         started = time.monotonic()
         os.kill(slow_pid, signal.SIGKILL)
-        answers = [f.result(timeout=20) for f in held]
+        lost = running.result(timeout=20)
+        answers = [f.result(timeout=30) for f in queued]
         waited = time.monotonic() - started
-        assert [a.status_code for a in answers] == [502, 502, 502]
+        assert lost.status_code == 502 and "exited while handling this request" in lost.json()["error"]
+        assert [a.json() for a in answers] == [{"slept": 0}, {"slept": 0}], "the queued ones ran on the replacement"
         assert waited < 20  # failed at once, not at the 30 s predict or the 60 s deadline
         assert all(d.post("/ok", json={}).status_code == 200 for _ in range(20))
     d.wait_for_log(rf"model worker \d \(cpu\) pid {slow_pid} was killed by SIGKILL")

@@ -211,7 +211,7 @@ def test_a_deadline_passed_is_a_504(d: Daemon) -> None:
 
 
 def test_a_worker_lost_is_a_502(d: Daemon) -> None:
-    d.dispatcher.canned.append(WorkerLost("model worker 0 exited while handling this request"))
+    d.dispatcher.canned.append(WorkerLost("model worker 0 exited while handling this request", worker=0))
     r = d.request("POST", "/echo", json={})
     assert r.status_code == 502
     assert error_of(r) == ("API 'echo': model worker 0 exited while handling this request; the worker is being "
@@ -231,7 +231,52 @@ def test_a_refused_connection_with_no_other_worker_is_a_503(d: Daemon) -> None:
     d.dispatcher.canned.append(ConnectionRefusedError(111, "Connection refused"))
     r = d.request("POST", "/echo", json={})
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
-    assert error_of(r) == "API 'echo': its model worker is not reachable (Connection refused); retry"
+    assert error_of(r) == ("API 'echo': its model worker is not reachable (Connection refused), and no other "
+                           "replica took it in time; retry")
+
+
+def test_a_job_its_dead_worker_never_started_goes_to_the_replacement(d: Daemon) -> None:
+    """Jobs a dead worker had received but not started are not lost: they are sent again, once the routes name a
+    replica that is not the dead one."""
+    replaced = Route(0, (ReplicaRow(0, "/run/m0-2.sock", 1, "v1", 2),), 2.0, 4, False, "ready")
+    d.dispatcher.canned += [WorkerLost("model worker 0 exited", worker=0, row=1, started=False), (JSON_OK, b"{}")]
+    r = asyncio.run(d.during("POST", "/echo", lambda: d.publish({"echo": replaced}), json={}))
+    assert r.status_code == 200
+    assert [job[0].socket for job in d.dispatcher.jobs] == ["/run/m0.sock", "/run/m0-2.sock"]
+
+
+def test_a_job_inside_predict_when_its_worker_died_blames_the_api_that_ended_it(d: Daemon) -> None:
+    crash = Route(1, ECHO.replicas, 2.0, 4, False, "ready")
+    d.publish({"echo": ECHO, "crash": crash})
+    d.board.clear_run(5)
+    d.board.set_exit(5, 1, 3)  # API column 1 (crash) called os._exit(3)
+    d.dispatcher.canned.append(WorkerLost("model worker 0 exited", worker=0, row=5, started=True))
+    r = d.request("POST", "/echo", json={})
+    assert r.status_code == 502
+    assert error_of(r) == ("API 'echo': model worker 0 was ended by API 'crash' (os._exit(3)) while handling this "
+                           "request, which it shares the worker with; the worker is being replaced")
+    d.dispatcher.canned.append(WorkerLost("model worker 0 exited", worker=0, row=5, started=True))
+    d.publish({"echo": Route(1, ECHO.replicas, 2.0, 4, False, "ready")})
+    assert "its own code ended model worker 0 (os._exit(3))" in error_of(d.request("POST", "/echo", json={}))
+
+
+def test_a_job_of_a_worker_the_daemon_ended_says_why(d: Daemon) -> None:
+    d.board.clear_run(6)
+    d.board.set_killed(6, 1)
+    d.dispatcher.canned.append(WorkerLost("model worker 0 exited", worker=0, row=6, started=True))
+    assert error_of(d.request("POST", "/echo", json={})) == (
+        "API 'echo': the daemon ended model worker 0 while handling this request: it sent no heartbeat within "
+        "[workers] heartbeat_timeout (a predict() hung); the worker is being replaced")
+
+
+def test_a_job_of_a_worker_that_died_unexplained_names_what_else_it_ran(d: Daemon) -> None:
+    d.publish({"echo": ECHO, "other": Route(1, ECHO.replicas, 2.0, 4, False, "ready")})
+    d.board.clear_run(7)
+    d.board.mark(7, 0, 1, 42)  # API column 1 (other) was in predict()
+    d.dispatcher.canned.append(WorkerLost("model worker 0 exited", worker=0, row=7, started=True))
+    assert error_of(d.request("POST", "/echo", json={})) == (
+        "API 'echo': model worker 0 exited while handling this request (it was also running 'other'); the worker "
+        "is being replaced")
 
 
 def test_while_draining_every_answer_closes_its_connection(d: Daemon) -> None:

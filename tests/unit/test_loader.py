@@ -15,7 +15,7 @@ def src(tmp_path: Path, text: str, name: str = "p.py") -> Path:
 
 
 def sig_of(tmp_path: Path, text: str):  # type: ignore[no-untyped-def]
-    return load_class(source_for(src(tmp_path, text)), f"t_{abs(hash(text))}")[1]
+    return load_class(source_for(src(tmp_path, text)), f"t{abs(hash(text))}").signature
 
 
 def test_arguments_are_found_by_name(tmp_path: Path) -> None:
@@ -72,7 +72,7 @@ def test_scan_finds_files_and_folders(tmp_path: Path) -> None:
     (tmp_path / "assets").mkdir()  # no predictor.py: not an API
     src(tmp_path, "", ".hidden.py")
     src(tmp_path, "", "notes.txt")
-    found = scan(tmp_path)
+    found = scan(tmp_path).apis
     assert sorted(found) == ["one", "two"]
     assert found["two"].root == tmp_path / "two" and found["one"].settings == tmp_path / "one.toml"
 

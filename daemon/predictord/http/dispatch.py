@@ -2,7 +2,9 @@
 
 A request goes to the replica with the fewest outstanding jobs per thread, counted over all HTTP workers through
 the scoreboard (least-outstanding with a global view). The job carries the payload as the front made it (see
-protocol.py). When a model worker's connection closes, every job this HTTP worker had on it fails at once.
+protocol.py). When a model worker's connection closes, every job this HTTP worker had on it is settled at once: the
+scoreboard's marks tell the jobs that never started (``WorkerLost.started`` False: safe to send again, elsewhere)
+from those that were inside ``predict()`` (they fail).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from ..protocol import (
     split_header,
     with_header,
 )
-from ..scoreboard import Scoreboard
+from ..scoreboard import Scoreboard, job_ids_of
 
 log = logging.getLogger("predictord.http")
 
@@ -39,7 +41,14 @@ Answer = tuple[ReplyHeader, bytes | None]  # the reply's header and its body (No
 
 
 class WorkerLost(Exception):
-    """The model worker holding a job went away before it answered."""
+    """The model worker holding a job went away before it answered; ``started``: the job may have run (it was
+    marked as started, or the worker lost count), so it must not be sent again."""
+
+    def __init__(self, message: str, worker: int = -1, row: int = -1, started: bool = True) -> None:
+        super().__init__(message)
+        self.worker = worker
+        self.row = row
+        self.started = started
 
 
 class ClientGone(Exception):
@@ -65,11 +74,12 @@ class PendingJob:
 class ModelLink(FrameProtocol):
     """This HTTP worker's connection to one model worker."""
 
-    def __init__(self, dispatcher: Dispatcher, slot: int, path: str) -> None:
+    def __init__(self, dispatcher: Dispatcher, slot: int, path: str, row: int = -1) -> None:
         super().__init__()
         self.dispatcher = dispatcher
         self.slot = slot
         self.path = path  # a replacement worker in the same slot listens on a new path
+        self.row = row  # the worker process's row of job marks in the scoreboard
         self.jobs: dict[int, PendingJob] = {}
         self.lost = False
 
@@ -105,9 +115,12 @@ class ModelLink(FrameProtocol):
         if d.links.get(self.slot) is self:
             del d.links[self.slot]
         counts: dict[int, int] = {}
-        for job in self.jobs.values():
+        _, started, lost_count = d.scoreboard.running(self.row) if self.row >= 0 else ({}, set(), True)
+        for job_id, job in self.jobs.items():
             counts[job.api_slot] = counts.get(job.api_slot, 0) + 1
-            error = WorkerLost(f"model worker {self.slot} exited while handling this request")
+            ran = lost_count or job_id in started or job.future.done()
+            error = WorkerLost(f"model worker {self.slot} exited while handling this request", self.slot, self.row,
+                               ran)
             if not job.future.done():
                 job.future.set_exception(error)
             elif job.stream is not None:
@@ -140,10 +153,10 @@ class Dispatcher:
         self.http_slot = http_slot
         self.links: dict[int, ModelLink] = {}
         self.connecting: dict[tuple[int, str], asyncio.Future[ModelLink]] = {}
-        self.job_ids = itertools.count(1)
+        self.job_ids = itertools.count(job_ids_of(http_slot))  # unique over HTTP workers: the model worker marks them
         self.turn = 0
 
-    async def link(self, slot: int, path: str) -> ModelLink:
+    async def link(self, slot: int, path: str, row: int = -1) -> ModelLink:
         link = self.links.get(slot)
         if link is not None and not link.lost:
             if link.path == path:
@@ -152,14 +165,14 @@ class Dispatcher:
         key = (slot, path)
         pending = self.connecting.get(key)
         if pending is None:
-            pending = asyncio.ensure_future(self._connect(slot, path))
+            pending = asyncio.ensure_future(self._connect(slot, path, row))
             self.connecting[key] = pending
             pending.add_done_callback(lambda _: self.connecting.pop(key, None))
         return await asyncio.shield(pending)
 
-    async def _connect(self, slot: int, path: str) -> ModelLink:
+    async def _connect(self, slot: int, path: str, row: int) -> ModelLink:
         loop = asyncio.get_running_loop()
-        _, link = await loop.create_unix_connection(lambda: ModelLink(self, slot, path), path)
+        _, link = await loop.create_unix_connection(lambda: ModelLink(self, slot, path, row), path)
         self.links[slot] = link
         return link
 
@@ -193,7 +206,7 @@ class Dispatcher:
         ClientGone if the client's connection closes first (``on_lost``: its callbacks, run by guard.py)."""
         link = self.links.get(replica.worker)
         if link is None or link.lost or link.path != replica.socket:
-            link = await self.link(replica.worker, replica.socket)
+            link = await self.link(replica.worker, replica.socket, replica.row)
         job_id = next(self.job_ids)
         loop = asyncio.get_running_loop()
         job = PendingJob(api_slot, loop.create_future(), link, job_id)

@@ -20,7 +20,7 @@ from typing import Any
 
 from .. import metrics
 from .. import payload as pl
-from ..protocol import JobHeader, ReplyHeader, Route
+from ..protocol import KILL_CAUSES, JobHeader, ReplyHeader, Route, RoutingTable
 from ..scoreboard import Scoreboard
 from . import routes
 from .dispatch import Answer, ClientGone, Dispatcher, PendingJob, WorkerLost
@@ -64,6 +64,29 @@ def _closing(send: Send) -> Send:
 def _packed(body: bytes) -> bytes:
     """A JSON body parsed and pickled for the model worker (payload.load); BadPayload if malformed."""
     return pl.pack(pl.parse_json(body))
+
+
+def lost_message(name: str, lost: WorkerLost, board: Scoreboard, table: RoutingTable) -> str:
+    """The 502 of a request that was inside predict() when its model worker died, blaming the right API: the one
+    whose code called os._exit, or the daemon (and why), or else naming what else the worker was running."""
+    names = {route.slot: api for api, route in table.apis.items()}
+    worker = f"model worker {lost.worker}"
+    ended = board.exit_of(lost.row) if lost.row >= 0 else None
+    cause = board.killed(lost.row) if lost.row >= 0 else 0
+    if ended is not None and names.get(ended[0]) == name:
+        text = f"API {name!r}: its own code ended {worker} (os._exit({ended[1]})) while handling this request"
+    elif ended is not None:
+        text = (f"API {name!r}: {worker} was ended by API {names.get(ended[0], '?')!r} (os._exit({ended[1]})) "
+                "while handling this request, which it shares the worker with")
+    elif cause:
+        why = list(KILL_CAUSES.values())[cause - 1] if cause <= len(KILL_CAUSES) else "it was ended"
+        text = f"API {name!r}: the daemon ended {worker} while handling this request: {why}"
+    else:
+        running, _, _ = board.running(lost.row) if lost.row >= 0 else ({}, set(), False)
+        others = sorted(names.get(s, "?") for s in running if names.get(s) != name)
+        text = f"API {name!r}: {worker} exited while handling this request"
+        text += f" (it was also running {', '.join(repr(o) for o in others)})" if others else ""
+    return text + "; the worker is being replaced"
 
 
 def response_start(reply: ReplyHeader, body: bytes | None, request_id: str) -> dict[str, Any]:
@@ -184,7 +207,10 @@ class Front:
     def _admit(self, name: str, route: Route) -> None:
         """Refuse (503, Retry-After) an API that no replica serves, or whose queue is full."""
         if not route.replicas:
-            if route.state == "failed" and route.problem is not None:
+            if route.state == "failed" and route.problem is not None and route.problem.kind == "quarantine":
+                where = route.problem.where().rstrip(": ")
+                message = f"API {name!r} is {route.problem.message}" + (f" (last at {where})" if where else "")
+            elif route.state == "failed" and route.problem is not None:
                 message = f"API {name!r} failed to load: {route.problem}"
             else:
                 message = f"API {name!r} is {route.state}; retry shortly"
@@ -244,13 +270,17 @@ class Front:
                 raise Refused(504, f"API {name!r} did not answer within {route.timeout:g}s ([serving] timeout)") \
                     from None
             except WorkerLost as e:
-                raise Refused(502, f"API {name!r}: {e}; the worker is being replaced") from None
+                if e.started:  # it may have run: only the client may decide to send it again
+                    raise Refused(502, lost_message(name, e, self.scoreboard, self.published.routes())) from None
+                why = f"its model worker {e.worker} went away before it started the request"
             except OSError as e:  # the connect failed, so the job was never sent: safe to send it elsewhere
-                fresh = await self._wait_rerouted(name, replica.socket, started, route.timeout)
-                if fresh is None:
-                    raise Refused(503, f"API {name!r}: its model worker is not reachable ({e.strerror}); retry",
-                                  RETRY) from None
-                route = fresh
+                why = f"its model worker is not reachable ({e.strerror})"
+            fresh = await self._wait_rerouted(name, replica.socket, started, route.timeout)
+            if fresh is None:
+                raise Refused(503, f"API {name!r}: {why}, and no other replica took it in time; retry", RETRY)
+            if not fresh.replicas:
+                self._admit(name, fresh)  # it failed or was quarantined meanwhile: say why
+            route = fresh
 
     async def _relay(self, send: Send, job: PendingJob, name: str, request_id: str,
                      on_lost: list[Callable[[], None]] | None) -> None:
@@ -307,9 +337,9 @@ class Front:
         while time.perf_counter() < deadline:
             await asyncio.sleep(0.02)
             fresh = self.published.routes().apis.get(name)
-            if fresh is None or fresh.state == "failed":
+            if fresh is None:
                 return None
-            if fresh.replicas and all(r.socket != dead for r in fresh.replicas):
+            if fresh.state == "failed" or (fresh.replicas and all(r.socket != dead for r in fresh.replicas)):
                 return fresh
         return None
 

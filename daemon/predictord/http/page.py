@@ -67,8 +67,9 @@ function render(data) {
       (s.p99_ms ?? "-") + " ms, " + (s.errors || 0) + " errors (last minute)", "muted"));
     card.appendChild(el("div", "version " + (a.version.serving.join(", ") || a.version.wanted) + " on " +
       (a.replicas.map(r => r.device + "#" + r.worker).join(", ") || "-"), "muted"));
-    if (a.error) card.appendChild(el("div", (a.error.file ? a.error.file + (a.error.line ? ":" + a.error.line : "") +
-      ": " : "") + a.error.message, "err"));
+    for (const [what, e] of [["", a.error], ["crash: ", a.crash], ["last request error: ", a.request_error]])
+      if (e) card.appendChild(el("div", what + (e.file ? e.file + (e.line ? ":" + e.line : "") + ": " : "") +
+        e.message, "err"));
     const series = (data.series || {})[name] || [];
     card.appendChild(spark(series, 1, name + " requests/s"));
     card.appendChild(spark(series, 2, name + " p99 ms"));
@@ -77,7 +78,7 @@ function render(data) {
   const workers = document.getElementById("workers"); workers.replaceChildren();
   row(workers, ["worker", "pid", "device", "APIs", "restarts"], true);
   for (const w of data.workers || []) row(workers, [String(w.slot), String(w.pid), w.device,
-    Object.keys(w.apis).join(", ") || "-", String(w.restarts || 0)]);
+    (Object.keys(w.apis).join(", ") || "-") + (w.dedicated ? " (dedicated)" : ""), String(w.restarts || 0)]);
   const devices = document.getElementById("devices"); devices.replaceChildren();
   const gpus = data.devices || [];
   if (!gpus.some(d => d.kind === "gpu")) devices.appendChild(el("div", "No GPUs: running on the CPU.", "muted"));

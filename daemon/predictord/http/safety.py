@@ -59,8 +59,10 @@ def _without(text: str, secrets: list[str]) -> str:
 
 
 def redact_status(status: dict[str, Any], predictors_dir: str) -> dict[str, Any]:
-    """An API's status document with its error message redacted (a copy; the routes table is left alone)."""
-    error = status.get("error")
-    if not error or not isinstance(error.get("message"), str):
-        return status
-    return {**status, "error": {**error, "message": redact(error["message"], predictors_dir)}}
+    """An API's status document with its error messages redacted (a copy; the routes table is left alone)."""
+    out = status
+    for key in ("error", "crash", "request_error"):
+        error = status.get(key)
+        if error and isinstance(error.get("message"), str):
+            out = {**out, key: {**error, "message": redact(error["message"], predictors_dir)}}
+    return out

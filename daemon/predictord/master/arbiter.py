@@ -23,7 +23,7 @@ from gunicorn.arbiter import Arbiter
 
 from .. import logs, metrics
 from ..config import Config, ConfigError
-from ..protocol import Control, Loaded
+from ..protocol import Control, Failed, Loaded
 from ..scoreboard import MAX_HTTP
 from .balancer import Balancer
 from .catalog import Catalog
@@ -175,6 +175,8 @@ class Master(Arbiter):  # type: ignore[misc]
         self.fleet.note(handle, m)
         if isinstance(m, Loaded):
             self.catalog.loaded(m, handle.slot, handle.device.label)
+        elif isinstance(m, Failed):
+            self.catalog.request_failed(m)
 
     # -- signals ---------------------------------------------------------------------------------------------------
     def handle_term(self) -> None:
@@ -261,13 +263,19 @@ class Master(Arbiter):  # type: ignore[misc]
         for p in self.catalog.probes.values():
             p.process.poll()  # reap our probes before gunicorn's waitpid(-1) takes their status
         for handle, status in self.fleet.reap():
-            how = self.fleet.exited(handle, status, self.stopping)
+            autopsy = self.fleet.examine(handle, status, self.catalog.names(), self.catalog.api_of_file)
+            how = self.fleet.exited(handle, status, self.stopping, autopsy)
             for name, (version, _) in handle.loading.items():
                 self.catalog.load_failed(name, version, f"the model worker died while loading it: it {how}")
                 log.error("API %s version %s failed: the model worker %s while loading it", name, version, how)
-            if not self.stopping and handle.kill_reason != "retired":
+            if not self.stopping and handle.kill_reason == "retired":
+                self.events.add("retire", f"model worker {handle.slot} ({handle.device.label}) pid {handle.pid} "
+                                          f"retired: {handle.kill_detail}")
+            elif not self.stopping:
                 self.events.add("restart", f"model worker {handle.slot} ({handle.device.label}) pid {handle.pid} "
                                            f"{how}")
+                if autopsy.culprit is not None and autopsy.culprit not in handle.loading:
+                    self.catalog.crashed(autopsy, handle.slot, self.balancer.kind_of(autopsy.culprit) == "cpu")
         super().reap_workers()
 
     def murder_workers(self) -> None:
@@ -306,11 +314,11 @@ class Master(Arbiter):  # type: ignore[misc]
             self.fleet.carry_out(action, self.catalog, self.pconfig.predictors.load_timeout)
             return
         handle = self.fleet.workers[action.worker]
-        log.info("retiring model worker %d (%s) pid %d: its slot is no longer configured", handle.slot,
-                 handle.device.label, handle.pid)
-        handle.stopping, handle.kill_reason = True, "retired"
+        why = self.balancer.gone_why(handle.slot)
+        log.info("retiring model worker %d (%s) pid %d: %s", handle.slot, handle.device.label, handle.pid, why)
+        handle.stopping, handle.kill_reason, handle.kill_detail = True, "retired", why
         self.publish()
-        self.fleet.kill(handle, signal.SIGTERM)
+        self.fleet.kill(handle, signal.SIGTERM, "retired", why)
 
     def publish(self) -> None:
         info = DaemonInfo(self.pid, self.started_at, str(self.pconfig.predictors_dir), len(self.WORKERS))

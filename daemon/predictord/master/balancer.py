@@ -39,6 +39,8 @@ class Balancer:
         self.policy = PolicyState()
         self.next_tick = 0.0
         self.extra_slots: set[int] = set()  # model worker slots the policy added
+        self.owners: dict[int, str] = {}  # slot -> the API it is dedicated to ([serving] isolation = "process")
+        self.gone: dict[int, str] = {}  # slot -> why it was dropped (for the retirement's log line)
         self.drained: set[str] = set()  # GPUs the policy took out of service
         self.busy_seen: dict[int, tuple[float, float]] = {}  # slot -> (when, busy seconds) at the last sample
         self.decisions: deque[dict[str, Any]] = deque(maxlen=30)
@@ -46,16 +48,73 @@ class Balancer:
         self.changed = False
 
     def configure(self, config: Config, devices: dict[int, Device]) -> None:
-        """A reloaded config: its slots (drained GPUs stay out, added slots that went stay gone) and its sampler."""
+        """A reloaded config: its slots (drained GPUs stay out, added slots that went stay gone, the APIs' own
+        workers stay theirs) and its sampler."""
         self.config = config
-        self.devices = {s: d for s, d in devices.items() if d.label not in self.drained}
-        self.extra_slots &= set(self.devices)
+        owned = {s: d for s, d in self.devices.items() if s in self.owners}
+        self.devices = {s: d for s, d in devices.items() if d.label not in self.drained and s not in owned} | owned
+        for slot in set(self.extra_slots) - set(self.devices):
+            self.drop_slot(slot, "its slot is no longer configured")
         self.start_sampler()
         self.catalog.needs_plan = True
 
     def slots(self) -> list[WorkerSlot]:
         """The wanted model workers, as placement sees them."""
-        return [WorkerSlot(s, d.kind, d.label) for s, d in self.devices.items()]
+        return [WorkerSlot(s, d.kind, d.label, self.owners.get(s)) for s, d in self.devices.items()]
+
+    def drop_slot(self, slot: int, why: str) -> None:
+        """A model worker slot is no longer wanted: its worker is retired once its APIs are served elsewhere."""
+        self.devices.pop(slot, None)
+        self.extra_slots.discard(slot)
+        self.owners.pop(slot, None)
+        self.gone[slot] = why
+        self.catalog.needs_plan = self.changed = True
+
+    def gone_why(self, slot: int) -> str:
+        return self.gone.get(slot, "its slot is no longer configured")
+
+    # -- model workers of their own -------------------------------------------------------------------------------
+    def dedicate(self) -> None:
+        """Every API with [serving] isolation = "process" has as many model workers of its own as it wants replicas
+        (on its device kind); workers of APIs that no longer want them are dropped."""
+        wanted = {n: r for n, r in self.catalog.apis.items() if r.isolated and not r.quarantined}
+        for slot, owner in list(self.owners.items()):
+            if owner not in wanted:
+                self.drop_slot(slot, f"API {owner} no longer needs a model worker of its own")
+        for name, record in wanted.items():
+            mine = sorted(s for s, o in self.owners.items() if o == name)
+            keep = set(record.steer if record.steer is not None else record.placement)
+            while len(mine) > record.replicas_wanted():
+                extra = max(mine, key=lambda s: (s not in keep, s))
+                mine.remove(extra)
+                self.drop_slot(extra, f"API {name} needs fewer replicas")
+            while len(mine) < record.replicas_wanted():
+                device = self.dedicated_device(record.settings.serving.device if record.settings else "any")
+                added = self.add_worker(device, extra=False, owner=name) if device else None
+                if added is None:
+                    break
+                mine.append(added)
+
+    def kind_of(self, name: str) -> str | None:
+        """The device kind an API runs on: cpu or gpu (any: gpu when there are GPUs); None when unknown."""
+        record = self.catalog.apis.get(name)
+        if record is None or record.settings is None:
+            return None
+        device = record.settings.serving.device
+        if device != "any":
+            return device
+        return "gpu" if any(d.kind == "gpu" for d in self.devices.values()) else "cpu"
+
+    def dedicated_device(self, kind: str) -> str | None:
+        """Where a new worker of an API's own goes: the GPU with the fewest workers for gpu (and any, when there
+        are GPUs), else the CPU; None when it asks for a GPU and there is none (placement says so)."""
+        gpus = sorted({d.label for d in self.devices.values() if d.kind == "gpu"} - self.drained)
+        if kind == "cpu" or (kind == "any" and not gpus):
+            return "cpu"
+        if not gpus:
+            return None
+        count = {g: sum(1 for d in self.devices.values() if d.label == g) for g in gpus}
+        return min(gpus, key=lambda g: (count[g], g))
 
     def start_sampler(self) -> None:
         """The GPU reader: the configured trace, else NVML when there are GPUs; none for a CPU-only host."""
@@ -85,7 +144,9 @@ class Balancer:
         return max(0.0, self.next_tick - now)
 
     def tick(self, now: float) -> None:
-        """Every interval: one sample, the policy's decisions, and each applied and logged with its reason."""
+        """Each loop: the APIs' own workers; every interval: one sample, the policy's decisions, and each applied
+        and logged with its reason."""
+        self.dedicate()
         if now < self.next_tick:
             return
         self.next_tick = now + self.config.rebalance.interval
@@ -124,7 +185,8 @@ class Balancer:
             workers.append(WorkerSample(slot, device.label, names,
                                         (busy_now - before) / (now - when) if now > when else 0.0,
                                         slot in self.extra_slots, handle.pid if handle else 0,
-                                        self.scoreboard.outstanding(slot), sum(service) / max(1, len(service))))
+                                        self.scoreboard.outstanding(slot), sum(service) / max(1, len(service)),
+                                        self.owners.get(slot)))
         has_gpu = any(d.kind == "gpu" for d in self.devices.values())
         apis = []
         for name, record in sorted(self.catalog.apis.items()):
@@ -137,7 +199,7 @@ class Balancer:
             apis.append(ApiSample(name, kind, record.placement, len(replicas),
                                   self.scoreboard.api_outstanding(record.slot), sum(r.threads for r in replicas),
                                   record.footprint, serving.replicas, serving.max_replicas,
-                                  sum(service) / len(service) if service else 0.0))
+                                  sum(service) / len(service) if service else 0.0, record.isolated))
         return Sample(now, read_host(), tuple(gpus), tuple(workers), tuple(apis))
 
     def export_devices(self, sample: Sample) -> None:
@@ -164,7 +226,10 @@ class Balancer:
         else:
             log.info("rebalance: %s", d.text())
         if record is not None and d.action in ("add", "move"):
-            slot = d.into if d.into is not None else self.add_worker(d.device or "cpu")
+            if record.isolated:  # its replicas only ever run in workers of its own
+                slot = self.add_worker(d.device or "cpu", extra=False, owner=record.name)
+            else:
+                slot = d.into if d.into is not None else self.add_worker(d.device or "cpu")
             if slot is None:
                 return
             kept = [s for s in record.placement if d.action == "add" or s != d.slot]
@@ -176,16 +241,14 @@ class Balancer:
         elif d.action == "drain" and d.device:
             self.drained.add(d.device)
             for slot in [s for s, dev in self.devices.items() if dev.label == d.device]:
-                del self.devices[slot]
-                self.extra_slots.discard(slot)
+                self.drop_slot(slot, f"the rebalancer drained {d.device}")
             self.catalog.needs_plan = True
         elif d.action == "restore" and d.device:
             self.drained.discard(d.device)
             self.add_worker(d.device, extra=False)
             self.catalog.needs_plan = True
         elif d.action == "retire" and d.slot is not None:
-            self.devices.pop(d.slot, None)
-            self.extra_slots.discard(d.slot)
+            self.drop_slot(d.slot, "the rebalancer retired it: no API is placed on it")
         metrics.get().rebalance.labels(d.action).inc()
         self.decisions.append({"at": round(time.time(), 3), "action": d.action, "api": d.api, "device": d.device,
                                "text": d.text()})
@@ -193,17 +256,24 @@ class Balancer:
             self.events.add("rebalance", d.text())
         self.changed = True
 
-    def add_worker(self, label: str, extra: bool = True) -> int | None:
-        """A new model worker slot on ``label`` (cpu, gpu0, ...); the master's loop spawns it."""
+    def add_worker(self, label: str, extra: bool = True, owner: str | None = None) -> int | None:
+        """A new model worker slot on ``label`` (cpu, gpu0, ...), shared or dedicated to ``owner``; the master's
+        loop spawns it."""
         used = set(self.devices) | set(self.fleet.workers)
         free = [s for s in range(MAX_MODEL) if s not in used]
         if not free:
-            log.error("rebalance: no model worker slot left (%d in use)", MAX_MODEL)
+            log.error("no model worker slot left (%d in use)", MAX_MODEL)
             return None
         device = Device("cpu") if label == "cpu" else Device("gpu", int(label.removeprefix("gpu")))
         self.devices[free[0]] = device
+        self.gone.pop(free[0], None)
         if extra:
             self.extra_slots.add(free[0])
+        if owner is not None:
+            self.owners[free[0]] = owner
+            log.info("model worker slot %d (%s) is API %s's own ([serving] isolation = \"process\")", free[0],
+                     label, owner)
+        self.catalog.needs_plan = self.changed = True
         return free[0]
 
     def gpu_room(self) -> dict[str, int]:
@@ -217,7 +287,8 @@ class Balancer:
         last = self.window[-1] if self.window else None
         w = next((w for w in last.workers if w.slot == slot), None) if last else None
         return {"busy": round(w.busy, 3) if w else None, "jobs": w.outstanding if w else None,
-                "latency_ms": round(w.latency * 1000, 2) if w else None, "added": slot in self.extra_slots}
+                "latency_ms": round(w.latency * 1000, 2) if w else None, "added": slot in self.extra_slots,
+                "dedicated": self.owners.get(slot)}
 
     def device_status(self) -> list[dict[str, Any]]:
         """The devices as the status page and `predictord status` show them: latest sample, utilization series."""

@@ -18,9 +18,23 @@ import psutil
 
 from .. import metrics
 from ..devices import Device
-from ..model.worker import ModelWorker
-from ..protocol import CONTROL, Control, FrameReader, Hung, Load, Loaded, Started, Unload, Unloaded, control
-from ..scoreboard import Scoreboard
+from ..model.worker import ModelWorker, crash_files
+from ..protocol import (
+    CONTROL,
+    KILL_CAUSES,
+    KILL_CODES,
+    Control,
+    FrameReader,
+    Hung,
+    Load,
+    Loaded,
+    Started,
+    Unload,
+    Unloaded,
+    control,
+)
+from ..scoreboard import RUN_ROWS, Scoreboard
+from .autopsy import Autopsy, examine
 from .catalog import Catalog
 from .reconcile import KillForDeadline, LoadApi, UnloadApi, WorkerView
 from .records import Replica
@@ -29,24 +43,21 @@ log = logging.getLogger("predictord.master")
 
 EXIT_CODES = {0: "exited cleanly", 1: "crashed (see its traceback above)"}
 MAX_BACKOFF = 10.0
-KILLED_BY_US = {
-    "heartbeat": "was killed by the daemon: it sent no heartbeat within [workers] heartbeat_timeout",
-    "load_timeout": "was killed by the daemon: a load ran past [predictors] load_timeout",
-    "memory": "was killed by the daemon: its memory passed [workers] max_rss_mib",
-}
+BACKOFF_WINDOW = 60.0  # seconds: deaths of a slot within this back off its respawn
 
 
-def describe_exit(status: int | None) -> str:
-    """An exit status in words, naming the likely cause."""
+def describe_exit(status: int | None, guess: bool = True) -> str:
+    """An exit status in words, naming the likely cause (``guess``: when nothing better is known)."""
     if status is None:
         return "exited (status unknown)"
     if os.WIFSIGNALED(status):
         name = exit_cause(status)
-        if os.WTERMSIG(status) == signal.SIGKILL:
-            return f"was killed by {name} (out of memory, or replaced by the daemon)"
+        if os.WTERMSIG(status) == signal.SIGKILL and guess:
+            return f"was killed by {name} (the OOM killer, or an operator)"
         return f"was killed by {name}"
     code = os.WEXITSTATUS(status)
-    return EXIT_CODES.get(code, f"exited with status {code} (did a predictor call exit or os._exit?)")
+    hint = " (did a predictor call exit or os._exit?)" if guess else ""
+    return EXIT_CODES.get(code, f"exited with status {code}{hint}")
 
 
 def exit_cause(status: int | None) -> str:
@@ -69,10 +80,13 @@ class ModelWorkerHandle:
     ctl: socket.socket
     socket_path: str
     spawned_at: float
+    row: int = 0  # its process's row of job marks in the scoreboard
     started_at: float = field(default_factory=time.time)  # wall clock, for uptime in status
     up: bool = False  # it has said Started
     stopping: bool = False
     kill_reason: str = ""  # why the master ended it: heartbeat, load_timeout, memory, retired
+    kill_detail: str = ""  # the specifics, in words (which API, which figures)
+    hung: str | None = None  # the API whose predict() it said hung
     loaded: dict[str, str] = field(default_factory=dict)  # API -> version serving
     loading: dict[str, tuple[str, float]] = field(default_factory=dict)  # API -> (version, deadline)
     unloading: set[str] = field(default_factory=set)
@@ -122,6 +136,10 @@ class Fleet:
         """Fork a model worker into ``slot``; it reports Started on its control channel when it listens."""
         self.generation += 1
         path = str(self.runtime / f"model-{slot}-{self.generation}.sock")
+        row = self.generation % RUN_ROWS  # a fresh row: the last process in this slot may still be examined
+        self.scoreboard.clear_run(row)
+        for leftover in crash_files(self.runtime, row):
+            leftover.unlink(missing_ok=True)
         ours, theirs = socket.socketpair()
         pid = os.fork()
         if pid == 0:  # the child: drop the master's channels and signal handling, then become a model worker
@@ -130,10 +148,10 @@ class Fleet:
             for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD,
                         signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH):
                 signal.signal(sig, signal.SIG_DFL)
-            ModelWorker(slot, device, theirs, self.scoreboard, path, self.torch_threads).run()
+            ModelWorker(slot, device, theirs, self.scoreboard, path, self.torch_threads, row).run()
         theirs.close()
         ours.setblocking(True)
-        handle = ModelWorkerHandle(slot, device, pid, ours, path, time.monotonic())
+        handle = ModelWorkerHandle(slot, device, pid, ours, path, time.monotonic(), row)
         self.workers[slot] = handle
         self.scoreboard.beat(slot)
         self.changed = True
@@ -176,16 +194,25 @@ class Fleet:
             handle.loaded.pop(m.api, None)
             handle.unloading.discard(m.api)
         elif isinstance(m, Hung):
+            handle.hung = m.api
             log.error("model worker %d (%s) pid %d: API %s predict() has run %.0fs (request %s); it will be "
                       "replaced when its heartbeat times out", handle.slot, handle.device.label, handle.pid,
                       m.api, m.seconds, m.request_id)
 
     def backoff(self, slot: int) -> float:
-        """Seconds to wait before respawning a slot that keeps dying (0 for the first death in a minute)."""
+        """Seconds to wait before respawning a slot that keeps dying: 0 for its first death in a minute, then 0.25 s,
+        doubling to at most MAX_BACKOFF, so a crash loop costs little CPU."""
         now = time.monotonic()
-        recent = [t for t in self.deaths.get(slot, []) if now - t < 60] + [now]
+        recent = [t for t in self.deaths.get(slot, []) if now - t < BACKOFF_WINDOW] + [now]
         self.deaths[slot] = recent
         return 0.0 if len(recent) <= 1 else min(MAX_BACKOFF, 0.25 * 2 ** (len(recent) - 2))
+
+    def examine(self, handle: ModelWorkerHandle, status: int | None, names: Mapping[int, str],
+                api_of: Callable[[str], str | None]) -> Autopsy:
+        """Whose code ended a dead worker, from what it left behind."""
+        hung = handle.hung if handle.kill_reason == "heartbeat" else None
+        return examine(self.scoreboard, handle.row, status, crash_files(self.runtime, handle.row), names, api_of,
+                       hung)
 
     def reap(self) -> list[tuple[ModelWorkerHandle, int | None]]:
         """Model workers that have exited, with their wait status (None when another waitpid got it first)."""
@@ -206,28 +233,41 @@ class Fleet:
                 gone.append((handle, status))
         return gone
 
-    def exited(self, handle: ModelWorkerHandle, status: int | None, stopping: bool) -> str:
-        """Log a worker's exit, count it, and plan its respawn; returns what happened, in words."""
-        how = KILLED_BY_US.get(handle.kill_reason) or describe_exit(status)
-        level = logging.INFO if handle.stopping or stopping else logging.ERROR
+    def exited(self, handle: ModelWorkerHandle, status: int | None, stopping: bool, autopsy: Autopsy) -> str:
+        """Log a worker's exit with whose code ended it, count it, and plan its respawn (backed off when the slot
+        keeps dying); returns what happened, in words."""
+        if handle.kill_reason in KILL_CAUSES:
+            how = f"was killed by the daemon: {KILL_CAUSES[handle.kill_reason]}"
+            how += f" ({handle.kill_detail})" if handle.kill_detail else ""
+        else:
+            how = describe_exit(status, guess=autopsy.culprit is None)
+        blame = autopsy.text() if handle.kill_reason != "retired" else ""
+        how += f": {blame}" if blame else ""
+        level = logging.INFO if handle.stopping and handle.kill_reason in ("", "retired") or stopping else logging.ERROR
         log.log(level, "model worker %d (%s) pid %d %s", handle.slot, handle.device.label, handle.pid, how)
         if not stopping:
-            # Back off only from a worker that died starting or loading (a crash loop); one that was serving comes
-            # back at once, however often it is killed (OOM killer, max_rss_mib, a hang, an operator).
+            planned = handle.kill_reason == "retired"
+            # Back off from a crash loop: a worker that died starting or loading, or whose code ended it. One that
+            # was serving and got SIGKILL from outside (the OOM killer, an operator, max_rss_mib) comes back at once.
             serving = handle.up and not handle.loading
-            self.respawn_at[handle.slot] = time.monotonic() + (0.0 if serving else self.backoff(handle.slot))
-            if handle.kill_reason != "retired":
+            sigkill = status is not None and os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+            crash = autopsy.culprit is not None or not sigkill
+            wait = self.backoff(handle.slot) if not planned and (crash or not serving) else 0.0
+            self.respawn_at[handle.slot] = time.monotonic() + wait
+            if not planned:
                 metrics.get().restarts.labels("model", handle.kill_reason or exit_cause(status)).inc()
                 self.restarts[handle.slot] = self.restarts.get(handle.slot, 0) + 1
         metrics.process_gone(handle.pid)
         self.changed = True
         return how
 
-    def kill(self, handle: ModelWorkerHandle, sig: int, reason: str = "") -> None:
-        """Signal a worker; with a ``reason`` (heartbeat, load_timeout, memory, retired) it is one we end."""
+    def kill(self, handle: ModelWorkerHandle, sig: int, reason: str = "", detail: str = "") -> None:
+        """Signal a worker; with a ``reason`` (heartbeat, load_timeout, memory, retired) it is one we end, and the
+        scoreboard says so before it dies (the HTTP workers tell its requests why)."""
         if reason:
             handle.stopping = True
-            handle.kill_reason = reason
+            handle.kill_reason, handle.kill_detail = reason, detail
+            self.scoreboard.set_killed(handle.row, KILL_CODES.get(reason, 0))
             self.changed = True
         try:
             os.kill(handle.pid, sig)
@@ -243,7 +283,8 @@ class Fleet:
             if silent > limit and not handle.stopping:
                 log.error("model worker %d (%s) pid %d sent no heartbeat for %.0fs; killing it", handle.slot,
                           handle.device.label, handle.pid, silent)
-                self.kill(handle, signal.SIGKILL, "heartbeat")
+                detail = f"silent {silent:.0f}s" + (f"; API {handle.hung}'s predict() hung" if handle.hung else "")
+                self.kill(handle, signal.SIGKILL, "heartbeat", detail)
 
     def murder_fat(self, limit_mib: int) -> None:
         """[workers] max_rss_mib: a worker whose resident memory passed it is killed and replaced."""
@@ -256,7 +297,8 @@ class Fleet:
                 log.error("model worker %d (%s) pid %d uses %d MiB, over [workers] max_rss_mib = %d; killing it "
                           "(APIs: %s)", handle.slot, handle.device.label, handle.pid, rss >> 20, limit_mib,
                           ", ".join(sorted(handle.loaded)) or "none")
-                self.kill(handle, signal.SIGKILL, "memory")
+                self.kill(handle, signal.SIGKILL, "memory", f"{rss >> 20} MiB > {limit_mib} MiB; APIs: "
+                          f"{', '.join(sorted(handle.loaded)) or 'none'}")
 
     # -- reconcile's actions ---------------------------------------------------------------------------------------
     def carry_out(self, action: LoadApi | UnloadApi | KillForDeadline, catalog: Catalog, load_timeout: float) -> None:
@@ -269,7 +311,7 @@ class Fleet:
             handle.loading.pop(action.api, None)
             catalog.load_failed(action.api, action.version, f"__init__ took longer than the load deadline "
                                 f"({load_timeout:g}s); raise [predictors] load_timeout if it is just slow")
-            self.kill(handle, signal.SIGKILL, "load_timeout")
+            self.kill(handle, signal.SIGKILL, "load_timeout", f"API {action.api} version {action.version}")
         elif isinstance(action, UnloadApi):
             if handle.send(Unload(action.api)):
                 handle.unloading.add(action.api)
@@ -289,7 +331,7 @@ class Fleet:
     # -- what they serve -------------------------------------------------------------------------------------------
     def replicas(self, name: str) -> list[Replica]:
         """The workers that take an API's jobs now."""
-        return [Replica(h.slot, h.pid, h.device.label, h.socket_path, h.loaded[name], h.threads.get(name, 1))
+        return [Replica(h.slot, h.pid, h.device.label, h.socket_path, h.loaded[name], h.threads.get(name, 1), h.row)
                 for h in self.workers.values() if name in h.loaded and name not in h.unloading and not h.stopping]
 
     def in_use(self) -> set[tuple[str, str]]:

@@ -16,6 +16,7 @@ class WorkerSlot:
     slot: int
     kind: str  # "cpu" or "gpu"
     label: str  # "cpu", "gpu0", ...
+    owner: str | None = None  # the API it is dedicated to ([serving] isolation = "process"), None: shared
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class Want:
     device: str  # "cpu", "gpu" or "any"
     replicas: int
     footprint: int = 0  # bytes one replica held at its last load (0: not measured yet)
+    isolated: bool = False  # only on workers dedicated to it; never on a shared one
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,8 @@ def place(
 ) -> dict[str, Placement]:
     """Spread each API's replicas over the workers of its device kind, fewest APIs first.
 
-    ``any`` means the GPUs when there are any, else the CPU workers. APIs keep the workers they already have
+    ``any`` means the GPUs when there are any, else the CPU workers. An isolated API goes only on the workers
+    dedicated to it, and no other API ever goes there. APIs keep the workers they already have
     (``current``) while those still fit, so a re-placement moves as little as possible. ``room`` is the memory a new
     replica may take on each GPU (free minus headroom, at the last sample): a replica whose measured footprint does
     not fit is not placed there, and the API says why instead of failing with CUDA out of memory.
@@ -60,9 +63,16 @@ def place(
         kind = want.device
         if kind == "any":
             kind = "gpu" if any(w.kind == "gpu" for w in workers) else "cpu"
-        candidates = [w.slot for w in workers if w.kind == kind]
+        owner = name if want.isolated else None
+        candidates = [w.slot for w in workers if w.kind == kind and w.owner == owner]
+        if not candidates and want.isolated and any(w.kind == kind for w in workers):
+            result[name] = Placement((), error=f"waiting for a {kind} model worker of its own ([serving] isolation "
+                                               "= \"process\")")
+            continue
         if not candidates:
-            what = "a GPU, and none was found (NVML)" if kind == "gpu" else "a CPU model worker, and [workers] cpu = 0"
+            what = "a GPU, and none was found (NVML)" if kind == "gpu" else (
+                "a CPU model worker of its own, and none could be started" if want.isolated
+                else "a CPU model worker, and [workers] cpu = 0")
             fix = 'set device = "cpu" or "any" in [serving]' if kind == "gpu" else "set [workers] cpu >= 1"
             result[name] = Placement((), error=f"device {want.device!r} needs {what}; {fix}")
             continue

@@ -28,6 +28,7 @@ class WorkerSample:
     pid: int = 0
     outstanding: int = 0  # jobs sent to it and not yet answered (its queue plus what it runs)
     latency: float = 0.0  # seconds a job takes on it (the average of its APIs' service times)
+    owner: str | None = None  # the API it is dedicated to, None: shared
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class ApiSample:
     min_replicas: int = 1
     max_replicas: int = 0  # 0: as many as the workers allow
     latency: float = 0.0  # seconds a job takes (the replicas' average service time)
+    isolated: bool = False  # it runs only on workers of its own (a new replica is a new worker)
 
     @property
     def queued(self) -> int:
@@ -136,22 +138,27 @@ class _Plan:
         self.sample, self.limits = sample, limits
         self.apis_on = {w.slot: set(w.apis) for w in sample.workers}
         self.device_of = {w.slot: w.device for w in sample.workers}
+        self.owner_of = {w.slot: w.owner for w in sample.workers}
         self.extra = {w.slot for w in sample.workers if w.extra}
         self.new_workers: dict[str, int] = {}  # device -> workers this round will start
         self.claimed: dict[str, int] = {}  # GPU -> bytes this round places on it
         self.drained = set(drained)
 
-    def workers_on(self, device: str) -> int:
-        return sum(1 for d in self.device_of.values() if d == device) + self.new_workers.get(device, 0)
+    def workers_on(self, device: str, owner: str | None = None) -> int:
+        """Workers on ``device``: the shared ones, or those of one API's own."""
+        return sum(1 for s, d in self.device_of.items() if d == device and self.owner_of.get(s) == owner) + \
+            self.new_workers.get(f"{device}/{owner}" if owner else device, 0)
 
     def room(self, api: ApiSample, device: str) -> tuple[int | None, str | None]:
-        """A worker on ``device`` that can take a replica of ``api`` (None: start one), or why none can."""
+        """A worker on ``device`` that can take a replica of ``api`` (None: start one), or why none can. An isolated
+        API's replica always starts a worker of its own."""
+        owner = api.name if api.isolated else None
         free = sorted((len(apis), slot) for slot, apis in self.apis_on.items()
-                      if self.device_of[slot] == device and api.name not in apis)
+                      if self.device_of[slot] == device and api.name not in apis and self.owner_of.get(slot) == owner)
         if free:
             return free[0][1], None
         cap = self.limits.cpu_workers_max if device == "cpu" else self.limits.gpu_workers_max
-        if self.workers_on(device) < cap:
+        if self.workers_on(device, owner) < cap:
             return None, None
         return None, f"{device} already runs its most workers ({cap})"
 
@@ -195,7 +202,8 @@ class _Plan:
 
     def take(self, api: ApiSample, device: str, slot: int | None) -> None:
         if slot is None:
-            self.new_workers[device] = self.new_workers.get(device, 0) + 1
+            key = f"{device}/{api.name}" if api.isolated else device
+            self.new_workers[key] = self.new_workers.get(key, 0) + 1
         else:
             self.apis_on[slot].add(api.name)
         if device != "cpu":

@@ -38,10 +38,31 @@ class ApiRecord:
     steer: tuple[int, ...] | None = None  # workers the rebalancer asked for; the next plan starts from them
     footprint: int = 0  # bytes its last load took where it runs (GPU memory on a GPU, else host memory)
     rebalance_note: str | None = None  # why the rebalancer could not give it what it needed
+    request_error: Problem | None = None  # the last exception a predict() raised (request time, not load time)
+    request_errors: int = 0  # how many the model workers reported
+    crash: Problem | None = None  # the last time its code ended a model worker process
+    crashes: list[float] = field(default_factory=list)  # monotonic times its code ended a model worker
+    contained: bool = False  # its code ended a shared worker: it runs in workers of its own until it changes
+    quarantined: bool = False  # it ended its workers crash_limit times in crash_window: not loaded again until it
+    #                            changes
+
+    def changed(self) -> None:
+        """Its files changed: a new version gets a fresh start (no crash count, no quarantine)."""
+        self.crashes.clear()
+        self.quarantined = self.contained = False
+        if self.error is not None and self.error.kind in ("crash", "quarantine"):
+            self.error = None
+
+    @property
+    def isolated(self) -> bool:
+        """It runs in model workers of its own: [serving] isolation = "process", or it crashed a shared one."""
+        return self.settings is not None and (self.settings.serving.isolation == "process" or self.contained)
 
     def target(self) -> Target | None:
         """What a worker should load now: the newest version, or while it is broken or being checked, the last
         version that loaded (None: nothing loadable yet)."""
+        if self.quarantined:
+            return None
         if self.settings is not None and not self.probing and self.version not in self.failed_versions:
             return self.version, self.source, self.settings
         return self.good
@@ -84,13 +105,16 @@ class Replica:
     socket: str
     version: str
     threads: int
+    marks: int = 0  # its process's row of job marks in the scoreboard
 
     def row(self) -> ReplicaRow:
-        return ReplicaRow(self.worker, self.socket, self.threads, self.version)
+        return ReplicaRow(self.worker, self.socket, self.threads, self.version, self.marks)
 
 
 def api_state(record: ApiRecord, replicas: list[Replica]) -> str:
-    """ready (a replica serves it), failed (nothing serves it and it failed), or loading."""
+    """ready (a replica serves it), failed (nothing serves it and it failed, or it is quarantined), or loading."""
+    if record.quarantined:
+        return "failed"
     if replicas:
         return "ready"
     if record.error is not None and (record.version in record.failed_versions or not record.probing):
@@ -116,6 +140,13 @@ def api_status(record: ApiRecord, replicas: list[Replica]) -> dict[str, Any]:
         "signature": record.signature,
         "serving": serving,
         "error": record.error.as_dict() if record.error else None,
+        "request_error": record.request_error.as_dict() if record.request_error else None,
+        "request_errors": record.request_errors,
+        "quarantined": record.quarantined,
+        "crash": record.crash.as_dict() if record.crash else None,
+        "crashes": len(record.crashes),
+        "contained": record.contained,
+        "isolation": record.settings.serving.isolation if record.settings else None,
         "note": record.note,
         "rebalance": {"replicas": record.scale, "footprint": record.footprint, "note": record.rebalance_note},
     }
@@ -125,6 +156,8 @@ def route(record: ApiRecord, replicas: list[Replica]) -> Route:
     """What an HTTP worker needs to dispatch to an API."""
     serving = record.settings.serving if record.settings else None
     signature = record.signature or {}
+    if record.quarantined:
+        replicas = []  # its replicas are being unloaded: send them nothing more
     return Route(
         slot=record.slot,
         replicas=tuple(r.row() for r in replicas),

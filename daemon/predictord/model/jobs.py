@@ -11,10 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.datastructures import Headers, QueryParams
@@ -22,7 +19,6 @@ from starlette.exceptions import HTTPException
 
 from .. import metrics
 from .. import payload as pl
-from ..loader import Signature
 from ..protocol import (
     ABORT,
     CANCEL,
@@ -33,77 +29,15 @@ from ..protocol import (
     START,
     FrameProtocol,
     JobHeader,
+    Problem,
     ReplyHeader,
     split_header,
     with_header,
 )
+from ..scoreboard import RunMarks
+from .loaded import CURRENT, Job, LoadedApi, error_reply, in_api, next_part, offer, request_problem
 
 log = logging.getLogger("predictord.model")
-JSON_HEADERS = [(b"content-type", b"application/json")]
-INLINE_BELOW = 0.0005  # seconds: a sync predict this short runs on the loop (a thread hop costs ~50-100 us)
-
-
-@dataclass
-class Job:
-    """One request taken from an HTTP worker's connection."""
-
-    conn: JobConnection
-    job_id: int
-    header: JobHeader
-    body: bytes
-    arrived: float = 0.0
-    started: float = 0.0
-    reported: bool = False  # told the master it hung
-    cancelled: bool = False  # the HTTP worker said nobody wants the rest (a stream whose client left)
-
-    @property
-    def request_id(self) -> str:
-        return self.header.request_id
-
-
-@dataclass
-class LoadedApi:
-    """A predictor instance loaded in this worker, with its queue and its runners."""
-
-    name: str
-    version: str
-    instance: Any
-    signature: Signature
-    threads: int
-    timeout: float
-    executor: ThreadPoolExecutor
-    max_batch_size: int = 1
-    batch_wait: float = 0.0  # seconds
-    slot: int = 0  # its column in the scoreboard
-    service: float = 0.0  # moving average of a job's time here, start to reply (published for dispatch)
-    queue: deque[Job] = field(default_factory=deque)
-    running: dict[int, Job] = field(default_factory=dict)
-    runners: int = 0
-    arrived: asyncio.Event = field(default_factory=asyncio.Event)
-    last_job: float = 0.0  # monotonic time the newest job arrived
-    modules: dict[str, Any] = field(default_factory=dict)  # what its import added to sys.modules
-
-    seconds: float = 0.01  # moving average of a sync predict (serializing the result included)
-    inline: bool = False  # run on the loop: the thread hop costs more than predict itself
-
-    def observe(self, seconds: float) -> None:
-        """Predicts far shorter than a thread hand-off run on the loop (only with threads = 1, where nothing
-        would run beside them anyway); a slow one sends them back to the thread."""
-        self.seconds += (seconds - self.seconds) * 0.1
-        self.inline = self.threads == 1 and self.seconds < INLINE_BELOW
-
-    _observers: tuple[Any, Any, Any] | None = None
-
-    def observers(self) -> tuple[Any, Any, Any]:
-        """This API's queue-wait, predict-time and batch-size histograms (labelled once)."""
-        if self._observers is None:
-            m = metrics.get()
-            self._observers = (m.queue_wait.labels(self.name), m.predict.labels(self.name), m.batch.labels(self.name))
-        return self._observers
-
-    @property
-    def busy(self) -> bool:
-        return bool(self.queue or self.running or self.runners)
 
 
 class JobConnection(FrameProtocol):
@@ -129,52 +63,18 @@ class JobConnection(FrameProtocol):
         if not self.closed:
             self.send(REPLY, job_id, *with_header(ReplyHeader(status, headers, version), body))
 
-
-def offer(names: tuple[str, ...], payload: Any, query: bytes, headers: Any, response: Any = None) -> dict[str, Any]:
-    """The arguments a predictor method asked for, by name."""
-    kwargs: dict[str, Any] = {}
-    for name in names:
-        if name == "payload":
-            kwargs[name] = payload
-        elif name == "query_params":
-            kwargs[name] = QueryParams(query)
-        elif name == "headers":
-            kwargs[name] = Headers(raw=headers or [])
-        elif name == "response":
-            kwargs[name] = response
-    return kwargs
-
-
-def error_reply(status: int, message: str, job: Job, **extra: Any) -> pl.Reply:
-    return pl.Reply(status, list(JSON_HEADERS), pl.error_body(message, request_id=job.request_id, **extra))
-
-
-def failure_reply(api: LoadedApi, job: Job, e: Exception) -> pl.Reply:
-    """The reply for a predictor that raised: its HTTPException as is, anything else a 500 without internals."""
-    if isinstance(e, pl.BadPayload):
-        return error_reply(400, str(e), job)
-    if isinstance(e, HTTPException):
-        reply = error_reply(e.status_code, str(e.detail), job)
-        reply.headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (e.headers or {}).items()]
-        return reply
-    log.error("API %s request %s: predict() raised %s: %s", api.name, job.request_id, type(e).__name__, e,
-              exc_info=e)
-    return error_reply(500, f"API {api.name!r} failed while handling this request ({type(e).__name__}); the "
-                            "traceback is in the daemon's log", job, api=api.name)
-
-
-def _next(iterator: Any, default: object) -> Any:
-    return next(iterator, default)
-
-
 class JobRunner:
     """Queues, runners and replies for the APIs loaded in one model worker."""
 
     def __init__(self, apis: dict[str, LoadedApi], loop: asyncio.AbstractEventLoop,
-                 publish: Callable[[LoadedApi, float], None]) -> None:
+                 publish: Callable[[LoadedApi, float], None], marks: RunMarks,
+                 report: Callable[[LoadedApi, Problem], None]) -> None:
         self.apis = apis
         self.loop = loop
         self.publish = publish
+        self.marks = marks
+        self.report = report
+        self.unflushed: list[Job] = []  # answered jobs whose reply is still in this process's write buffer
 
     def connection(self) -> Callable[[], JobConnection]:
         return lambda: JobConnection(self)
@@ -221,6 +121,7 @@ class JobRunner:
 
     async def _runner(self, api: LoadedApi, first: Job) -> None:
         """Answer jobs (or batches) until the queue is empty: one task per burst, not one per request."""
+        CURRENT.set(api)  # this task's context: inline and async predicts run in it
         batch = [first]
         try:
             while True:
@@ -230,6 +131,7 @@ class JobRunner:
                 queue_wait, predict_time, batch_size = api.observers()
                 for job in batch:
                     job.started = now
+                    job.mark = self.marks.start(api.slot, job.job_id)  # before predict: a crash finds it marked
                     api.running[id(job)] = job
                     metrics.tally.observe(queue_wait, now - job.arrived)
                 try:
@@ -240,6 +142,7 @@ class JobRunner:
                 finally:
                     for job in batch:
                         api.running.pop(id(job), None)
+                        self._unmark(job)
                     took = time.monotonic() - now
                     metrics.tally.observe(predict_time, took)
                     metrics.tally.observe(batch_size, len(batch))
@@ -252,6 +155,37 @@ class JobRunner:
         finally:
             api.runners -= 1
             self.start_runners(api)
+
+    def _unmark(self, job: Job) -> None:
+        """A job is done once its reply is out of this process (in the socket, a dead worker's reply still arrives);
+        until then it stays marked, so an HTTP worker never sends a job again that may have run."""
+        transport = getattr(job.conn, "transport", None)
+        if job.conn.closed or transport is None or not transport.get_write_buffer_size():
+            self.marks.end(job.mark)
+        else:
+            self.unflushed.append(job)
+
+    def flush_marks(self) -> None:
+        """Unmark the answered jobs whose replies have left since (called with every heartbeat)."""
+        pending, self.unflushed = self.unflushed, []
+        for job in pending:
+            self._unmark(job)
+
+    def _failed(self, api: LoadedApi, job: Job, e: BaseException) -> pl.Reply:
+        """The reply for a predictor that raised: its HTTPException as is, anything else a 500 without internals
+        (the traceback goes to the log, the error to the master for GET /NAME and status)."""
+        if isinstance(e, pl.BadPayload):
+            return error_reply(400, str(e), job)
+        if isinstance(e, HTTPException):
+            reply = error_reply(e.status_code, str(e.detail), job)
+            reply.headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (e.headers or {}).items()]
+            return reply
+        hint = " (sys.exit in predict() ends the request, not the worker)" if isinstance(e, SystemExit) else ""
+        log.error("API %s request %s: predict() raised %s: %s%s", api.name, job.request_id, type(e).__name__, e,
+                  hint, exc_info=e)
+        self.report(api, request_problem(api, e))
+        return error_reply(500, f"API {api.name!r} failed while handling this request ({type(e).__name__}); the "
+                                "traceback is in the daemon's log", job, api=api.name)
 
     async def _fill(self, api: LoadedApi, batch: list[Job]) -> None:
         """Take more queued jobs into the batch, waiting at most batch_wait for them to arrive."""
@@ -282,8 +216,8 @@ class JobRunner:
                 result, reply = self._predict_sync(api, job, payload)
             else:
                 result, reply = await self.loop.run_in_executor(api.executor, self._predict_sync, api, job, payload)
-        except Exception as e:  # noqa: BLE001 - user code: every failure becomes a clear reply
-            reply = failure_reply(api, job, e)
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - user code: every failure becomes a clear reply
+            reply = self._failed(api, job, e)
         if reply.stream is None:
             job.conn.reply(job.job_id, reply.status, reply.headers, reply.body, api.version)
         else:
@@ -292,6 +226,7 @@ class JobRunner:
             self.loop.run_in_executor(api.executor, self._post_predict, api, job, payload, result)
 
     def _predict_sync(self, api: LoadedApi, job: Job, payload: Any) -> tuple[Any, pl.Reply]:
+        CURRENT.set(api)
         query, headers = job.header.query_string, job.header.headers
         started = time.perf_counter()
         try:
@@ -301,11 +236,13 @@ class JobRunner:
             api.observe(time.perf_counter() - started)
 
     def _post_predict(self, api: LoadedApi, job: Job, payload: Any, result: Any) -> None:
+        CURRENT.set(api)
         query, headers = job.header.query_string, job.header.headers
         try:
             api.instance.post_predict(**offer(api.signature.post_predict_args or (), payload, query, headers, result))
-        except Exception:  # noqa: BLE001 - the response is gone already; the log is the only place for this
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - the response is gone already: log it, report it
             log.exception("API %s request %s: post_predict() raised", api.name, job.request_id)
+            self.loop.call_soon_threadsafe(self.report, api, request_problem(api, e, "post_predict()"))
 
     async def _stream(self, api: LoadedApi, job: Job, reply: pl.Reply) -> None:
         """Send a generator's parts as they come; a failure midway aborts the response; a client that left (or an
@@ -325,14 +262,15 @@ class JobRunner:
             else:
                 done = object()
                 while not (conn.closed or job.cancelled):
-                    part = await self.loop.run_in_executor(api.executor, _next, stream, done)
+                    part = await self.loop.run_in_executor(api.executor, next_part, api, stream, done)
                     if part is done:
                         finished = True
                         break
                     conn.send(CHUNK, job_id, pl.chunk_bytes(part))
-        except Exception as e:  # noqa: BLE001 - user code failed midway: log it, cut the response
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - user code failed midway: log it, cut the response
             log.error("API %s request %s: the streamed response failed: %s", api.name, job.request_id, e,
                       exc_info=True)
+            self.report(api, request_problem(api, e, "its streamed response"))
             if not conn.closed:
                 conn.send(ABORT, job_id, str(e).encode())
             return
@@ -352,7 +290,7 @@ class JobRunner:
             if hasattr(stream, "aclose"):
                 await stream.aclose()
             elif hasattr(stream, "close"):
-                await self.loop.run_in_executor(api.executor, stream.close)
+                await self.loop.run_in_executor(api.executor, in_api, api, stream.close)
         except Exception:  # noqa: BLE001 - user code; the response is over already
             log.exception("API %s: closing a stream raised", api.name)
 
@@ -374,14 +312,14 @@ class JobRunner:
                 results = await api.instance.predict(**self._batch_args(api, good, payloads))
             else:
                 results = await self.loop.run_in_executor(
-                    api.executor, lambda: api.instance.predict(**self._batch_args(api, good, payloads)))
+                    api.executor, in_api, api, lambda: api.instance.predict(**self._batch_args(api, good, payloads)))
             if not isinstance(results, (list, tuple)) or len(results) != len(good):
                 got = f"{len(results)} results" if isinstance(results, (list, tuple)) else type(results).__name__
                 raise TypeError(f"predict() returned {got} for a batch of {len(good)}; a batching predictor must "
                                 "return a list with one result per payload")
             replies = [pl.to_reply(r) for r in results]
-        except Exception as e:  # noqa: BLE001 - the whole batch failed: each request gets the clear reply
-            replies = [failure_reply(api, job, e) for job in good]
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - the whole batch failed: each gets the clear reply
+            replies = [self._failed(api, job, e) for job in good]
             results = None
         for job, reply in zip(good, replies, strict=True):
             if reply.stream is not None:
@@ -392,11 +330,13 @@ class JobRunner:
 
     def _post_predict_batch(self, api: LoadedApi, jobs: list[Job], payloads: list[Any], results: list[Any]) -> None:
         """post_predict of a batching predictor gets lists, like its predict."""
+        CURRENT.set(api)
         offered = {**self._batch_args(api, jobs, payloads), "payload": payloads, "response": results}
         try:
             api.instance.post_predict(**{n: offered.get(n) for n in api.signature.post_predict_args or ()})
-        except Exception:  # noqa: BLE001 - the responses are gone already; the log is the only place for this
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - the responses are gone already: log it, report it
             log.exception("API %s: post_predict() raised after a batch of %d", api.name, len(jobs))
+            self.loop.call_soon_threadsafe(self.report, api, request_problem(api, e, "post_predict()"))
 
     def _batch_args(self, api: LoadedApi, jobs: list[Job], payloads: list[Any]) -> dict[str, Any]:
         args: dict[str, Any] = {}

@@ -8,7 +8,9 @@ thread; async predict on the loop), so the loop keeps reading jobs, answering th
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import gc
+import json
 import logging
 import os
 import pickle
@@ -17,20 +19,42 @@ import socket
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 import psutil
 
 from .. import logs, metrics
 from ..devices import Device
-from ..loader import LoadError, instantiate, load_class, modules_under
-from ..protocol import CONTROL, Control, FrameReader, Hung, Load, Loaded, Started, Unload, Unloaded, control
-from ..scoreboard import Scoreboard
-from .jobs import JobRunner, LoadedApi
+from ..loader import LoadError, instantiate, load_class
+from ..protocol import (
+    CONTROL,
+    Control,
+    Failed,
+    FrameReader,
+    Hung,
+    Load,
+    Loaded,
+    Problem,
+    Started,
+    Unload,
+    Unloaded,
+    control,
+)
+from ..scoreboard import RunMarks, Scoreboard
+from .jobs import JobRunner
+from .loaded import CURRENT, LoadedApi
 
 log = logging.getLogger("predictord.model")
 HUNG_GRACE = 5.0  # seconds past its request timeout before a running predict counts as hung
 DRAIN_QUIET = 0.5
+REPORT_EVERY = 1.0  # seconds: at most one request-error report per API to the master
+
+
+def crash_files(runtime: Path, row: int) -> tuple[Path, Path]:
+    """Where a model worker process leaves word of how it ended: the fatal signal's traceback (faulthandler), and
+    which API's code called os._exit, from which file and line."""
+    return runtime / f"fault-{row}.log", runtime / f"exit-{row}.json"
 
 
 def _loop_factory() -> Any:
@@ -46,17 +70,21 @@ class ModelWorker:
     """The model worker process's state and event loop."""
 
     def __init__(self, slot: int, device: Device, ctl: socket.socket, scoreboard: Scoreboard, socket_path: str,
-                 threads: int) -> None:
+                 threads: int, row: int) -> None:
         self.slot = slot
         self.device = device
         self.ctl = ctl
         self.scoreboard = scoreboard
         self.socket_path = socket_path
         self.torch_threads = threads
+        self.row = row
+        self.marks = RunMarks(scoreboard, row)
         self.apis: dict[str, LoadedApi] = {}
         self.loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")
         self.stopping = False
         self.loop: asyncio.AbstractEventLoop
+        self.reported: dict[str, tuple[float, int, Problem | None]] = {}  # API -> (last report, errors since, newest)
+        self.fault_file: Any = None
 
     # -- process set-up -------------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -84,11 +112,42 @@ class ModelWorker:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the master orchestrates shutdown
         signal.signal(signal.SIGQUIT, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        self._watch_for_crashes()
+
+    def _watch_for_crashes(self) -> None:
+        """Leave word of how this process ends, for the master to name the API: a fatal signal (segfault, abort)
+        writes every thread's traceback (the crashing one first) to a file; os._exit called by a predictor notes
+        its API in the scoreboard and its file and line in another file."""
+        fault, exit_file = crash_files(Path(self.socket_path).parent, self.row)
+        self.fault_file = fault.open("w")
+        faulthandler.enable(self.fault_file, all_threads=True)
+        real_exit = os._exit
+        board, row = self.scoreboard, self.row
+
+        def _exit(code: int) -> NoReturn:
+            api = CURRENT.get()
+            if api is not None:
+                board.set_exit(row, api.slot, code)
+                file, line = None, None
+                frame = sys._getframe(1)
+                mine = api.namespace.source.own_files() if api.namespace is not None else None
+                while frame is not None and mine is not None:
+                    if mine(frame.f_code.co_filename):
+                        file, line = frame.f_code.co_filename, frame.f_lineno
+                        break
+                    frame = frame.f_back  # type: ignore[assignment]
+                try:
+                    exit_file.write_text(json.dumps({"api": api.name, "code": code, "file": file, "line": line}))
+                except OSError:
+                    pass
+            real_exit(code)
+
+        os._exit = _exit  # type: ignore[assignment]  # the hook keeps os._exit's signature
 
     async def _serve(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.loop.add_signal_handler(signal.SIGTERM, self._begin_stop)
-        runner = JobRunner(self.apis, self.loop, self._publish_service)
+        runner = JobRunner(self.apis, self.loop, self._publish_service, self.marks, self._report)
         server = await self.loop.create_unix_server(runner.connection(), self.socket_path)
         self.ctl.setblocking(False)
         reader = FrameReader(self._control_frame)
@@ -97,11 +156,35 @@ class ModelWorker:
         self._tell_master(Started(os.getpid()))
         while not self.stopping:
             self._beat()
+            runner.flush_marks()
+            self._send_reports()
             metrics.tally.flush()
             await asyncio.sleep(0.5)
         server.close()
         await self._drain()
+        for api in list(self.apis.values()):
+            if api.namespace is not None:
+                api.namespace.unload()  # runs the atexit hooks its code registered
+        self._send_reports(force=True)
         metrics.tally.flush()
+
+    def _report(self, api: LoadedApi, problem: Problem) -> None:
+        """A request-time error, for the master (GET /NAME, status): sent at once, or with the next heartbeat when
+        one was sent less than REPORT_EVERY ago (with how many came meanwhile)."""
+        last, count, _ = self.reported.get(api.name, (0.0, 0, None))
+        self.reported[api.name] = (last, count + 1, problem)
+        if time.monotonic() - last >= REPORT_EVERY:
+            self._send_reports(only=api.name)
+
+    def _send_reports(self, only: str | None = None, force: bool = False) -> None:
+        now = time.monotonic()
+        for name, (last, count, problem) in list(self.reported.items()):
+            if problem is None or (only is not None and name != only):
+                continue
+            if force or now - last >= REPORT_EVERY:
+                api = self.apis.get(name)
+                self._tell_master(Failed(name, api.version if api else problem.version or "", problem, count))
+                self.reported[name] = (now, 0, None)
 
     def _publish_service(self, api: LoadedApi, took: float) -> None:
         self.scoreboard.set_service(self.slot, api.slot, api.service)
@@ -195,18 +278,14 @@ class ModelWorker:
 
     def _load_blocking(self, m: Load) -> LoadedApi:
         source = m.source
-        module_name = f"predictord_api_{source.name.replace('-', '_')}_{m.version}"
-        before = set(sys.modules)
-        cls, signature = load_class(source, module_name)
-        modules = {n: sys.modules[n] for n in set(sys.modules) - before
-                   if n == module_name or (source.folder is not None and n in modules_under(source.folder))}
-        instance = instantiate(cls, signature, source, m.config, self.device.torch_device)
+        imported = load_class(source, m.version)
+        instance = instantiate(imported, m.config, self.device.torch_device)
         serving = m.serving
         threads = serving["threads"]
-        return LoadedApi(source.name, m.version, instance, signature, threads, serving["timeout"],
+        return LoadedApi(source.name, m.version, instance, imported.signature, threads, serving["timeout"],
                          ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"predict-{source.name}"),
                          max_batch_size=serving["max_batch_size"], batch_wait=serving["batch_wait_ms"] / 1000,
-                         slot=m.api_slot, modules=modules)
+                         slot=m.api_slot, namespace=imported.namespace)
 
     async def _unload(self, name: str) -> None:
         api = self.apis.get(name)
@@ -227,10 +306,9 @@ class ModelWorker:
             await asyncio.sleep(0.05)
         api.executor.shutdown(wait=False)
         api.instance = None
-        for name, module in api.modules.items():
-            if sys.modules.get(name) is module:  # a newer version may have imported its own under that name
-                del sys.modules[name]
-        api.modules.clear()
+        if api.namespace is not None:
+            api.namespace.unload()  # its modules, its sys.path entries, its environment changes
+            api.namespace = None
         gc.collect()
         torch = sys.modules.get("torch")
         if torch is not None and self.device.kind == "gpu" and torch.cuda.is_initialized():

@@ -1,0 +1,134 @@
+"""What a model worker holds for each API it serves: the loaded predictor with its queue and runners
+(``LoadedApi``), the jobs taken from HTTP workers (``Job``), and the small helpers that call predictor code: the
+arguments it asked for by name, its errors as replies and as problems for the master, and ``CURRENT``, the API
+whose code a task or thread runs now (the worker's os._exit hook reads it)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from starlette.datastructures import Headers, QueryParams
+
+from .. import metrics
+from .. import payload as pl
+from ..loader import Signature, user_frame
+from ..namespace import Namespace
+from ..protocol import JobHeader, Problem
+
+if TYPE_CHECKING:
+    from .jobs import JobConnection
+
+JSON_HEADERS = [(b"content-type", b"application/json")]
+INLINE_BELOW = 0.0005  # seconds: a sync predict this short runs on the loop (a thread hop costs ~50-100 us)
+MAX_MESSAGE = 500  # characters of an exception's text kept in a request error
+# The API whose code this task or thread runs now: the worker's os._exit hook reads it to say who ended the process.
+CURRENT: contextvars.ContextVar[LoadedApi | None] = contextvars.ContextVar("predictord_api", default=None)
+
+
+@dataclass
+class Job:
+    """One request taken from an HTTP worker's connection."""
+
+    conn: JobConnection
+    job_id: int
+    header: JobHeader
+    body: bytes
+    arrived: float = 0.0
+    started: float = 0.0
+    reported: bool = False  # told the master it hung
+    cancelled: bool = False  # the HTTP worker said nobody wants the rest (a stream whose client left)
+    mark: int = -1  # its cell among the worker's marks of running jobs (scoreboard.RunMarks)
+
+    @property
+    def request_id(self) -> str:
+        return self.header.request_id
+
+
+@dataclass
+class LoadedApi:
+    """A predictor instance loaded in this worker, with its queue and its runners."""
+
+    name: str
+    version: str
+    instance: Any
+    signature: Signature
+    threads: int
+    timeout: float
+    executor: ThreadPoolExecutor
+    max_batch_size: int = 1
+    batch_wait: float = 0.0  # seconds
+    slot: int = 0  # its column in the scoreboard
+    service: float = 0.0  # moving average of a job's time here, start to reply (published for dispatch)
+    queue: deque[Job] = field(default_factory=deque)
+    running: dict[int, Job] = field(default_factory=dict)
+    runners: int = 0
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    last_job: float = 0.0  # monotonic time the newest job arrived
+    namespace: Namespace | None = None  # its modules (dropped when it is retired)
+
+    seconds: float = 0.01  # moving average of a sync predict (serializing the result included)
+    inline: bool = False  # run on the loop: the thread hop costs more than predict itself
+
+    def observe(self, seconds: float) -> None:
+        """Predicts far shorter than a thread hand-off run on the loop (only with threads = 1, where nothing
+        would run beside them anyway); a slow one sends them back to the thread."""
+        self.seconds += (seconds - self.seconds) * 0.1
+        self.inline = self.threads == 1 and self.seconds < INLINE_BELOW
+
+    _observers: tuple[Any, Any, Any] | None = None
+
+    def observers(self) -> tuple[Any, Any, Any]:
+        """This API's queue-wait, predict-time and batch-size histograms (labelled once)."""
+        if self._observers is None:
+            m = metrics.get()
+            self._observers = (m.queue_wait.labels(self.name), m.predict.labels(self.name), m.batch.labels(self.name))
+        return self._observers
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue or self.running or self.runners)
+
+
+def offer(names: tuple[str, ...], payload: Any, query: bytes, headers: Any, response: Any = None) -> dict[str, Any]:
+    """The arguments a predictor method asked for, by name."""
+    kwargs: dict[str, Any] = {}
+    for name in names:
+        if name == "payload":
+            kwargs[name] = payload
+        elif name == "query_params":
+            kwargs[name] = QueryParams(query)
+        elif name == "headers":
+            kwargs[name] = Headers(raw=headers or [])
+        elif name == "response":
+            kwargs[name] = response
+    return kwargs
+
+
+def error_reply(status: int, message: str, job: Job, **extra: Any) -> pl.Reply:
+    return pl.Reply(status, list(JSON_HEADERS), pl.error_body(message, request_id=job.request_id, **extra))
+
+
+def request_problem(api: LoadedApi, e: BaseException, doing: str = "predict()") -> Problem:
+    """A request-time error as the master shows it: type, message, and the user's file and line."""
+    text = str(e)
+    text = text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE] + "..."
+    file, line = user_frame(e, api.namespace.source) if api.namespace is not None else (None, None)
+    return Problem(f"{doing} raised {type(e).__name__}: {text}", file, line, "request", api.version, time.time())
+
+
+def next_part(api: LoadedApi, iterator: Any, default: object) -> Any:
+    CURRENT.set(api)
+    return next(iterator, default)
+
+
+def in_api(api: LoadedApi, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run predictor code in an executor thread, noting whose it is (see CURRENT)."""
+    CURRENT.set(api)
+    return fn(*args)
