@@ -14,7 +14,7 @@ SERVICE_USER ?= predictord
 # The service user must be able to run it: the system's Python, not one under a home directory (pyenv).
 INSTALL_PYTHON ?= /usr/bin/python3
 
-.PHONY: run test unit integration lint clean bench soak faults browser-deps install install-venv install-files install-user uninstall
+.PHONY: run test unit integration stress lint clean bench soak faults hostile browser-deps install install-venv install-files install-user uninstall
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -27,13 +27,17 @@ run: $(STAMP)
 	$(BIN)/predictord --config config.toml
 
 test: lint
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests/unit tests/integration
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
 
 integration: $(STAMP)
 	$(BIN)/python -m pytest -q tests/integration
+
+# The hostile cases at full scale (500 APIs, 16 torch probes at once, 100 deletes): about 5 minutes; .ci/run runs it.
+stress: $(STAMP)
+	$(BIN)/python -m pytest -q tests/stress
 
 # The status page test drives Debian's chromium with playwright-core (pinned in tests/browser/package.json, installed
 # into .browser/ so that tests/ holds only our code); without them it is skipped.
@@ -63,6 +67,10 @@ soak: $(STAMP)
 
 faults: $(STAMP)
 	$(BIN)/python bench/faults.py --kills 10
+
+# What hostile directories and predictors cost the neighbours (RELIABILITY.md).
+hostile: $(STAMP)
+	$(BIN)/python bench/hostile.py
 
 # `sudo make install`: the package, the predictord user, config, predictors directory and units.
 # `make install-files DESTDIR=/tmp/stage` stages the files alone (no venv, no user) to look at them.

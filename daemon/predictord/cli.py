@@ -14,6 +14,7 @@ from typing import Any
 
 from . import __version__
 from .config import Config, ConfigError, describe_options, find_config, load_config, override
+from .logs import shown
 
 COMMANDS = ("serve", "check", "status", "options")
 
@@ -74,6 +75,7 @@ def _ago(seconds: float) -> str:
 
 
 def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
+    rows = [tuple(shown(c) for c in r) for r in rows]  # names and messages come from files: no control characters
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1] for r in rows]
 
@@ -107,7 +109,7 @@ def last_error(api: dict[str, Any]) -> str:
     """The newest of an API's load error, crash and request-time error, as ``file:line: message``."""
     found = [e for e in (api.get("error"), api.get("crash"), api.get("request_error")) if e]
     if not found:
-        return ""
+        return str(api.get("check") or "")
     e = max(found, key=lambda e: e.get("at") or 0)
     where = f"{e['file']}:{e['line']}: " if e.get("file") and e.get("line") else f"{e['file']}: " if e.get("file") \
         else ""
@@ -159,11 +161,12 @@ def status(config: Config, as_json: bool) -> int:
     decisions = (data.get("decisions") or [])[-10:]
     if decisions:
         lines += ["", "REBALANCING"]
-        lines += [f"{time.strftime('%H:%M:%S', time.localtime(e['at']))}  {e['text']}" for e in decisions]
+        lines += [f"{time.strftime('%H:%M:%S', time.localtime(e['at']))}  {shown(e['text'])}" for e in decisions]
     events = (data.get("events") or [])[-10:]
     if events:
         lines += ["", "RECENT EVENTS"]
-        lines += [f"{time.strftime('%H:%M:%S', time.localtime(e['at']))}  {e['kind']:<8} {e['text']}" for e in events]
+        lines += [f"{time.strftime('%H:%M:%S', time.localtime(e['at']))}  {e['kind']:<8} {shown(e['text'])}"
+                  for e in events]
     print("\n".join(line.rstrip() for line in lines))
     print("\nper-API figures are over the last minute; predictord status --json has everything")
     return 0

@@ -102,6 +102,10 @@ class PredictorsConfig:
     watch: bool = opt(True, "Reload an API when its files change (else only on SIGHUP).")
     debounce: float = opt(1.0, "Seconds of quiet, with sizes and mtimes stable, before a change is loaded.",
                           _in_range(0.05, 60))
+    max_probes: int = opt(0, "Probes (throwaway processes that check a new version) that run at once; more wait "
+                          "their turn; 0: the cores, at most one per 512 MiB of memory.", _in_range(0, 256))
+    max_apis: int = opt(1024, "APIs the daemon serves at once; beyond it an API is shown failed with the reason, "
+                        "and loads once another is removed.", _in_range(1, 65535))
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,9 @@ class WorkersConfig:
     heartbeat_timeout: float = opt(30.0, "Seconds a model worker may stay silent before it is replaced.", _in_range(1))
     max_rss_mib: int = opt(0, "Resident memory (MiB, shared pages included) past which a model worker is killed and "
                            "replaced; 0: no limit.", _in_range(0))
+    recycle_mib: int = opt(1024, "A model worker whose memory, after an unload or reload, exceeds what it started "
+                           "with plus what its APIs' loads measured by this many MiB (a leak across reloads) is "
+                           "replaced, make before break; 0: never.", _in_range(0))
     crash_limit: int = opt(3, "An API whose code ends its model worker (os._exit, a segfault, a hang) this many times "
                            "within crash_window is quarantined until its files change; 0: never.", _in_range(0, 1000))
     crash_window: float = opt(60.0, "Seconds over which crash_limit counts an API's crashes.", _in_range(1))
@@ -192,6 +199,14 @@ class Config:
             raise ConfigError(f"{where}: expected one line of printable ASCII without spaces, found "
                               f"{'nothing' if not token else 'other characters'}")
         return token
+
+    @property
+    def max_probes(self) -> int:
+        """[predictors] max_probes, or from the machine: the cores, at most one per 512 MiB of memory."""
+        if self.predictors.max_probes:
+            return int(self.predictors.max_probes)
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return max(1, min(len(os.sched_getaffinity(0)), memory // (512 << 20)))
 
     @property
     def predictors_dir(self) -> Path:

@@ -9,6 +9,8 @@ The contract (Cortex's, kept exactly, then extended)::
             return {"label": "cat"}            # JSON-able, str, bytes, a starlette Response, or a generator
         def post_predict(self, response, payload):   # optional, runs after the response is sent
             ...
+        def close(self):                       # optional, runs when this version unloads (reload, delete, stop)
+            ...
 
 ``predict`` may be ``async def``. Any argument name outside these lists is a load error that names it.
 """
@@ -78,6 +80,7 @@ class Signature:
     is_async: bool = False
     post_predict_args: tuple[str, ...] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    has_close: bool = False  # it defines close(self), called when a version unloads
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -85,6 +88,7 @@ class Signature:
             "init": list(self.init_args),
             "async": self.is_async,
             "post_predict": list(self.post_predict_args) if self.post_predict_args is not None else None,
+            "close": self.has_close,
         }
 
 
@@ -122,10 +126,14 @@ def inspect_class(cls: Any, source: ApiSource) -> Signature:
         init_args = _asked(cls.__init__, INIT_ARGS, where, "__init__()") if cls.__init__ is not object.__init__ else ()
         post = getattr(cls, "post_predict", None)
         post_args = _asked(post, POST_PREDICT_ARGS, where, "post_predict()") if callable(post) else None
+        close = getattr(cls, "close", None)
+        if callable(close) and _asked(close, (), where, "close()"):
+            raise LoadError("close() takes no arguments but self", where)
     except LoadError as e:
         e.line = e.line or line
         raise
-    return Signature(predict_args, init_args, inspect.iscoroutinefunction(predict), post_args)
+    return Signature(predict_args, init_args, inspect.iscoroutinefunction(predict), post_args,
+                     has_close=callable(close))
 
 
 @dataclass

@@ -9,10 +9,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 
 FORMAT = "%(asctime)s %(levelname)s [%(process)d %(role)s] %(name)s: %(message)s"
 _role = "master"
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def shown(text: object) -> str:
+    """Text from outside (a file name, a predictor's message) made safe for a log line or a terminal: control
+    characters (a newline that would forge a log line, an escape sequence that would clear a terminal) are
+    written as escapes."""
+    return _CONTROL.sub(lambda m: repr(m.group(0))[1:-1], str(text))
 
 
 def set_role(role: str) -> None:
@@ -27,8 +36,17 @@ class RoleFilter(logging.Filter):
         return True
 
 
-class OneLineFormatter(logging.Formatter):
-    """Folds multi-line messages and tracebacks into one line (for journald)."""
+class SafeFormatter(logging.Formatter):
+    """The daemon's text format: a message never holds a control character (see ``shown``); a traceback keeps its
+    lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        record.message = shown(record.message)
+        return super().formatMessage(record)
+
+
+class OneLineFormatter(SafeFormatter):
+    """Folds tracebacks into one line (for journald)."""
 
     def format(self, record: logging.LogRecord) -> str:
         return super().format(record).replace("\n", " \u23ce ")
@@ -54,7 +72,7 @@ _format = "text"
 def formatter() -> logging.Formatter:
     if _format == "json":
         return JsonFormatter()
-    return OneLineFormatter(FORMAT) if os.environ.get("JOURNAL_STREAM") else logging.Formatter(FORMAT)
+    return OneLineFormatter(FORMAT) if os.environ.get("JOURNAL_STREAM") else SafeFormatter(FORMAT)
 
 
 def adopt(handler: logging.Handler) -> None:
@@ -69,3 +87,12 @@ def setup(level: str, fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     adopt(handler)
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def redirect_handlers(stream: object) -> None:
+    """Point the daemon's stream handlers (its own and gunicorn's) at ``stream`` (a model worker keeps the real
+    stderr for its log while fds 1 and 2 lead into it)."""
+    for name in ("", "gunicorn.error", "gunicorn.access"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.setStream(stream)

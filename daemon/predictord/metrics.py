@@ -8,7 +8,9 @@ queued requests read live from the scoreboard.
 from __future__ import annotations
 
 import bisect
+import glob
 import os
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -139,12 +141,51 @@ class LiveCollector:
         yield queued
 
 
-def exposition(rows: Any) -> bytes:
-    """The Prometheus text format of every process's metrics plus the live ones."""
-    from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+def readable_files(directory: str) -> list[str]:
+    """The processes' metric files that parse now: a file just created (empty) or caught mid-write by another
+    process is left out of this read, instead of ending the reader (the master's loop, a scrape)."""
+    from prometheus_client.mmap_dict import MmapedDict
+
+    good = []
+    for path in glob.glob(os.path.join(directory, "*.db")):
+        try:
+            for _ in MmapedDict.read_all_values_from_file(path):  # type: ignore[no-untyped-call]
+                pass
+        except (OSError, ValueError, struct.error, UnicodeDecodeError):
+            continue
+        good.append(path)
+    return good
+
+
+class TolerantCollector:
+    """prometheus-client's multiprocess collector over the files that parse (see ``readable_files``)."""
+
+    def collect(self) -> Any:
+        from prometheus_client import multiprocess
+
+        merge = multiprocess.MultiProcessCollector.merge
+        for _ in range(3):  # a file that changed between the check and the merge: look again
+            try:
+                return merge(readable_files(os.environ[ENV]), accumulate=True)  # type: ignore[no-untyped-call]
+            except (OSError, ValueError, struct.error, UnicodeDecodeError):
+                continue
+        return []
+
+
+def collected() -> Any:
+    """A registry of every process's metrics, read tolerantly."""
+    from prometheus_client import CollectorRegistry
 
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    registry.register(TolerantCollector())
+    return registry
+
+
+def exposition(rows: Any) -> bytes:
+    """The Prometheus text format of every process's metrics plus the live ones."""
+    from prometheus_client import generate_latest
+
+    registry = collected()
     registry.register(LiveCollector(rows))
     data: bytes = generate_latest(registry)
     return data

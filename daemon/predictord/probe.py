@@ -17,8 +17,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from .config import ConfigError, load_api_settings
 from .loader import LoadError, instantiate, load_class
+from .reaping import end_processes
 from .sources import source_for
 
 
@@ -55,6 +58,13 @@ def start(path: Path, init: bool, stderr: Any = subprocess.PIPE, home: Path | No
     args += ["--home", str(home)] if home is not None else []
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL, env=env)
+
+
+def end(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a probe (if it still runs) and reap it; what it started is the master's to end (it is a subreaper)."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
 
 
 def outcome(path: Path, stdout: bytes, stderr: bytes, returncode: int | None) -> dict[str, Any]:
@@ -96,6 +106,7 @@ def main() -> None:
     result = probe(Path(sys.argv[1]), "--init" in args, home)
     out.write(json.dumps(result) + "\n")
     out.flush()
+    end_processes([c.pid for c in psutil.Process().children()], "that the predictor started while it was checked")
     os._exit(0)
 
 

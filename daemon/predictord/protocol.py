@@ -97,6 +97,7 @@ class Started:
     """Model worker -> master: it listens for jobs."""
 
     pid: int
+    rss: int = 0  # its resident bytes before any load (the base its APIs' measured memory adds to)
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,7 @@ class Loaded:
     seconds: float = 0.0
     footprint: int = 0  # bytes the load took where it runs
     signature: dict[str, Any] = field(default_factory=dict)
+    rss: int = 0  # resident bytes the load added to the worker
 
     @property
     def ok(self) -> bool:
@@ -138,6 +140,7 @@ class Unloaded:
     """Model worker -> master: an API is gone from it."""
 
     api: str
+    rss: int = 0  # the worker's resident bytes afterwards
 
 
 @dataclass(frozen=True)

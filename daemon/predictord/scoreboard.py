@@ -27,20 +27,16 @@ import time
 
 MAX_HTTP = 64
 MAX_MODEL = 128
-MAX_APIS = 256
 
 _ROUTES = 0
 _STATUS = 1
-_BEAT = 2
+_MASTER = 2  # the master's loop stamps it every tick (milliseconds): /healthz reads it
+_BEAT = 3
 _SENT = _BEAT + MAX_MODEL
-_API = _SENT + MAX_HTTP * MAX_MODEL
-_SVC = _API + MAX_HTTP * MAX_APIS
-_BUSY = _SVC + MAX_MODEL * MAX_APIS
-_RUN = _BUSY + MAX_MODEL
+_API = _SENT + MAX_HTTP * MAX_MODEL  # the API-sized regions follow, at offsets each Scoreboard computes
 RUN_ROWS = 2 * MAX_MODEL
 RUN_CELLS = 256  # per row: 3 cells of facts about the process, then one per job it runs at once
 _R_EXIT, _R_KILLED, _R_OVERFLOW, _R_JOBS = 0, 1, 2, 3
-_CELLS = _RUN + RUN_ROWS * RUN_CELLS
 API_SHIFT = 48  # a job mark: (API column + 1) << API_SHIFT | job id (HTTP workers' job ids stay below 2**48)
 JOB_BITS = (1 << API_SHIFT) - 1
 
@@ -53,10 +49,21 @@ def job_ids_of(http_slot: int) -> int:
 class Scoreboard:
     """Counters in an anonymous shared mapping, inherited by every forked worker."""
 
-    def __init__(self) -> None:
-        self._map = mmap.mmap(-1, _CELLS * 8)
+    def __init__(self, apis: int = 1024) -> None:
+        self.apis = apis  # API columns: [predictors] max_apis
+        self._svc = _API + MAX_HTTP * apis
+        self._busy = self._svc + MAX_MODEL * apis
+        self._run = self._busy + MAX_MODEL
+        self._map = mmap.mmap(-1, (self._run + RUN_ROWS * RUN_CELLS) * 8)
         self.cells = memoryview(self._map).cast("q")
         self.http_slots = 1  # how many HTTP rows to sum; the master sets it before forking
+
+    def beat_master(self) -> None:
+        self.cells[_MASTER] = int(time.time() * 1000)
+
+    def master_beat(self) -> float:
+        """When the master's loop last ticked (wall clock seconds; 0 before its first tick)."""
+        return self.cells[_MASTER] / 1000.0
 
     @property
     def routes_version(self) -> int:
@@ -84,21 +91,21 @@ class Scoreboard:
         """HTTP worker ``http_slot`` sent (+1) or settled (-1) a job on a model worker for an API."""
         c = self.cells
         c[_SENT + http_slot * MAX_MODEL + model_slot] += delta
-        c[_API + http_slot * MAX_APIS + api_slot] += delta
+        c[_API + http_slot * self.apis + api_slot] += delta
 
     def set_service(self, model_slot: int, api_slot: int, seconds: float) -> None:
-        self.cells[_SVC + model_slot * MAX_APIS + api_slot] = int(seconds * 1e6)
+        self.cells[self._svc + model_slot * self.apis + api_slot] = int(seconds * 1e6)
 
     def service(self, model_slot: int, api_slot: int) -> float:
         """Seconds a job of this API takes on this model worker (moving average; 0 until it has run one)."""
-        return self.cells[_SVC + model_slot * MAX_APIS + api_slot] / 1e6
+        return self.cells[self._svc + model_slot * self.apis + api_slot] / 1e6
 
     def add_busy(self, model_slot: int, seconds: float) -> None:
-        self.cells[_BUSY + model_slot] += int(seconds * 1e6)
+        self.cells[self._busy + model_slot] += int(seconds * 1e6)
 
     def busy(self, model_slot: int) -> float:
         """Seconds model worker ``model_slot`` has spent running jobs (summed over its concurrent jobs)."""
-        return self.cells[_BUSY + model_slot] / 1e6
+        return self.cells[self._busy + model_slot] / 1e6
 
     def outstanding(self, model_slot: int) -> int:
         """Jobs sent to a model worker and not yet answered, over all HTTP workers."""
@@ -106,33 +113,33 @@ class Scoreboard:
 
     def api_outstanding(self, api_slot: int) -> int:
         """Jobs for an API not yet answered, over all HTTP workers and replicas."""
-        return sum(self.cells[_API + api_slot : _API + self.http_slots * MAX_APIS : MAX_APIS])
+        return sum(self.cells[_API + api_slot : _API + self.http_slots * self.apis : self.apis])
 
     def clear_model(self, http_slot: int, model_slot: int, api_counts: dict[int, int]) -> None:
         """HTTP worker ``http_slot`` lost its connection to a model worker: its jobs there are settled."""
         c = self.cells
         c[_SENT + http_slot * MAX_MODEL + model_slot] = 0
         for api_slot, n in api_counts.items():
-            c[_API + http_slot * MAX_APIS + api_slot] -= n
+            c[_API + http_slot * self.apis + api_slot] -= n
 
     # -- what each model worker process runs, for when it dies -----------------------------------------------------
     def clear_run(self, row: int) -> None:
         """A fresh row for a new model worker process (the master, before it forks)."""
-        base = _RUN + row * RUN_CELLS
+        base = self._run + row * RUN_CELLS
         self.cells[base : base + RUN_CELLS] = memoryview(bytes(RUN_CELLS * 8)).cast("q")
 
     def mark(self, row: int, index: int, api_slot: int, job_id: int) -> None:
-        self.cells[_RUN + row * RUN_CELLS + _R_JOBS + index] = ((api_slot + 1) << API_SHIFT) | job_id
+        self.cells[self._run + row * RUN_CELLS + _R_JOBS + index] = ((api_slot + 1) << API_SHIFT) | job_id
 
     def unmark(self, row: int, index: int) -> None:
-        self.cells[_RUN + row * RUN_CELLS + _R_JOBS + index] = 0
+        self.cells[self._run + row * RUN_CELLS + _R_JOBS + index] = 0
 
     def set_overflow(self, row: int) -> None:
-        self.cells[_RUN + row * RUN_CELLS + _R_OVERFLOW] = 1
+        self.cells[self._run + row * RUN_CELLS + _R_OVERFLOW] = 1
 
     def running(self, row: int) -> tuple[dict[int, int], set[int], bool]:
         """What a model worker process was running: {API column: jobs}, the job ids, and whether it lost count."""
-        base = _RUN + row * RUN_CELLS
+        base = self._run + row * RUN_CELLS
         apis: dict[int, int] = {}
         jobs = set()
         for mark in self.cells[base + _R_JOBS : base + RUN_CELLS].tolist():
@@ -143,27 +150,27 @@ class Scoreboard:
 
     def set_exit(self, row: int, api_slot: int, code: int) -> None:
         """The worker's os._exit was called from an API's code (its column), with this exit code."""
-        self.cells[_RUN + row * RUN_CELLS + _R_EXIT] = ((api_slot + 1) << 16) | (code & 0xFFFF)
+        self.cells[self._run + row * RUN_CELLS + _R_EXIT] = ((api_slot + 1) << 16) | (code & 0xFFFF)
 
     def exit_of(self, row: int) -> tuple[int, int] | None:
         """(API column, exit code) when an API's code called os._exit in that process, else None."""
-        value = self.cells[_RUN + row * RUN_CELLS + _R_EXIT]
+        value = self.cells[self._run + row * RUN_CELLS + _R_EXIT]
         return ((value >> 16) - 1, value & 0xFFFF) if value else None
 
     def set_killed(self, row: int, cause: int) -> None:
         """The master ended that process itself, for a cause (protocol.KILL_CAUSES index + 1)."""
-        self.cells[_RUN + row * RUN_CELLS + _R_KILLED] = cause
+        self.cells[self._run + row * RUN_CELLS + _R_KILLED] = cause
 
     def killed(self, row: int) -> int:
-        return self.cells[_RUN + row * RUN_CELLS + _R_KILLED]
+        return self.cells[self._run + row * RUN_CELLS + _R_KILLED]
 
     def clear_http(self, http_slot: int) -> None:
         """An HTTP worker died: nothing it sent is outstanding any more."""
         c = self.cells
         for i in range(MAX_MODEL):
             c[_SENT + http_slot * MAX_MODEL + i] = 0
-        for i in range(MAX_APIS):
-            c[_API + http_slot * MAX_APIS + i] = 0
+        for i in range(self.apis):
+            c[_API + http_slot * self.apis + i] = 0
 
 
 class RunMarks:

@@ -7,6 +7,7 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,9 @@ from pathlib import Path
 FOLDER_ENTRY = "predictor.py"
 FOLDER_SETTINGS = "predictor.toml"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+CODE_SUFFIXES = (".py", ".toml")
+MAX_CODE_BYTES = 16 * 2**20  # one code or settings file
+MAX_ENTRIES = 100_000  # files and folders walked in one predictor folder, or in the predictors directory
 RESERVED = frozenset({"healthz", "readyz", "metrics", "admin", "status", "openapi.json", "docs", "favicon.ico"})
 
 
@@ -78,88 +82,166 @@ class ApiSource:
             return path
         return str(self.home) + path[len(str(self.root)):]
 
-    def files(self) -> list[Path]:
-        """Every file whose change makes a new version."""
+    def code_files(self) -> list[Path]:
+        """Its code and settings files, what a version is made of; a folder is walked without entering linked
+        folders, and at most MAX_ENTRIES deep (Unreadable past that)."""
         if self.folder is None:
-            return [p for p in (self.code, self.settings) if p is not None and p.exists()]
-        found = []
-        for p in sorted(self.folder.rglob("*")):
-            rel = p.relative_to(self.folder).parts
-            if p.is_file() and not any(is_ignored(part) for part in rel):
-                found.append(p)
+            return [p for p in (self.code, self.settings) if p is not None and os.path.lexists(p)]
+        found: list[Path] = []
+        seen = 0
+        for root, dirs, files in os.walk(self.folder):
+            dirs[:] = sorted(d for d in dirs if not is_ignored(d))
+            seen += len(dirs) + len(files)
+            if seen > MAX_ENTRIES:
+                raise Unreadable(f"{self.folder}: more than {MAX_ENTRIES} files and folders; keep large data sets "
+                                 "outside the predictors directory and point to them in [config]")
+            found += [Path(root) / f for f in sorted(files) if f.endswith(CODE_SUFFIXES) and not is_ignored(f)]
         return found
 
     def version(self) -> str:
-        """Content hash of code and settings, plus size and mtime of other files (weights are not re-read)."""
+        """A hash of its code and settings files (contents and mtimes) and of its folder itself: an edit, a
+        ``touch`` of a code file, or a new folder moved in with ``mv`` is a new version. Other files (weights, what
+        the predictor writes into its folder) are not part of it, so a predictor that writes into its own folder
+        never reloads itself. Reads are bounded (see ``read_code``): Unreadable when a file cannot be read safely."""
         h = hashlib.sha256()
-        for p in self.files():
-            h.update(str(p.relative_to(self.root)).encode() + b"\0")
-            try:
-                if p.suffix in (".py", ".toml"):
-                    h.update(p.read_bytes())
-                else:
-                    st = p.stat()
-                    h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
-            except OSError:
-                h.update(b"<unreadable>")
+        if self.folder is not None:
+            st = os.stat(self.folder)
+            h.update(f"folder {st.st_dev}:{st.st_ino}\0".encode())
+        for p in self.code_files():
+            data, mtime = read_code(p)
+            h.update(str(p.relative_to(self.root)).encode() + f"\0{mtime}\0".encode() + data)
         return h.hexdigest()[:12]
 
 
+class Unreadable(Exception):
+    """An API's files cannot be read safely: not a regular file, too large, too many, or unreadable."""
+
+
+def read_code(path: Path) -> tuple[bytes, int]:
+    """A code or settings file's bytes and mtime, never blocking and never unbounded: a FIFO, device or socket
+    (or a link to one) is refused, and so is a file over MAX_CODE_BYTES (checked on the open file, so a swap
+    between the check and the read cannot get past it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise Unreadable(f"{path}: cannot be read ({e.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise Unreadable(f"{path}: is {_kind(st.st_mode)}, not a regular file; the daemon reads only regular "
+                             "files")
+        if st.st_size > MAX_CODE_BYTES:
+            raise Unreadable(f"{path}: {st.st_size} bytes; a code or settings file may have at most "
+                             f"{MAX_CODE_BYTES >> 20} MiB")
+        chunks, size = [], 0
+        while size <= MAX_CODE_BYTES:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > MAX_CODE_BYTES:
+            raise Unreadable(f"{path}: grew past {MAX_CODE_BYTES >> 20} MiB while it was read")
+        return b"".join(chunks), st.st_mtime_ns
+    finally:
+        os.close(fd)
+
+
+def _kind(mode: int) -> str:
+    for test, word in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK,
+                       "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return word
+    return "not a plain file"
+
+
 def snapshot(source: ApiSource, dest: Path) -> ApiSource:
-    """Copy an API's code and settings (not its assets) to ``dest``, and describe the copy.
+    """Copy an API's code and settings (not its assets) to ``dest``, and describe the copy (Unreadable when a file
+    cannot be read safely). An existing copy of the same version is reused: versions are content hashes.
 
     The probe checks the copy and the workers load the copy, so what was validated is exactly what runs, and a
     replacement worker can load the last good version after the files on disk have changed (or broken).
     """
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.mkdir(parents=True)
+    copy = snapshot_of(source, dest)
+    if dest.is_dir():
+        return copy
+    partial = dest.with_name(dest.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    for path in source.code_files():
+        data, mtime = read_code(path)
+        target = partial / (path.name if source.folder is None else Path(source.name) / path.relative_to(source.folder))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        os.utime(target, ns=(mtime, mtime))
+    (partial / source.name if source.folder is not None else partial).mkdir(parents=True, exist_ok=True)
+    os.replace(partial, dest)  # whole or not at all: a reader never finds half a copy
+    return copy
+
+
+def snapshot_of(source: ApiSource, dest: Path) -> ApiSource:
+    """The description of an API's copy in ``dest`` (see ``snapshot``)."""
     if source.folder is None:
-        for path in (source.code, source.settings):
-            if path is not None and path.exists():
-                shutil.copy2(path, dest / path.name)
         settings = dest / source.settings.name if source.settings is not None else None
         return ApiSource(source.name, dest / source.code.name, settings, None, source.root)
     folder = dest / source.name  # the copy keeps the folder's name: a probe takes the API's name from it
-    folder.mkdir()
-    for path in source.files():
-        if path.suffix in (".py", ".toml"):
-            target = folder / path.relative_to(source.folder)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, target)
     return ApiSource(source.name, folder / FOLDER_ENTRY, folder / FOLDER_SETTINGS, folder, source.folder)
 
 
 @dataclass(frozen=True)
 class Found:
-    """What a scan of the predictors directory found: the APIs by name, and the names with two sources."""
+    """What a scan of the predictors directory found: the APIs by name, the names with two sources, the targets of
+    the links that make APIs (the watcher watches them too), and entries that are no API, with why."""
 
     apis: dict[str, ApiSource] = field(default_factory=dict)
     clashes: dict[str, tuple[Path, Path]] = field(default_factory=dict)  # NAME -> (NAME.py, NAME/)
+    links: dict[Path, str] = field(default_factory=dict)  # a link's target -> the API it makes
+    notes: dict[str, str] = field(default_factory=dict)  # entry name -> why it is not an API
 
 
 def scan(directory: Path) -> Found:
     """Every API in the predictors directory, by name (names may be invalid: loading reports that). A name with
-    both a ``NAME.py`` and a ``NAME/`` folder is a clash: neither is taken, both are named."""
+    both a ``NAME.py`` and a ``NAME/`` folder is a clash: neither is taken, both are named. A link is followed
+    only to a predictor file or folder; any other link is noted and left alone (never walked)."""
     found = Found()
     if not directory.is_dir():
         return found
     files: dict[str, ApiSource] = {}
     folders: dict[str, ApiSource] = {}
-    for entry in sorted(directory.iterdir()):
-        if is_ignored(entry.name):
+    names: list[str] = []
+    with os.scandir(directory) as listing:
+        for item in listing:
+            names.append(item.name)
+            if len(names) > MAX_ENTRIES:
+                found.notes["*"] = f"{directory}: more than {MAX_ENTRIES} entries; only the first were read"
+                break
+    for name in sorted(names):
+        path = directory / name
+        if is_ignored(name):
             continue
-        if entry.is_dir():
-            code = entry / FOLDER_ENTRY
-            if code.is_file():
-                folders[entry.name] = ApiSource(entry.name, code, entry / FOLDER_SETTINGS, entry)
-        elif entry.suffix == ".py" and entry.is_file():
-            files[entry.stem] = ApiSource(entry.stem, entry, entry.with_suffix(".toml"))
+        try:
+            st = path.stat()  # follows a link to its target
+        except OSError as e:
+            if path.is_symlink():
+                found.notes[name] = f"{path}: a link to {os.readlink(path)}, which is not there ({e.strerror})"
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            if os.path.lexists(path / FOLDER_ENTRY):
+                folders[name] = ApiSource(name, path / FOLDER_ENTRY, path / FOLDER_SETTINGS, path)
+            elif path.is_symlink():
+                found.notes[name] = f"{path}: a link to {path.resolve()}, which holds no {FOLDER_ENTRY}; not an API"
+        elif path.suffix == ".py":
+            files[path.stem] = ApiSource(path.stem, path, path.with_suffix(".toml"))  # not a plain file: refused
     for name in sorted(set(files) | set(folders)):
         if name in files and name in folders:
             found.clashes[name] = (files[name].code, folders[name].root)
-        else:
-            found.apis[name] = files.get(name) or folders[name]
+            continue
+        source = files.get(name) or folders[name]
+        found.apis[name] = source
+        linked = [source.folder] if source.folder is not None else [source.code, source.settings]
+        for entry in linked:
+            if entry is not None and entry.is_symlink():
+                found.links[entry.resolve()] = name
     return found
 
 

@@ -273,3 +273,20 @@ class Load:
     def served_since(self, api: str, since: float, n: int = 1) -> bool:
         """At least ``n`` requests to ``api`` sent after ``since`` succeeded."""
         return sum(1 for o in self.of(api) if o.sent >= since and o.status == 200) >= n
+
+
+HOSTILE_REASONS = {"fifo": "is a FIFO, not a regular file", "zero": "is a character device, not a regular file",
+                   "big": "2147483648 bytes; a code or settings file may have at most 16 MiB"}
+
+
+def plant_hostile(d: Daemon, api_source: str) -> None:
+    """Files a careless or malicious user might drop: a FIFO, a link to /dev/zero and a 2 GB file as settings of
+    three APIs (reasons in HOSTILE_REASONS), and a link to /."""
+    d.write("fifo.py", api_source)
+    os.mkfifo(d.predictors / "fifo.toml")
+    d.write("zero.py", api_source)
+    (d.predictors / "zero.toml").symlink_to("/dev/zero")
+    d.write("big.py", api_source)
+    with (d.predictors / "big.toml").open("wb") as f:
+        f.truncate(2 * 2**30)  # sparse: 2 GB that take no disk
+    (d.predictors / "rootlink").symlink_to("/")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import pickle
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ class Daemon:
                  published: bool = True) -> None:
         self.runtime = runtime
         self.board = Scoreboard()
+        self.board.beat_master()
         self.dispatcher = FakeDispatcher(self.board)
         self.front = Front(self.board, runtime, max_body, tokens=tokens, dispatcher=self.dispatcher)
         if published:
@@ -327,6 +329,15 @@ def test_a_wrong_method_is_a_405_with_allow(locked: Daemon) -> None:
 def test_healthz(d: Daemon) -> None:
     r = d.request("GET", "/healthz", headers={"x-request-id": "probe"})
     assert r.status_code == 200 and r.json()["status"] == "ok" and r.headers["x-request-id"] == "probe"
+
+
+def test_healthz_is_503_when_the_masters_loop_stops_ticking(d: Daemon) -> None:
+    d.board.cells[2] = int((time.time() - 30) * 1000)  # the master's last tick, 30 s ago
+    r = d.request("GET", "/healthz")
+    assert r.status_code == 503 and r.json()["status"] == "stuck"
+    assert "has not ticked for 30s" in r.json()["error"]
+    d.board.beat_master()
+    assert d.request("GET", "/healthz").status_code == 200
 
 
 def test_readyz_says_why_not(d: Daemon) -> None:

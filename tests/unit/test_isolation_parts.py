@@ -13,6 +13,7 @@ from test_master_parts import api, parts  # noqa: F401 - the fixture
 from predictord.config import ApiSettings, ServingConfig
 from predictord.master.autopsy import Autopsy, examine, fault_frames
 from predictord.master.placement import Want, WorkerSlot, place
+from predictord.master.reader import DirectoryReader
 from predictord.master.rebalance import ApiSample, Limits, Sample, WorkerSample, _Plan
 from predictord.scoreboard import Scoreboard
 
@@ -170,15 +171,16 @@ def test_a_name_with_a_file_and_a_folder_is_refused_until_one_goes(parts, tmp_pa
     os.makedirs(predictors / "twin", exist_ok=True)
     (predictors / "twin" / "predictor.py").write_text("class PythonPredictor: ...\n")
     (predictors / "twin.py").write_text("class PythonPredictor: ...\n")
-    catalog.sync()
+    reader = DirectoryReader(predictors, tmp_path, False, lambda: None)
+    catalog.apply(reader.read(None))
     record = catalog.apis["twin"]
     assert record.error is not None and record.error.kind == "clash"
     assert str(predictors / "twin.py") in record.error.message and str(predictors / "twin") in record.error.message
     assert "twin" not in catalog.probes
-    catalog.sync()
+    catalog.apply(reader.read(None))
     assert sum("twin" in e["text"] for e in events.recent) == 1, "said once"
     (predictors / "twin.py").unlink()
-    catalog.sync()
+    catalog.apply(reader.read({"twin"}))
     assert record.error is None and "twin" in catalog.probes, "the folder alone is checked, then served"
     catalog.drop_probe("twin")
 

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 from predictord.loader import LoadError, inspect_class, load_class
-from predictord.sources import is_ignored, name_problem, scan, source_for
+from predictord.sources import MAX_CODE_BYTES, Unreadable, is_ignored, name_problem, scan, source_for
 
 
 def src(tmp_path: Path, text: str, name: str = "p.py") -> Path:
@@ -77,20 +79,64 @@ def test_scan_finds_files_and_folders(tmp_path: Path) -> None:
     assert found["two"].root == tmp_path / "two" and found["one"].settings == tmp_path / "one.toml"
 
 
-def test_version_changes_with_code_settings_and_assets(tmp_path: Path) -> None:
+def test_a_version_is_code_and_settings_not_assets(tmp_path: Path) -> None:
+    """Code and settings make a version (their contents and mtimes: an edit or a touch), and so does a new folder
+    moved in; an asset the predictor writes into its folder never does (it would reload itself for ever)."""
     folder = tmp_path / "api"
     folder.mkdir()
-    src(folder, "a = 1", "predictor.py")
+    code = src(folder, "a = 1", "predictor.py")
     s = source_for(folder)
     v1 = s.version()
     src(folder, "a = 2", "predictor.py")
     v2 = s.version()
     src(folder, "[config]", "predictor.toml")
     v3 = s.version()
-    src(folder, "weights", "w.bin")
+    os.utime(code, ns=(1, 1))
     v4 = s.version()
+    assert len({v1, v2, v3, v4}) == 4
+    src(folder, "weights", "w.bin")
     src(folder, "junk", ".swp")
-    assert len({v1, v2, v3, v4}) == 4 and s.version() == v4
+    (folder / "cache").mkdir()
+    src(folder / "cache", "written at run time", "x.bin")
+    assert s.version() == v4, "assets and editor droppings are not part of a version"
+    moved = tmp_path / "new"
+    shutil.copytree(folder, moved, copy_function=shutil.copy2)
+    shutil.rmtree(folder)
+    moved.rename(folder)
+    assert s.version() != v4, "a folder moved in with mv is a new version, even with the same code"
+
+
+def test_only_regular_files_of_bounded_size_are_read(tmp_path: Path) -> None:
+    folder = tmp_path / "api"
+    folder.mkdir()
+    src(folder, "a = 1", "predictor.py")
+    os.mkfifo(folder / "predictor.toml")
+    with pytest.raises(Unreadable, match="predictor.toml: is a FIFO, not a regular file"):
+        source_for(folder).version()
+    (folder / "predictor.toml").unlink()
+    (folder / "predictor.toml").symlink_to("/dev/zero")
+    with pytest.raises(Unreadable, match="is a character device"):
+        source_for(folder).version()
+    (folder / "predictor.toml").unlink()
+    with (folder / "predictor.toml").open("wb") as f:
+        f.truncate(MAX_CODE_BYTES + 1)  # sparse: no disk used
+    with pytest.raises(Unreadable, match="a code or settings file may have at most 16 MiB"):
+        source_for(folder).version()
+
+
+def test_scan_follows_links_only_to_predictors(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    src(real, "class PythonPredictor: ...", "predictor.py")
+    directory = tmp_path / "predictors"
+    directory.mkdir()
+    (directory / "linked").symlink_to(real)
+    (directory / "rootlink").symlink_to("/")
+    (directory / "gone").symlink_to(tmp_path / "nothing")
+    found = scan(directory)
+    assert list(found.apis) == ["linked"] and found.links == {real: "linked"}
+    assert "holds no predictor.py; not an API" in found.notes["rootlink"]
+    assert "which is not there" in found.notes["gone"]
 
 
 def test_inspect_rejects_non_class(tmp_path: Path) -> None:

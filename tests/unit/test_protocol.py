@@ -3,7 +3,7 @@ from __future__ import annotations
 import pickle
 
 from predictord.protocol import CONTROL, JOB, FrameReader, control, frame, split_header, with_header
-from predictord.scoreboard import MAX_APIS, Scoreboard
+from predictord.scoreboard import Scoreboard
 
 
 def test_frames_survive_any_split() -> None:
@@ -25,11 +25,11 @@ def test_scoreboard_sums_over_http_workers() -> None:
     s.http_slots = 3
     s.add(0, 5, 2, +1)
     s.add(2, 5, 2, +1)
-    s.add(1, 4, MAX_APIS - 1, +1)
+    s.add(1, 4, s.apis - 1, +1)
     assert (s.outstanding(5), s.outstanding(4), s.api_outstanding(2)) == (2, 1, 2)
     s.clear_model(0, 5, {2: 1})
     assert (s.outstanding(5), s.api_outstanding(2)) == (1, 1)
     s.clear_http(2)
-    assert (s.outstanding(5), s.api_outstanding(2), s.api_outstanding(MAX_APIS - 1)) == (0, 0, 1)
+    assert (s.outstanding(5), s.api_outstanding(2), s.api_outstanding(s.apis - 1)) == (0, 0, 1)
     v = s.routes_version
     assert s.bump_routes() == v + 1

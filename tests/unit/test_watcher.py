@@ -3,7 +3,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from predictord.master.watcher import PredictorWatcher, api_of
+from predictord.master.watcher import PredictorWatcher, api_of, fingerprint
 
 
 def test_paths_map_to_apis(tmp_path: Path) -> None:
@@ -37,6 +37,7 @@ def test_files_still_changing_are_not_handed_back(tmp_path: Path) -> None:
     w = watcher(tmp_path, [])
     f = tmp_path / "big"
     f.mkdir()
+    (f / "predictor.py").write_text("")
     (f / "w.bin").write_bytes(b"x" * 10)
     w.touch(str(f / "w.bin"))
     t0 = w._pending["big"]
@@ -58,3 +59,9 @@ def test_a_delete_is_final_only_after_the_quiet_period(tmp_path: Path) -> None:
     w.touch(str(tmp_path / "a.py"))
     t1 = w._pending["a"]
     assert w.step(t1 + 0.6) == set() and w.step(t1 + 1.1) == {"a"}
+
+
+def test_a_folder_that_is_no_predictor_is_never_walked(tmp_path: Path) -> None:
+    """A link to a big or changing tree (rootlink -> /) is not looked into: it holds no predictor.py."""
+    (tmp_path / "rootlink").symlink_to("/")
+    assert fingerprint(tmp_path, "rootlink") == ()

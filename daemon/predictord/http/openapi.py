@@ -75,7 +75,9 @@ def document(status: dict[str, Any], predict_token: bool = False, admin_token: b
         "/": _own("Every API and model worker (JSON; a browser asking for HTML gets the status page).",
                   _json("The daemon's status.", {"type": "object", "required": ["apis", "workers"]}),
                   {"401": _error(ERROR_CODES["401"])}),
-        "/healthz": _own("200 while the daemon is alive.", _json("Alive.", {"type": "object"})),
+        "/healthz": _own("200 while the daemon is alive (its master's loop ticks).",
+                         _json("Alive.", {"type": "object"}),
+                         {"503": _error("The master's loop has stopped ticking; the error says for how long.")}),
         "/readyz": _own("200 when every API is ready.", _json("Ready.", {"type": "object"}),
                         {"503": _error("Some API is not ready; the error names it.")}),
         "/metrics": _own("Prometheus metrics, merged across every process.", {

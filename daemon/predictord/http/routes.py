@@ -8,6 +8,7 @@ the hot path, is written by hand (front.py); every other request comes here and 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -28,6 +29,7 @@ HTML = b"text/html; charset=utf-8"
 PAGE_BYTES = PAGE.encode()
 PROMETHEUS = b"text/plain; version=0.0.4; charset=utf-8"
 LISTS = ("workers", "devices", "decisions", "events")  # in the order `predictord status --json` has always shown
+MASTER_STUCK = 5.0  # seconds without a tick of the master's loop before /healthz says so
 
 
 class Site(Protocol):
@@ -90,7 +92,7 @@ def live_rows(site: Site) -> list[tuple[str, int, int]]:
     """(api, outstanding, queued) for every API, from the scoreboard."""
     table: RoutingTable = site.published.routes()
     return [(name, site.scoreboard.api_outstanding(route.slot), max(0, site.dispatcher.queued(route)))
-            for name, route in table.apis.items()]
+            for name, route in table.apis.items() if route.slot >= 0]
 
 
 def on_admin_socket(scope: Scope) -> bool:
@@ -112,7 +114,12 @@ def handle_admin_status(site: Site, scope: Scope) -> Response:
 
 
 def handle_healthz(site: Site, scope: Scope) -> Response:
-    """/healthz: this worker is alive."""
+    """/healthz: this HTTP worker is alive, and so is the master's loop (it stamps the scoreboard every tick; one
+    that stopped ticking, hung or stopped, makes this 503, so a probe or systemd's watchdog can restart it)."""
+    silent = time.time() - site.scoreboard.master_beat()
+    if silent > MASTER_STUCK:
+        return Response(503, dumps({"status": "stuck", "pid": os.getpid(), "error": f"the daemon's master has not "
+                                    f"ticked for {silent:.0f}s; it replaces no worker and loads no change"}))
     return ok({"status": "ok", "pid": os.getpid()})
 
 
@@ -155,7 +162,7 @@ def handle_api_status(site: Site, scope: Scope) -> Response:
     table = site.published.routes()
     route = table.apis[name]
     status = site.published.status().get("apis", {}).get(name) or {"name": name, "state": route.state}
-    live = {"outstanding": site.scoreboard.api_outstanding(route.slot)}
+    live = {"outstanding": site.scoreboard.api_outstanding(route.slot) if route.slot >= 0 else 0}
     return ok({**redact_status(status, table.predictors_dir), **live})
 
 

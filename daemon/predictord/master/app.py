@@ -47,7 +47,7 @@ class PredictordApp(BaseApplication):  # type: ignore[misc]
         self.runtime = Path(tempfile.mkdtemp(prefix="predictord-", dir=os.environ.get("RUNTIME_DIRECTORY")))
         metrics.prepare(self.runtime / "metrics")
         metrics.get()  # created in the master, so every forked worker writes to its own files in that folder
-        self.scoreboard = Scoreboard()
+        self.scoreboard = Scoreboard(config.predictors.max_apis)
         self.scoreboard.http_slots = min(MAX_HTTP, config.server.http_workers * 2 + 2)
         self.devices = self.roll_devices({}, config)
         # Every worker process needs a core now and then; torch threads beyond a worker's share only contend.

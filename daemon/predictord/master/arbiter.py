@@ -2,12 +2,13 @@
 
 One decision loop (gunicorn's ``run``): signal handlers only enqueue; ``wait_for_signals`` also reads the model
 workers' control channels and the probes' output; each tick then calls its parts in a fixed order (see
-``manage_workers``): the watcher's step, the catalog, the balancer, placement, the pure ``reconcile`` and the
+``manage_workers``): the reader's findings, the catalog, the balancer, placement, the pure ``reconcile`` and the
 publisher. The master never imports predictor code and never touches CUDA.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -15,27 +16,31 @@ import shutil
 import signal
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from gunicorn import sock as gunicorn_sock
 from gunicorn.arbiter import Arbiter
 
-from .. import logs, metrics
+from .. import logs, metrics, reaping
 from ..config import Config, ConfigError
-from ..protocol import Control, Failed, Loaded
+from ..protocol import Control, Failed, Hung, Loaded
 from ..scoreboard import MAX_HTTP
+from .autopsy import Autopsy
 from .balancer import Balancer
 from .catalog import Catalog
 from .fleet import Fleet, ModelWorkerHandle
 from .notify import Notifier
 from .publisher import DaemonInfo, Publisher
+from .reader import DirectoryReader
 from .reconcile import Action, Retire, reconcile
 from .records import Events
-from .watcher import PredictorWatcher
 
 log = logging.getLogger("predictord.master")
 RSS_EVERY = 0.1  # seconds between looks at the model workers' RSS when [workers] max_rss_mib is set
+FIRST_READ_WAIT = 10.0  # seconds the start waits for the first reading of the predictors directory
+SLOW_READ = 10.0  # seconds a reading may take before the log says the directory is stuck
 PRUNE_EVERY = 5.0  # seconds between prunings of old versions' code copies
 
 
@@ -60,13 +65,16 @@ class Master(Arbiter):  # type: ignore[misc]
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.events = Events()
         self.catalog = Catalog(self.pconfig, self.runtime, self.events)
-        self.fleet = Fleet(app.scoreboard, self.runtime, app.torch_threads, self.model_worker_forked)
+        self.fleet = Fleet(app.scoreboard, self.runtime, app.torch_threads, self.model_worker_forked,
+                           self.pconfig.server.graceful_timeout)
         self.balancer = Balancer(self.pconfig, app.devices, self.catalog, self.fleet, app.scoreboard, self.events)
         self.publisher = Publisher(self.runtime, app.scoreboard, notifier)
         self.stopping = False
         self.started_at = time.time()
         self.next_prune = 0.0
-        self.watcher: PredictorWatcher | None = None
+        self.reader = self.new_reader()
+        self.slow_read_said = False
+        self.faults = set(filter(None, os.environ.pop("PREDICTORD_TEST_FAULTS", "").split(",")))
         super().__init__(app)
         for handler in self.log.error_log.handlers:
             logs.adopt(handler)  # gunicorn's own lines in the daemon's format
@@ -84,13 +92,18 @@ class Master(Arbiter):  # type: ignore[misc]
             pass
 
     def start(self) -> None:
+        if not reaping.become_subreaper():
+            log.warning("not a child subreaper: processes a predictor starts may outlive it")
         super().start()
         self.open_admin_socket()
         for listener in self.LISTENERS:
             log.info("predictord listening on %s (master pid %d)", listener, self.pid)
-        self.start_watcher()  # before the scan: a file that lands between the two is seen by one of them
         self.balancer.start_sampler()
-        self.catalog.sync()
+        self.start_reader()
+        if not self.reader.wait_first(FIRST_READ_WAIT):
+            log.warning("the predictors directory %s has not been read in %gs; serving starts without it",
+                        self.pconfig.predictors_dir, FIRST_READ_WAIT)
+        self.take_readings()
         self.publish()  # before any HTTP worker exists: a first request (socket activation) finds every API
 
     def open_admin_socket(self) -> None:
@@ -109,15 +122,28 @@ class Master(Arbiter):  # type: ignore[misc]
         except (OSError, ValueError) as e:
             log.warning("no admin socket at %s (%s); `predictord status` will not reach this daemon", path, e)
 
-    def start_watcher(self) -> None:
-        if self.watcher is not None:
-            self.watcher.stop()
-            self.watcher = None
+    def new_reader(self) -> DirectoryReader:
         p = self.pconfig.predictors
-        if p.watch and self.pconfig.predictors_dir.is_dir():
-            self.watcher = PredictorWatcher(self.pconfig.predictors_dir, p.debounce, self.wakeup)
-            self.watcher.start()
-            log.info("watching %s for changes (debounce %.2gs)", self.pconfig.predictors_dir, p.debounce)
+        return DirectoryReader(self.pconfig.predictors_dir, self.runtime, p.check_permissions, self.wakeup)
+
+    def start_reader(self) -> None:
+        """The reader thread watches and reads the directory (started watching before its first reading: a file
+        that lands between the two is seen by one of them)."""
+        p = self.pconfig.predictors
+        self.reader.start(p.watch, p.debounce)
+        self.reader.request(None)
+
+    def take_readings(self) -> None:
+        """Apply what the reader found; say once when a reading is stuck (a hung mount: serving goes on)."""
+        for reading in self.reader.take():
+            self.catalog.apply(reading)
+        busy = self.reader.busy_for(time.monotonic())
+        if busy > SLOW_READ and not self.slow_read_said:
+            log.error("reading the predictors directory %s has taken %.0fs (a hung mount?); the APIs keep serving "
+                      "what they have, and changes load once it answers", self.pconfig.predictors_dir, busy)
+            self.slow_read_said = True
+        elif busy == 0.0:
+            self.slow_read_said = False
 
     def close_master_channels(self) -> None:
         """In a forked child: close the master's own channels (its wake-up pipe, control sockets, probes)."""
@@ -145,8 +171,6 @@ class Master(Arbiter):  # type: ignore[misc]
         probes = self.catalog.probe_fds()
         now = time.monotonic()
         waits = [timeout, self.balancer.due_in(now)]
-        if self.watcher is not None and (due := self.watcher.next_due()) is not None:
-            waits.append(due)
         if (respawn := self.fleet.next_respawn(self.balancer.devices)) is not None:
             waits.append(max(0.0, respawn - now))  # a backed-off respawn is due before the next tick
         if self.pconfig.workers.max_rss_mib:  # a leak overshoots the limit by what it grows between two looks
@@ -164,10 +188,12 @@ class Master(Arbiter):  # type: ignore[misc]
                 except BlockingIOError:
                     pass
             elif fd in handles:
-                for message in self.fleet.read(handles[fd]):
-                    self.on_model_message(handles[fd], message)
+                with self.step("model worker messages"):
+                    for message in self.fleet.read(handles[fd]):
+                        self.on_model_message(handles[fd], message)
             elif fd in probes:
-                self.catalog.read_probe(probes[fd])
+                with self.step("probes"):
+                    self.catalog.read_probe(probes[fd])
         signals: list[int] = super().wait_for_signals(timeout=0)
         return signals
 
@@ -177,6 +203,11 @@ class Master(Arbiter):  # type: ignore[misc]
             self.catalog.loaded(m, handle.slot, handle.device.label)
         elif isinstance(m, Failed):
             self.catalog.request_failed(m)
+        elif isinstance(m, Hung):
+            blame = Autopsy(m.api, f"hung in predict() for {m.seconds:.0f}s (request {m.request_id})")
+            self.catalog.crashed(blame, handle.slot, self.balancer.kind_of(m.api) == "cpu")
+            if handle.device.kind == "cpu" and not handle.stopping:  # a GPU worker stops beating instead
+                self.balancer.recycle(handle.slot, f"API {m.api}'s predict() hung")
 
     # -- signals ---------------------------------------------------------------------------------------------------
     def handle_term(self) -> None:
@@ -214,7 +245,7 @@ class Master(Arbiter):  # type: ignore[misc]
             new = self.pconfig
         if new != self.pconfig:
             self.apply_config(new)
-        self.catalog.sync()
+        self.reader.request(None)
 
     def apply_config(self, new: Config) -> None:
         old, self.pconfig = self.pconfig, new
@@ -229,17 +260,19 @@ class Master(Arbiter):  # type: ignore[misc]
         running = {h.slot: h.device for h in self.fleet}
         self.balancer.configure(new, self.app.roll_devices({**running, **self.balancer.devices}, new))
         if old.predictors != new.predictors or old.predictors_dir != new.predictors_dir:
-            self.start_watcher()
+            self.reader.stop()
+            self.reader = self.new_reader()
+            self.start_reader()
 
     def stop(self, graceful: bool = True) -> None:
         """HTTP workers first (they finish their requests, which need the model workers), then model workers."""
         self.stopping = True
-        if self.watcher is not None:
-            self.watcher.stop()
+        self.reader.stop()
         super().stop(graceful)
         self.fleet.stop_all(self.pconfig.server.graceful_timeout if graceful else 1.0)
         for p in self.catalog.probes.values():
             p.process.kill()
+        reaping.reap_strays(())  # whatever is left under the master now is a predictor's: it ends with the daemon
         shutil.rmtree(self.runtime, ignore_errors=True)
 
     # -- HTTP workers: a stable slot each, for their row in the scoreboard ---------------------------------------
@@ -260,6 +293,11 @@ class Master(Arbiter):  # type: ignore[misc]
 
     # -- model workers ---------------------------------------------------------------------------------------------
     def reap_workers(self) -> None:
+        with self.step("reaping"):
+            self.reap_model_workers()
+        super().reap_workers()
+
+    def reap_model_workers(self) -> None:
         for p in self.catalog.probes.values():
             p.process.poll()  # reap our probes before gunicorn's waitpid(-1) takes their status
         for handle, status in self.fleet.reap():
@@ -276,37 +314,75 @@ class Master(Arbiter):  # type: ignore[misc]
                                            f"{how}")
                 if autopsy.culprit is not None and autopsy.culprit not in handle.loading:
                     self.catalog.crashed(autopsy, handle.slot, self.balancer.kind_of(autopsy.culprit) == "cpu")
-        super().reap_workers()
 
     def murder_workers(self) -> None:
         super().murder_workers()
-        self.fleet.murder_silent(self.pconfig.workers.heartbeat_timeout)
-        self.fleet.murder_fat(self.pconfig.workers.max_rss_mib)
-        self.catalog.expire_probes(time.monotonic())
+        now = time.monotonic()
+        with self.step("policing model workers"):
+            self.fleet.murder_silent(self.pconfig.workers.heartbeat_timeout)
+            self.fleet.murder_fat(self.pconfig.workers.max_rss_mib)
+            self.fleet.murder_late(now)
+            for handle, over in self.fleet.grown(self.pconfig.workers.recycle_mib, now):
+                self.balancer.recycle(handle.slot, f"its memory is {over >> 20} MiB over what it started with and "
+                                                   f"its APIs' loads measured ([workers] recycle_mib = "
+                                                   f"{self.pconfig.workers.recycle_mib})")
+        with self.step("probes"):
+            self.catalog.expire_probes(now)
 
     def manage_workers(self) -> None:
         """Each tick, in this order: the HTTP workers (gunicorn), the directory, the balancer, placement, the model
-        workers (spawn, then reconcile), old code copies, and what changed is published."""
+        workers (spawn, then reconcile), old code copies and stray processes, and what changed is published. Each
+        step is guarded: nothing a worker or the filesystem does may end the loop (a step that raises is logged,
+        and the tick goes on)."""
         super().manage_workers()
         if self.stopping:
             return
+        self.fleet.scoreboard.beat_master()
         self.notifier.watchdog()
         now = time.monotonic()
-        sampled = self.publisher.sample_due(now)
-        if self.watcher is not None and (changed := self.watcher.step()):
-            self.catalog.sync(only=changed)
-        self.balancer.tick(now)
-        if self.catalog.needs_plan:
-            self.catalog.plan(self.balancer.slots(), self.balancer.gpu_room())
-        self.fleet.spawn_missing(self.balancer.devices, now)
-        views = [h.view(h.slot in self.balancer.devices) for h in self.fleet]
-        for action in reconcile(self.catalog.wanted(), views, now):
-            self.execute(action)
+        sampled = False
+        with self.step("history"):
+            sampled = self.publisher.sample_due(now)
+        with self.step("directory"):
+            self.take_readings()
+        with self.step("balancer"):
+            self.balancer.tick(now)
+        with self.step("placement"):
+            if self.catalog.needs_plan:
+                self.catalog.plan(self.balancer.slots(), self.balancer.gpu_room())
+        with self.step("spawning"):
+            self.fleet.spawn_missing(self.balancer.devices, now)
+        with self.step("reconcile"):
+            views = [h.view(h.slot in self.balancer.devices) for h in self.fleet]
+            for action in reconcile(self.catalog.wanted(), views, now):
+                self.execute(action)
         if now >= self.next_prune:
             self.next_prune = now + PRUNE_EVERY
-            self.catalog.prune_snapshots(self.fleet.in_use())
+            with self.step("pruning"):
+                self.catalog.prune_snapshots(self.fleet.in_use())
+                self.reap_strays()
         if sampled or self.catalog.changed or self.fleet.changed or self.balancer.changed or self.events.changed:
-            self.publish()
+            with self.step("publishing"):
+                self.publish()
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        """One guarded step of the loop: an exception is logged with its traceback, and the loop goes on."""
+        try:
+            yield
+            if name in self.faults:  # a test's injected fault (PREDICTORD_TEST_FAULTS), once per step
+                self.faults.discard(name)
+                raise RuntimeError(f"a fault injected into the {name} step")
+        except (StopIteration, KeyboardInterrupt):
+            raise
+        except Exception:  # noqa: BLE001 - the loop outlives any one step
+            log.exception("the master's %s step failed; the loop goes on", name)
+
+    def reap_strays(self) -> None:
+        """End the processes that reached the master (a subreaper) without being its own: what a predictor
+        started, left by a worker or probe that died."""
+        known = {*self.WORKERS, *(h.pid for h in self.fleet), *(p.process.pid for p in self.catalog.probes.values())}
+        reaping.reap_strays(known)
 
     def execute(self, action: Action) -> None:
         """Carry out one of reconcile's actions (a retirement publishes first: out of the routes, then drain)."""
@@ -321,6 +397,7 @@ class Master(Arbiter):  # type: ignore[misc]
         self.fleet.kill(handle, signal.SIGTERM, "retired", why)
 
     def publish(self) -> None:
-        info = DaemonInfo(self.pid, self.started_at, str(self.pconfig.predictors_dir), len(self.WORKERS))
+        info = DaemonInfo(self.pid, self.started_at, str(self.pconfig.predictors_dir), len(self.WORKERS),
+                          round(self.reader.busy_for(time.monotonic()), 1))
         self.publisher.publish(self.catalog, self.fleet, self.balancer, self.events, info)
         self.catalog.changed = self.fleet.changed = self.balancer.changed = self.events.changed = False

@@ -70,6 +70,17 @@ class Balancer:
         self.gone[slot] = why
         self.catalog.needs_plan = self.changed = True
 
+    def recycle(self, slot: int, why: str) -> None:
+        """Replace a model worker, make before break: a new slot on its device (shared or the same API's own), the
+        old one dropped (its APIs move, then it retires)."""
+        device = self.devices.get(slot)
+        if device is None:
+            return  # going already
+        log.warning("replacing model worker %d (%s): %s", slot, device.label, why)
+        self.events.add("recycle", f"model worker {slot} ({device.label}) is replaced: {why}")
+        if self.add_worker(device.label, extra=slot in self.extra_slots, owner=self.owners.get(slot)) is not None:
+            self.drop_slot(slot, f"replaced: {why}")
+
     def gone_why(self, slot: int) -> str:
         return self.gone.get(slot, "its slot is no longer configured")
 

@@ -1,5 +1,6 @@
-"""The master's catalog of APIs: scanning the directory, probing each new version in a throwaway process, what each
-model worker reports about its loads, and placement (the catalog is its one writer)."""
+"""The master's catalog of APIs: what the reader found in the directory, probing each new version in a throwaway
+process (at most max_probes at once), what each model worker reports about its loads, and placement (the catalog is
+its one writer)."""
 
 from __future__ import annotations
 
@@ -15,16 +16,18 @@ from typing import Any, NamedTuple
 
 from .. import metrics, probe
 from ..config import Config, ConfigError, load_api_settings
+from ..logs import shown
 from ..protocol import Failed, Loaded, Problem
-from ..scoreboard import MAX_APIS
-from ..sources import ApiSource, name_problem, scan, snapshot
-from . import permissions
+from ..sources import ApiSource
 from .autopsy import Autopsy
 from .placement import Want, WorkerSlot, place
+from .reader import Reading, Seen
 from .reconcile import Wanted
 from .records import ApiRecord, Events
 
 log = logging.getLogger("predictord.master")
+SNAPSHOT_GRACE = 10.0  # seconds a fresh copy is kept though no record names it yet
+REFUSALS = ("permissions", "unreadable", "name")  # refused before loading: looked at again on the next reading
 
 
 class Probe(NamedTuple):
@@ -45,64 +48,98 @@ class Catalog:
         self.events = events
         self.apis: dict[str, ApiRecord] = {}
         self.probes: dict[str, Probe] = {}
+        self.waiting: list[str] = []  # APIs whose probe waits for a turn ([predictors] max_probes)
+        self.peak_probes = 0
+        self.notes: dict[str, str] = {}  # entries of the directory that are no API, and why
+        self.max_apis = config.predictors.max_apis
+        self.max_probes = config.max_probes
         self.needs_plan = True  # something placement depends on changed
         self.changed = True  # something status shows changed
 
-    # -- the directory ---------------------------------------------------------------------------------------------
-    def sync(self, only: set[str] | None = None) -> None:
-        """Make the records match the directory (or just the APIs in ``only``): probe new and changed APIs, drop
-        removed ones, and refuse a name with two sources (the version already serving keeps serving)."""
-        found = scan(self.config.predictors_dir)
-        apis, clashes = found.apis, found.clashes
-        if only is not None:
-            apis = {n: s for n, s in apis.items() if n in only}
-            clashes = {n: c for n, c in clashes.items() if n in only}
-        for name in set(self.apis) - set(apis) - set(clashes):
-            if only is None or name in only:
-                log.info("API %s was removed; unloading it", name)
+    # -- the directory (as the reader thread saw it) ---------------------------------------------------------------
+    def apply(self, reading: Reading) -> None:
+        """Make the records match a reading of the directory (all of it, or just the APIs it covers): probe new and
+        changed APIs, drop removed ones, refuse what the reader refused and a name with two sources (a version
+        already serving keeps serving)."""
+        covered = reading.only
+        for name in set(self.apis) - set(reading.apis) - set(reading.clashes):
+            if covered is None or name in covered:
+                log.info("API %s was removed; unloading it", shown(name))
                 self.events.add("removed", f"API {name} was removed")
                 self.drop_probe(name)
                 del self.apis[name]
-        for name, (file, folder) in clashes.items():
+        for name, note in reading.notes.items():
+            if self.notes.get(name) != note:
+                log.warning("%s", note)
+        self.notes = {**(self.notes if covered is not None else {}), **reading.notes}
+        for name, (file, folder) in reading.clashes.items():
             self.clash(name, file, folder)
-        for name, source in apis.items():
-            version = source.version()
-            record = self.apis.get(name)
-            if record is not None and record.error is not None and record.error.kind == "clash":
-                log.info("API %s: one source left (%s); the clash is resolved", name, source.folder or source.code)
-                record.error = None
-            refused = record is not None and record.error is not None and record.error.kind == "permissions"
-            if record is not None and record.version == version and record.origin == source:
-                if not refused:
-                    continue
-                record.failed_versions.discard(version)  # a chmod or chown changes no content: check again
-            elif record is not None:
-                log.info("API %s changed (version %s -> %s); checking the new version", name, record.version,
-                         version)
-            else:
-                log.info("API %s found (version %s); checking it", name, version)
-            if record is None:
-                record = self.new_record(name, source, version)
-                if record is None:
-                    continue
-            record.origin, record.version = source, version
-            record.changed()
-            try:
-                record.source = snapshot(source, self.runtime / "snapshots" / f"{name}-{version}")
-            except OSError as e:
-                record.fail(Problem(f"cannot copy its code to check it: {e}", str(source.code)))
-                continue
-            self.start_probe(record)
+        for seen in reading.apis.values():
+            self.saw(seen)
+        self.fill_room()
         self.needs_plan = self.changed = True
 
-    def new_record(self, name: str, source: ApiSource, version: str) -> ApiRecord | None:
-        """A record for an API seen for the first time, in a free scoreboard column (None: none is free)."""
-        free = sorted(set(range(MAX_APIS)) - {r.slot for r in self.apis.values()})
+    def saw(self, seen: Seen) -> None:
+        """One API as the reader found it."""
+        name, record = seen.name, self.apis.get(seen.name)
+        if record is not None and record.error is not None and record.error.kind == "clash":
+            log.info("API %s: one source left (%s); the clash is resolved", shown(name), seen.origin.root)
+            record.error = None
+        if seen.problem is not None:
+            if record is None:
+                record = self.new_record(name, seen.origin, "")
+            if record.error is None or record.error.message != seen.problem.message:
+                log.error("API %s refused: %s", shown(name), seen.problem)
+                self.events.add("failed", f"API {name} refused: {seen.problem}")
+            self.drop_probe(name)
+            record.origin, record.probing, record.check = seen.origin, False, None
+            record.error = seen.problem.stamped(record.version)
+            return
+        refused = record is not None and record.error is not None and record.error.kind in REFUSALS
+        if record is not None and record.version == seen.version and record.origin == seen.origin:
+            if not refused:
+                return
+            record.failed_versions.discard(seen.version)  # a chmod or a fix of the directory: check it again
+            record.error = None
+        elif record is not None:
+            log.info("API %s changed (version %s -> %s); checking the new version", shown(name), record.version,
+                     seen.version)
+        else:
+            log.info("API %s found (version %s); checking it", shown(name), seen.version)
+            record = self.new_record(name, seen.origin, seen.version)
+        assert seen.snapshot is not None
+        record.origin, record.version, record.source = seen.origin, seen.version, seen.snapshot
+        record.changed()
+        self.start_probe(record)
+
+    def new_record(self, name: str, source: ApiSource, version: str) -> ApiRecord:
+        """A record for an API seen for the first time, in a free scoreboard column; with none free, it waits for
+        one (failed, with the reason: it is visible, and loads once another API is removed)."""
+        free = sorted(set(range(self.max_apis)) - {r.slot for r in self.apis.values()})
+        record = self.apis[name] = ApiRecord(name, free[0] if free else -1, source, version)
         if not free:
-            log.error("API %s: more than %d APIs; not loading it", name, MAX_APIS)
-            return None
-        record = self.apis[name] = ApiRecord(name, free[0], source, version)
+            log.error("API %s: %s", shown(name), self.no_room())
         return record
+
+    def no_room(self) -> Problem:
+        n = self.max_apis
+        return Problem(f"more than {n} APIs ([predictors] max_apis = {n}); it is loaded once another API is "
+                       "removed, or raise max_apis", kind="room")
+
+    def fill_room(self) -> None:
+        """Give free scoreboard columns to the APIs that wait for one (in name order) and check them."""
+        free = sorted(set(range(self.max_apis)) - {r.slot for r in self.apis.values()})
+        for name in sorted(n for n, r in self.apis.items() if r.slot < 0):
+            record = self.apis[name]
+            if not free:
+                if record.error is None or record.error.kind != "room":
+                    record.error = self.no_room().stamped(record.version)
+                continue
+            record.slot = free.pop(0)
+            if record.error is not None and record.error.kind == "room":
+                record.error = None
+            if record.version and record.source.home is not None:  # it has a copy: check it now
+                self.start_probe(record)
 
     def clash(self, name: str, file: Path, folder: Path) -> None:
         """``NAME.py`` and ``NAME/`` both exist: refuse both (said once); a version already serving keeps serving
@@ -112,58 +149,72 @@ class Catalog:
             return
         problem = Problem(f"two sources for API {name!r}: {file} and the folder {folder}/; remove or rename one of "
                           "them", str(file), kind="clash")
-        log.error("API %s refused: %s", name, problem.message)
+        log.error("API %s refused: %s", shown(name), problem.message)
         self.events.add("failed", f"API {name} refused: {problem.message}")
         if record is None:
             record = self.new_record(name, ApiSource(name, file, file.with_suffix(".toml")), "")
-            if record is None:
-                return
         self.drop_probe(name)
         record.probing = False
         record.error = problem.stamped(record.version)
         self.needs_plan = self.changed = True
 
     def drop_probe(self, name: str) -> None:
-        """Kill an API's probe, if one runs (its outcome no longer matters)."""
+        """Kill an API's probe, if one runs, and its waiting turn (its outcome no longer matters)."""
+        if name in self.waiting:
+            self.waiting.remove(name)
         old = self.probes.pop(name, None)
         if old is not None:
-            old.process.kill()
-            old.process.wait()
+            probe.end(old.process)
             for stream in (old.process.stdout, old.process.stderr):
                 if stream:
                     stream.close()
+            self.start_waiting()
 
-    def prune_snapshots(self, in_use: Iterable[tuple[str, str]]) -> None:
+    def prune_snapshots(self, in_use: Iterable[tuple[str, str]], now: float | None = None) -> None:
         """Drop the code copies of versions nothing will load again: not wanted, not the fallback, not on a worker
-        (``in_use``: the (API, version) pairs the workers have loaded or are loading)."""
+        (``in_use``: the (API, version) pairs the workers have loaded or are loading), and not just made (the
+        reader may have copied a version the master has not heard of yet)."""
         keep = {f"{name}-{version}" for name, version in in_use}
         for name, record in self.apis.items():
             keep.add(f"{name}-{record.version}")
             if record.good is not None:
                 keep.add(f"{name}-{record.good[0]}")
+        now = time.time() if now is None else now
         root = self.runtime / "snapshots"
         for entry in root.iterdir() if root.is_dir() else ():
-            if entry.name not in keep:
+            try:
+                young = now - entry.stat().st_mtime < SNAPSHOT_GRACE
+            except OSError:
+                continue
+            if entry.name not in keep and not young:
                 shutil.rmtree(entry, ignore_errors=True)
 
     # -- probes ----------------------------------------------------------------------------------------------------
     def start_probe(self, record: ApiRecord) -> None:
-        problem = name_problem(record.name)
-        if not problem and self.config.predictors.check_permissions:
-            problem = permissions.check_source(record.origin or record.source, self.config.predictors_dir)
-            if problem:
-                log.error("API %s refused: %s", record.name, problem)
-        if problem:
-            kind = "name" if name_problem(record.name) else "permissions"
-            record.fail(Problem(problem, kind=kind))
-            return
+        """Check a version in a throwaway process, or queue it while max_probes probes run."""
         self.drop_probe(record.name)
+        if record.slot < 0:
+            record.probing = False
+            return  # it waits for room first (fill_room checks it then)
         record.probing = True
+        if len(self.probes) >= self.max_probes:
+            self.waiting.append(record.name)
+            record.check = f"waiting to be checked ({self.max_probes} probes run at once: [predictors] max_probes)"
+            return
+        record.check = "being checked"
         proc = probe.start(record.source.folder or record.source.code, init=False, stderr=tempfile.TemporaryFile(),
                            home=record.source.home)
         os.set_blocking(proc.stdout.fileno(), False)  # type: ignore[union-attr]
         deadline = time.monotonic() + self.config.predictors.load_timeout
         self.probes[record.name] = Probe(proc, record.version, deadline, [])
+        self.peak_probes = max(self.peak_probes, len(self.probes))
+
+    def start_waiting(self) -> None:
+        """Start the probes that waited for a turn, oldest first."""
+        while self.waiting and len(self.probes) < self.max_probes:
+            record = self.apis.get(self.waiting.pop(0))
+            if record is not None and record.probing:
+                self.start_probe(record)
 
     def probe_fds(self) -> dict[int, str]:
         """The probes' output pipes, for the master's select."""
@@ -181,7 +232,7 @@ class Catalog:
             chunks.append(data)
             return
         try:
-            proc.wait(timeout=5)
+            proc.wait(timeout=1)  # its output is over: it is exiting
         except subprocess.TimeoutExpired:
             proc.kill()
         stderr = b""
@@ -196,20 +247,22 @@ class Catalog:
         timeout = self.config.predictors.load_timeout
         for name, p in list(self.probes.items()):
             if now > p.deadline:
-                p.process.kill()
+                probe.end(p.process)
                 file = str(self.apis[name].user_source.code) if name in self.apis else name
                 self.finish_probe(name, {"ok": False, "error": Problem(
                     f"importing it took longer than the load deadline ({timeout:g}s)", file).as_dict()})
 
     def finish_probe(self, name: str, result: dict[str, Any]) -> None:
         proc, version, _, _ = self.probes.pop(name)
+        probe.end(proc)
         for stream in (proc.stdout, proc.stderr):
             if stream:
                 stream.close()
+        self.start_waiting()
         record = self.apis.get(name)
         if record is None or record.version != version:
             return  # removed or changed meanwhile; a newer probe decides
-        record.probing = False
+        record.probing, record.check = False, None
         self.needs_plan = self.changed = True
         if not result["ok"]:
             metrics.get().loads.labels(name, "reload" if record.loaded_at else "load", "failed").inc()
@@ -332,6 +385,11 @@ class Catalog:
             if p.error and (record.error is None or record.error.message != p.error):
                 record.error = Problem(p.error, str(record.user_source.settings)).stamped(record.version)
             self.changed |= (record.placement, record.note, record.error) != before
+
+    def probe_status(self) -> dict[str, int]:
+        """Probes running and waiting, the most that ran at once, and the limit (for status)."""
+        return {"running": len(self.probes), "waiting": len(self.waiting), "peak": self.peak_probes,
+                "limit": self.max_probes}
 
     def unplaced(self) -> bool:
         """An API that passed its checks has nowhere to go (it may fit once memory frees up)."""

@@ -18,7 +18,8 @@ import psutil
 
 from .. import metrics
 from ..devices import Device
-from ..model.worker import ModelWorker, crash_files
+from ..model.process import crash_files
+from ..model.worker import ModelWorker
 from ..protocol import (
     CONTROL,
     KILL_CAUSES,
@@ -44,6 +45,7 @@ log = logging.getLogger("predictord.master")
 EXIT_CODES = {0: "exited cleanly", 1: "crashed (see its traceback above)"}
 MAX_BACKOFF = 10.0
 BACKOFF_WINDOW = 60.0  # seconds: deaths of a slot within this back off its respawn
+WEIGH_AFTER = 5.0  # seconds after an unload before a worker's memory is weighed (its garbage is collected by then)
 
 
 def describe_exit(status: int | None, guess: bool = True) -> str:
@@ -86,7 +88,11 @@ class ModelWorkerHandle:
     stopping: bool = False
     kill_reason: str = ""  # why the master ended it: heartbeat, load_timeout, memory, retired
     kill_detail: str = ""  # the specifics, in words (which API, which figures)
+    kill_by: float = 0.0  # monotonic: a worker asked to stop is SIGKILLed past this ([server] graceful_timeout)
     hung: str | None = None  # the API whose predict() it said hung
+    base_rss: int = 0  # resident bytes when it started, before any load
+    rss: dict[str, int] = field(default_factory=dict)  # API -> resident bytes its load added
+    weigh_at: float = 0.0  # monotonic: when to compare its memory with what its APIs explain (after an unload)
     loaded: dict[str, str] = field(default_factory=dict)  # API -> version serving
     loading: dict[str, tuple[str, float]] = field(default_factory=dict)  # API -> (version, deadline)
     unloading: set[str] = field(default_factory=set)
@@ -116,8 +122,9 @@ class Fleet:
     """Spawns model workers in their slots, reads what they say, and reaps and replaces them."""
 
     def __init__(self, scoreboard: Scoreboard, runtime: Path, torch_threads: int,
-                 close_in_child: Callable[[], None]) -> None:
+                 close_in_child: Callable[[], None], graceful: float = 30.0) -> None:
         self.scoreboard = scoreboard
+        self.graceful = graceful  # [server] graceful_timeout
         self.runtime = runtime
         self.torch_threads = torch_threads
         self.close_in_child = close_in_child
@@ -184,20 +191,26 @@ class Fleet:
         """What a worker's message changes about the worker itself (the catalog hears about the APIs)."""
         self.changed = True
         if isinstance(m, Started):
-            handle.up = True
+            handle.up, handle.base_rss = True, m.rss
             log.info("model worker %d (%s) pid %d is up", handle.slot, handle.device.label, handle.pid)
         elif isinstance(m, Loaded):
             handle.loading.pop(m.api, None)
             if m.ok:
+                if m.api in handle.loaded:  # a reload: the old version goes now
+                    handle.weigh_at = time.monotonic() + WEIGH_AFTER
                 handle.loaded[m.api] = m.version
+                handle.rss[m.api] = m.rss
         elif isinstance(m, Unloaded):
             handle.loaded.pop(m.api, None)
+            handle.rss.pop(m.api, None)
             handle.unloading.discard(m.api)
+            handle.weigh_at = time.monotonic() + WEIGH_AFTER
         elif isinstance(m, Hung):
             handle.hung = m.api
-            log.error("model worker %d (%s) pid %d: API %s predict() has run %.0fs (request %s); it will be "
-                      "replaced when its heartbeat times out", handle.slot, handle.device.label, handle.pid,
-                      m.api, m.seconds, m.request_id)
+            then = ("its APIs move to a new worker" if handle.device.kind == "cpu"
+                    else "it will be replaced when its heartbeat times out")
+            log.error("model worker %d (%s) pid %d: API %s predict() has run %.0fs (request %s); %s", handle.slot,
+                      handle.device.label, handle.pid, m.api, m.seconds, m.request_id, then)
 
     def backoff(self, slot: int) -> float:
         """Seconds to wait before respawning a slot that keeps dying: 0 for its first death in a minute, then 0.25 s,
@@ -267,6 +280,7 @@ class Fleet:
         if reason:
             handle.stopping = True
             handle.kill_reason, handle.kill_detail = reason, detail
+            handle.kill_by = handle.kill_by or time.monotonic() + self.graceful
             self.scoreboard.set_killed(handle.row, KILL_CODES.get(reason, 0))
             self.changed = True
         try:
@@ -275,6 +289,33 @@ class Fleet:
             pass
 
     # -- policing --------------------------------------------------------------------------------------------------
+    def murder_late(self, now: float) -> None:
+        """A worker asked to stop (retired, recycled) that has not in [server] graceful_timeout is SIGKILLed: a
+        predict() that never returns would keep it for ever."""
+        for handle in self:
+            if handle.stopping and handle.kill_by and now > handle.kill_by:
+                log.error("model worker %d (%s) pid %d did not stop within [server] graceful_timeout (%gs); killing "
+                          "it", handle.slot, handle.device.label, handle.pid, self.graceful)
+                handle.kill_by = 0.0
+                self.kill(handle, signal.SIGKILL)
+
+    def grown(self, limit_mib: int, now: float) -> list[tuple[ModelWorkerHandle, int]]:
+        """[workers] recycle_mib: workers whose memory, weighed a moment after an unload or reload, exceeds what
+        they started with plus what their APIs' loads measured by more than the limit (bytes over, each)."""
+        out = []
+        for handle in self if limit_mib else ():
+            if not handle.weigh_at or now < handle.weigh_at or handle.stopping or handle.loading:
+                continue
+            handle.weigh_at = 0.0
+            try:
+                rss = psutil.Process(handle.pid).memory_info().rss
+            except psutil.Error:
+                continue
+            over = rss - handle.base_rss - sum(handle.rss.values())
+            if over > limit_mib << 20:
+                out.append((handle, over))
+        return out
+
     def murder_silent(self, limit: float) -> None:
         """A worker whose heartbeat is older than ``limit`` seconds (hung, or stopped) is killed and replaced."""
         now = time.time()

@@ -9,7 +9,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..metrics import LATENCY
+from ..metrics import LATENCY, collected
 
 WINDOW = 60.0  # seconds of "recent" in status
 KEEP = 600.0  # seconds of history for the charts
@@ -26,10 +26,7 @@ class Snapshot:
 
 def read_snapshot(now: float | None = None) -> Snapshot:
     """The merged metrics of every process, reduced to what status needs."""
-    from prometheus_client import CollectorRegistry, multiprocess
-
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    registry = collected()
     snap = Snapshot(time.time() if now is None else now)
     bounds = [*LATENCY, float("inf")]
     for family in registry.collect():

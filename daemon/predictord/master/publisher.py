@@ -40,6 +40,7 @@ class DaemonInfo:
     started_at: float
     predictors_dir: str
     http_workers: int
+    reading_for: float = 0.0  # seconds the reading of the predictors directory in progress has taken
 
 
 class Publisher:
@@ -87,7 +88,8 @@ class Publisher:
             "decisions": list(balancer.decisions),
             "daemon": {"pid": info.pid, "started_at": info.started_at, "predictors_dir": info.predictors_dir,
                        "ready": not not_ready and not down and not catalog.probes, "not_ready": not_ready,
-                       "workers_down": down},
+                       "workers_down": down, "probes": catalog.probe_status(), "reading_for": info.reading_for,
+                       "not_apis": dict(catalog.notes)},
         }
         write_atomically(self.status_path, json.dumps(document, default=str).encode())
         self.scoreboard.bump_status()

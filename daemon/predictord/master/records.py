@@ -43,6 +43,7 @@ class ApiRecord:
     crash: Problem | None = None  # the last time its code ended a model worker process
     crashes: list[float] = field(default_factory=list)  # monotonic times its code ended a model worker
     contained: bool = False  # its code ended a shared worker: it runs in workers of its own until it changes
+    check: str | None = None  # "waiting to be checked" (probes are all busy), "being checked", or None
     quarantined: bool = False  # it ended its workers crash_limit times in crash_window: not loaded again until it
     #                            changes
 
@@ -146,6 +147,7 @@ def api_status(record: ApiRecord, replicas: list[Replica]) -> dict[str, Any]:
         "crash": record.crash.as_dict() if record.crash else None,
         "crashes": len(record.crashes),
         "contained": record.contained,
+        "check": record.check,
         "isolation": record.settings.serving.isolation if record.settings else None,
         "note": record.note,
         "rebalance": {"replicas": record.scale, "footprint": record.footprint, "note": record.rebalance_note},

@@ -1,14 +1,16 @@
 """File events in the predictors directory, turned into "API NAME changed" once its files have settled.
 
-watchdog's thread only records which API an event touched and wakes the master; the master calls ``step()`` from
-its loop. An API is handed back when it has had no event for ``debounce`` seconds *and* two looks at its files'
-sizes and mtimes (after half the quiet period, and at its end) agree. So an editor's atomic save (a move onto the
-file), vim's delete-then-write, or a ``cp -r`` of large weights still being written never load a half-written API,
-and a delete takes effect only after the quiet period (vim deletes briefly).
+watchdog's thread only records which API an event touched and wakes the reader; the reader's thread (reader.py)
+calls ``step()``, so the looks at the files never run in the master's loop. An API is handed back when it has had
+no event for ``debounce`` seconds *and* two looks at its files' sizes and mtimes (after half the quiet period, and
+at its end) agree. So an editor's atomic save (a move onto the file), vim's delete-then-write, or a ``cp -r`` of
+large weights still being written never load a half-written API, and a delete takes effect only after the quiet
+period (vim deletes briefly). The targets of linked predictors are watched too.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -18,7 +20,9 @@ from pathlib import Path
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from ..sources import is_ignored
+from ..sources import FOLDER_ENTRY, MAX_ENTRIES, is_ignored
+
+log = logging.getLogger("predictord.master")
 
 IGNORED_EVENTS = ("opened", "closed_no_write")  # reads (ours included) change nothing
 Fingerprint = tuple[tuple[str, int, int], ...]
@@ -51,9 +55,11 @@ def fingerprint(directory: Path, name: str) -> Fingerprint:
         except OSError:
             pass
     folder = directory / name
-    if folder.is_dir():
-        for root, dirs, files in os.walk(folder):
+    if folder.is_dir() and os.path.lexists(folder / FOLDER_ENTRY):  # a predictor: never a folder that is none
+        for root, dirs, files in os.walk(folder):  # never into linked folders; at most MAX_ENTRIES
             dirs[:] = [d for d in dirs if not is_ignored(d)]
+            if len(seen) > MAX_ENTRIES:
+                break
             for f in files:
                 if is_ignored(f):
                     continue
@@ -77,6 +83,8 @@ class PredictorWatcher(FileSystemEventHandler):
         self._pending: dict[str, float] = {}  # API -> time of its last event or look
         self._looks: dict[str, tuple[Fingerprint, float]] = {}  # API -> (what a look saw, when)
         self._observer: Observer | None = None  # type: ignore[valid-type]
+        self._links: dict[Path, str] = {}  # a linked predictor's target -> its API
+        self._watches: dict[Path, object] = {}  # a target -> its watchdog watch
 
     # -- watchdog's thread ----------------------------------------------------------------------------------------
     def on_any_event(self, event: FileSystemEvent) -> None:
@@ -87,7 +95,7 @@ class PredictorWatcher(FileSystemEventHandler):
                 self.touch(os.fsdecode(path))
 
     def touch(self, path: str) -> None:
-        name = api_of(self.directory, path)
+        name = api_of(self.directory, path) or self._linked(path)
         if name is None:
             return
         with self._lock:
@@ -97,7 +105,36 @@ class PredictorWatcher(FileSystemEventHandler):
         if first:
             self.wake()
 
-    # -- the master's loop ----------------------------------------------------------------------------------------
+    def _linked(self, path: str) -> str | None:
+        """The API whose link target holds ``path`` (the target folder, or the target file itself)."""
+        p = Path(path)
+        for target, name in list(self._links.items()):
+            if p == target or (target in p.parents and not any(is_ignored(x) for x in p.relative_to(target).parts)):
+                return name
+        return None
+
+    def watch_links(self, links: dict[Path, str]) -> None:
+        """Watch the targets of linked predictors too (inotify sees a link, not what it points to), so that a
+        linked predictor reloads when its target changes; stop watching targets no longer linked."""
+        if links == self._links:
+            return
+        self._links = dict(links)
+        observer = self._observer
+        if observer is None:
+            return
+        for target in set(self._watches) - set(links):
+            observer.unschedule(self._watches.pop(target))
+        for target in set(links) - set(self._watches):
+            if not (target.is_dir() or target.is_file()):
+                continue  # a link to a device, a FIFO...: refused, and nothing to watch
+            try:
+                where = target if target.is_dir() else target.parent
+                self._watches[target] = observer.schedule(self, str(where), recursive=target.is_dir())
+            except OSError as e:
+                log.warning("cannot watch %s, the target of a linked predictor (%s); it reloads on SIGHUP only",
+                            target, e)
+
+    # -- the reader's thread --------------------------------------------------------------------------------------
     def _due(self, name: str) -> float:
         """When this API's next look is due (monotonic time)."""
         last = self._pending[name]

@@ -30,6 +30,16 @@ INLINE_BELOW = 0.0005  # seconds: a sync predict this short runs on the loop (a 
 MAX_MESSAGE = 500  # characters of an exception's text kept in a request error
 # The API whose code this task or thread runs now: the worker's os._exit hook reads it to say who ended the process.
 CURRENT: contextvars.ContextVar[LoadedApi | None] = contextvars.ContextVar("predictord_api", default=None)
+# The version (NAME@VERSION) being imported and constructed in the loader's thread.
+LOADING: contextvars.ContextVar[str | None] = contextvars.ContextVar("predictord_loading", default=None)
+
+
+def owner() -> str | None:
+    """The version whose code runs in this task or thread (what it prints, the processes it starts are its)."""
+    api = CURRENT.get()
+    if api is not None and api.namespace is not None:
+        return api.namespace.name
+    return LOADING.get()
 
 
 @dataclass
@@ -75,12 +85,15 @@ class LoadedApi:
 
     seconds: float = 0.01  # moving average of a sync predict (serializing the result included)
     inline: bool = False  # run on the loop: the thread hop costs more than predict itself
+    alone: bool = True  # the only API of its worker (only then may it run on the loop: it can stall nobody)
+    rss: int = 0  # resident bytes its load added to the worker
 
     def observe(self, seconds: float) -> None:
-        """Predicts far shorter than a thread hand-off run on the loop (only with threads = 1, where nothing
-        would run beside them anyway); a slow one sends them back to the thread."""
+        """Predicts far shorter than a thread hand-off run on the loop, only when it is its worker's one API and
+        has threads = 1 (then nothing would run beside them anyway, and a slow one stalls nobody else); a slow one
+        sends them back to the thread."""
         self.seconds += (seconds - self.seconds) * 0.1
-        self.inline = self.threads == 1 and self.seconds < INLINE_BELOW
+        self.inline = self.alone and self.threads == 1 and self.seconds < INLINE_BELOW
 
     _observers: tuple[Any, Any, Any] | None = None
 

@@ -8,9 +8,8 @@ thread; async predict on the loop), so the loop keeps reading jobs, answering th
 from __future__ import annotations
 
 import asyncio
-import faulthandler
+import concurrent.futures
 import gc
-import json
 import logging
 import os
 import pickle
@@ -20,11 +19,11 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import psutil
 
-from .. import logs, metrics
+from .. import metrics
 from ..devices import Device
 from ..loader import LoadError, instantiate, load_class
 from ..protocol import (
@@ -42,19 +41,17 @@ from ..protocol import (
     control,
 )
 from ..scoreboard import RunMarks, Scoreboard
+from .children import Children
 from .jobs import JobRunner
-from .loaded import CURRENT, LoadedApi
+from .loaded import LOADING, LoadedApi, in_api
+from .process import prepare_process
 
 log = logging.getLogger("predictord.model")
 HUNG_GRACE = 5.0  # seconds past its request timeout before a running predict counts as hung
 DRAIN_QUIET = 0.5
 REPORT_EVERY = 1.0  # seconds: at most one request-error report per API to the master
-
-
-def crash_files(runtime: Path, row: int) -> tuple[Path, Path]:
-    """Where a model worker process leaves word of how it ended: the fatal signal's traceback (faulthandler), and
-    which API's code called os._exit, from which file and line."""
-    return runtime / f"fault-{row}.log", runtime / f"exit-{row}.json"
+CLOSE_TIMEOUT = 10.0  # seconds a predictor's close() may take at its unload
+COLLECT_AFTER = 1.0  # seconds after the last unload before one garbage collection (never one per unload)
 
 
 def _loop_factory() -> Any:
@@ -84,7 +81,10 @@ class ModelWorker:
         self.stopping = False
         self.loop: asyncio.AbstractEventLoop
         self.reported: dict[str, tuple[float, int, Problem | None]] = {}  # API -> (last report, errors since, newest)
-        self.fault_file: Any = None
+        self.children: Children
+        self.tidy = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tidy")  # children's looks and ends
+        self.looking: concurrent.futures.Future[None] | None = None
+        self.collect_at: float | None = None
 
     # -- process set-up -------------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -102,47 +102,8 @@ class ModelWorker:
             os._exit(code)
 
     def _init_process(self) -> None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = "" if self.device.kind == "cpu" else str(self.device.index)
-        os.environ["OMP_NUM_THREADS"] = str(self.torch_threads)
-        os.environ["PREDICTORD_WORKER"] = f"{self.slot}:{self.device.label}"
-        logs.set_role(f"model{self.slot}:{self.device.label}")
-        torch = sys.modules.get("torch")
-        if torch is not None:
-            torch.set_num_threads(self.torch_threads)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the master orchestrates shutdown
-        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        self._watch_for_crashes()
-
-    def _watch_for_crashes(self) -> None:
-        """Leave word of how this process ends, for the master to name the API: a fatal signal (segfault, abort)
-        writes every thread's traceback (the crashing one first) to a file; os._exit called by a predictor notes
-        its API in the scoreboard and its file and line in another file."""
-        fault, exit_file = crash_files(Path(self.socket_path).parent, self.row)
-        self.fault_file = fault.open("w")
-        faulthandler.enable(self.fault_file, all_threads=True)
-        real_exit = os._exit
-        board, row = self.scoreboard, self.row
-
-        def _exit(code: int) -> NoReturn:
-            api = CURRENT.get()
-            if api is not None:
-                board.set_exit(row, api.slot, code)
-                file, line = None, None
-                frame = sys._getframe(1)
-                mine = api.namespace.source.own_files() if api.namespace is not None else None
-                while frame is not None and mine is not None:
-                    if mine(frame.f_code.co_filename):
-                        file, line = frame.f_code.co_filename, frame.f_lineno
-                        break
-                    frame = frame.f_back  # type: ignore[assignment]
-                try:
-                    exit_file.write_text(json.dumps({"api": api.name, "code": code, "file": file, "line": line}))
-                except OSError:
-                    pass
-            real_exit(code)
-
-        os._exit = _exit  # type: ignore[assignment]  # the hook keeps os._exit's signature
+        self.children = prepare_process(self.slot, self.device, self.torch_threads, self.scoreboard, self.row,
+                                        Path(self.socket_path).parent)
 
     async def _serve(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -153,20 +114,33 @@ class ModelWorker:
         reader = FrameReader(self._control_frame)
         self.loop.add_reader(self.ctl.fileno(), self._read_control, reader)
         self.scoreboard.beat(self.slot)
-        self._tell_master(Started(os.getpid()))
+        self._tell_master(Started(os.getpid(), psutil.Process().memory_info().rss))
         while not self.stopping:
             self._beat()
             runner.flush_marks()
             self._send_reports()
+            self._tend()
             metrics.tally.flush()
             await asyncio.sleep(0.5)
         server.close()
         await self._drain()
         for api in list(self.apis.values()):
-            if api.namespace is not None:
-                api.namespace.unload()  # runs the atexit hooks its code registered
+            await self._teardown(api)  # close(), atexit hooks, the processes it started
+        await self.loop.run_in_executor(self.tidy, self.children.end_all)
         self._send_reports(force=True)
         metrics.tally.flush()
+
+    def _tend(self) -> None:
+        """With each heartbeat: look at the processes predictors started (off the loop), and the one garbage
+        collection that unloads asked for."""
+        if self.looking is None or self.looking.done():
+            self.looking = self.tidy.submit(self.children.look)
+        if self.collect_at is not None and time.monotonic() >= self.collect_at:
+            self.collect_at = None
+            gc.collect()
+            torch = sys.modules.get("torch")
+            if torch is not None and self.device.kind == "gpu" and torch.cuda.is_initialized():
+                torch.cuda.empty_cache()
 
     def _report(self, api: LoadedApi, problem: Problem) -> None:
         """A request-time error, for the master (GET /NAME, status): sent at once, or with the next heartbeat when
@@ -204,16 +178,20 @@ class ModelWorker:
             await asyncio.sleep(0.05)
 
     def _beat(self) -> None:
-        """Stamp the heartbeat unless a predict has hung past its deadline (then the master replaces us)."""
+        """Stamp the heartbeat, and tell the master of a predict hung past its deadline: a CPU worker goes on
+        beating (the master moves its APIs to a new worker, make before break, so the hang costs only its own API);
+        a GPU worker stops beating, to be replaced (there may be no room on its GPU for a second worker)."""
         now = time.monotonic()
+        hung = False
         for api in self.apis.values():
             for job in api.running.values():
                 if now - job.started > api.timeout + HUNG_GRACE:
+                    hung = True
                     if not job.reported:
                         job.reported = True
                         self._tell_master(Hung(api.name, round(now - job.started, 1), job.request_id))
-                    return
-        self.scoreboard.beat(self.slot)
+        if not hung or self.device.kind == "cpu":
+            self.scoreboard.beat(self.slot)
 
     # -- control channel with the master --------------------------------------------------------------------------
     def _read_control(self, reader: FrameReader) -> None:
@@ -249,7 +227,7 @@ class ModelWorker:
     async def _load(self, m: Load) -> None:
         source = m.source
         started = time.monotonic()
-        before = self._memory()
+        before, rss_before = self._memory(), psutil.Process().memory_info().rss
         try:
             api = await self.loop.run_in_executor(self.loader, self._load_blocking, m)
         except LoadError as e:
@@ -261,13 +239,23 @@ class ModelWorker:
         if old is None:
             self.scoreboard.set_service(self.slot, api.slot, 0.0)  # the slot may have served another API before
         self.apis[api.name] = api
+        self._regroup()
         if old is not None:
             self.loop.create_task(self._retire(old))
         seconds = time.monotonic() - started
         footprint = max(0, self._memory() - before)
+        api.rss = max(0, psutil.Process().memory_info().rss - rss_before)
         log.info("model worker %s (pid %d): API %s version %s loaded in %.2fs", self.device.label, os.getpid(),
                  api.name, api.version, seconds)
-        self._tell_master(Loaded(api.name, api.version, None, seconds, footprint, api.signature.as_dict()))
+        self._tell_master(Loaded(api.name, api.version, None, seconds, footprint, api.signature.as_dict(), api.rss))
+
+    def _regroup(self) -> None:
+        """Only a worker's one API may run its predicts on the event loop (see LoadedApi.observe)."""
+        alone = len(self.apis) == 1
+        for api in self.apis.values():
+            api.alone = alone
+            if not alone:
+                api.inline = False
 
     def _memory(self) -> int:
         """What a load costs where it matters: torch's reserved GPU memory on a GPU, else resident host memory."""
@@ -278,6 +266,7 @@ class ModelWorker:
 
     def _load_blocking(self, m: Load) -> LoadedApi:
         source = m.source
+        LOADING.set(f"{source.name}@{m.version}")  # what its import and __init__ print or start is its
         imported = load_class(source, m.version)
         instance = instantiate(imported, m.config, self.device.torch_device)
         serving = m.serving
@@ -297,19 +286,33 @@ class ModelWorker:
                 await asyncio.sleep(0.05)
             if self.apis.get(name) is api:
                 del self.apis[name]
+                self._regroup()
             await self._retire(api)
-        self._tell_master(Unloaded(name))
+        self._tell_master(Unloaded(name, psutil.Process().memory_info().rss))
 
     async def _retire(self, api: LoadedApi) -> None:
         """Let an API's accepted jobs finish, then drop its instance and give its memory back."""
         while api.busy:
             await asyncio.sleep(0.05)
+        await self._teardown(api)
+        self.collect_at = time.monotonic() + COLLECT_AFTER  # one collection for a burst of unloads, not one each
+
+    async def _teardown(self, api: LoadedApi) -> None:
+        """The end of a version here: its close() (bounded by CLOSE_TIMEOUT), its modules and atexit hooks, the
+        processes it started."""
+        close = getattr(api.instance, "close", None) if api.signature.has_close else None
+        if close is not None:
+            try:
+                await asyncio.wait_for(self.loop.run_in_executor(None, in_api, api, close), CLOSE_TIMEOUT)
+            except TimeoutError:
+                log.error("API %s version %s: close() took longer than %gs; going on without it", api.name,
+                          api.version, CLOSE_TIMEOUT)
+            except Exception:  # noqa: BLE001 - user code at unload: say so and go on
+                log.exception("API %s version %s: close() raised", api.name, api.version)
         api.executor.shutdown(wait=False)
         api.instance = None
         if api.namespace is not None:
-            api.namespace.unload()  # its modules, its sys.path entries, its environment changes
+            owner = api.namespace.name
+            api.namespace.unload()  # its modules, its sys.path entries, its environment changes, its atexit hooks
             api.namespace = None
-        gc.collect()
-        torch = sys.modules.get("torch")
-        if torch is not None and self.device.kind == "gpu" and torch.cuda.is_initialized():
-            torch.cuda.empty_cache()
+            await self.loop.run_in_executor(self.tidy, self.children.end, owner)

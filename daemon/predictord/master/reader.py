@@ -1,0 +1,172 @@
+"""The predictors directory, read off the master's loop.
+
+Everything the daemon does to the predictors directory (listing it, following links, the permission guard, hashing
+versions, copying snapshots, and the watcher's looks at files settling) happens in this reader's thread, never in
+the master's loop. A FIFO, a huge file, a tree behind a link or a hung network mount can slow the reader; the
+master goes on replacing workers, answering signals and serving what it has. The master asks for a reading
+(``request``) and takes the readings that are done (``take``); ``busy_for`` says how long the current one has run.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..protocol import Problem
+from ..sources import ApiSource, Unreadable, name_problem, scan, snapshot
+from . import permissions
+from .watcher import PredictorWatcher
+
+log = logging.getLogger("predictord.master")
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One API as the reader found it: its version and the copy to check and load, or why it was refused."""
+
+    name: str
+    origin: ApiSource  # the user's files
+    version: str = ""
+    snapshot: ApiSource | None = None
+    problem: Problem | None = None  # kind: name, permissions, unreadable
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What one look at the directory found (``only``: the APIs it covers; None: all of them)."""
+
+    only: frozenset[str] | None
+    apis: dict[str, Seen] = field(default_factory=dict)
+    clashes: dict[str, tuple[Path, Path]] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)  # entries that are no API, and why
+
+
+class DirectoryReader:
+    """The thread that reads the predictors directory for the master, and runs the watcher's debounce."""
+
+    def __init__(self, directory: Path, runtime: Path, check_permissions: bool, wake: Callable[[], None]) -> None:
+        self.directory = directory
+        self.snapshots = runtime / "snapshots"
+        self.check_permissions = check_permissions
+        self.wake = wake  # the master's: a reading is done
+        self.watcher: PredictorWatcher | None = None
+        self._cond = threading.Condition()
+        self._full = False
+        self._names: set[str] = set()
+        self._done: list[Reading] = []
+        self._busy_since: float | None = None
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+
+    # -- the master's side ----------------------------------------------------------------------------------------
+    def request(self, only: set[str] | None = None) -> None:
+        """Read these APIs again (None: the whole directory)."""
+        with self._cond:
+            if only is None:
+                self._full = True
+            else:
+                self._names |= only
+            self._cond.notify()
+
+    def take(self) -> list[Reading]:
+        """The readings done since the last take, oldest first."""
+        with self._cond:
+            done, self._done = self._done, []
+        return done
+
+    def busy_for(self, now: float) -> float:
+        """Seconds the reading in progress has taken (0 when none is)."""
+        since = self._busy_since
+        return now - since if since is not None else 0.0
+
+    def wait_first(self, timeout: float) -> bool:
+        """Wait (at start) until a reading is done, at most ``timeout`` seconds; whether one is."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not self._done and time.monotonic() < deadline:
+                self._cond.wait(max(0.0, deadline - time.monotonic()))
+            return bool(self._done)
+
+    def start(self, watch: bool, debounce: float) -> None:
+        if watch and self.directory.is_dir():
+            self.watcher = PredictorWatcher(self.directory, debounce, self.poke)
+            self.watcher.start()
+            log.info("watching %s for changes (debounce %.2gs)", self.directory, debounce)
+        self._thread = threading.Thread(target=self._run, name="predictors-reader", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        if self.watcher is not None:
+            self.watcher.stop()
+            self.watcher = None
+
+    def poke(self) -> None:
+        """The watcher saw an event: look again when it is due."""
+        with self._cond:
+            self._cond.notify()
+
+    # -- the reader's thread --------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._stopped or self._full or self._names or self._watch_due() == 0.0):
+                    self._cond.wait(self._watch_due())
+                if self._stopped:
+                    return
+                full, names = self._full, self._names
+                self._full, self._names = False, set()
+            try:
+                if self.watcher is not None:
+                    names |= self.watcher.step()
+                if full or names:
+                    self._busy_since = time.monotonic()
+                    reading = self.read(None if full else names)
+                    with self._cond:
+                        self._done.append(reading)
+                        self._cond.notify_all()
+                    self.wake()
+            except Exception:  # noqa: BLE001 - the reader must outlive anything the filesystem does
+                log.exception("reading the predictors directory %s failed; trying again on the next change",
+                              self.directory)
+            finally:
+                self._busy_since = None
+
+    def _watch_due(self) -> float | None:
+        due = self.watcher.next_due() if self.watcher is not None else None
+        return None if due is None else max(0.0, due)
+
+    def read(self, only: set[str] | None) -> Reading:
+        """One look at the directory (or at the APIs in ``only``): every API's version and copy, or its refusal."""
+        found = scan(self.directory)
+        apis = {n: s for n, s in found.apis.items() if only is None or n in only}
+        clashes = {n: c for n, c in found.clashes.items() if only is None or n in only}
+        if self.watcher is not None:
+            self.watcher.watch_links(found.links)
+        reading = Reading(frozenset(only) if only is not None else None, clashes=clashes, notes=found.notes)
+        for name, source in apis.items():
+            reading.apis[name] = self.see(name, source)
+        return reading
+
+    def see(self, name: str, source: ApiSource) -> Seen:
+        problem = name_problem(name)
+        if problem:
+            return Seen(name, source, problem=Problem(problem, str(source.code), kind="name"))
+        try:
+            version = source.version()  # first: a FIFO or a device is refused as what it is
+            if self.check_permissions:
+                problem = permissions.check_source(source, self.directory)
+                if problem:
+                    return Seen(name, source, problem=Problem(problem, kind="permissions"))
+            copy = snapshot(source, self.snapshots / f"{name}-{version}")
+        except Unreadable as e:
+            return Seen(name, source, problem=Problem(str(e), kind="unreadable"))
+        except OSError as e:
+            return Seen(name, source, problem=Problem(f"cannot copy its code to check it: {e}", str(source.code)))
+        return Seen(name, source, version, copy)
