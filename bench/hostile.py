@@ -138,8 +138,7 @@ def torch_probes(make: Daemons, args: argparse.Namespace) -> tuple[str, str]:
         d.write(rel, text)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        probes = [c for c in master.children() if "predictord.probe" in " ".join(c.cmdline())]
-        peak_probes = max(peak_probes, len(probes))
+        peak_probes = max(peak_probes, sum("predictord.probe" in cmdline(c) for c in master.children()))
         peak_rss = max(peak_rss, tree_rss(master))
         apis = d.status()["apis"]
         if len(apis) == args.torch + 1 and all(a["state"] == "ready" for a in apis.values()):
@@ -149,6 +148,13 @@ def torch_probes(make: Daemons, args: argparse.Namespace) -> tuple[str, str]:
     return (f"{args.torch} predictors importing torch added at once: at most {peak_probes} probes seen at once "
             f"(limit {limit['limit']}, the master's count {limit['peak']}); the daemon's memory (RSS, all "
             f"processes) peaked {(peak_rss - base) >> 20} MiB above its level", "-")
+
+
+def cmdline(p: psutil.Process) -> str:
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:
+        return ""
 
 
 def tree_rss(p: psutil.Process) -> int:

@@ -284,7 +284,7 @@ def test_processes_a_predictor_starts_end_with_its_version(make_daemon: Any) -> 
                        "child back")
     everything = children_of(d.proc.pid)
     assert d.stop() == 0
-    left = [(pid, psutil.Process(pid).cmdline()) for pid in {*third, *everything} if alive(pid)]
+    left = [(pid, cmdline(psutil.Process(pid))) for pid in {*third, *everything} if alive(pid)]
     assert not left, f"nothing left after the daemon stops: {left}"
 
 
@@ -292,8 +292,15 @@ def strays(d: Daemon) -> set[int]:
     """The master's children that are neither its HTTP workers nor its model workers."""
     assert d.proc is not None
     master = psutil.Process(d.proc.pid)
-    own = set(d.worker_pids().values()) | {c.pid for c in master.children() if c.cmdline() == master.cmdline()}
-    return {c.pid for c in master.children() if c.pid not in own and c.status() != psutil.STATUS_ZOMBIE}
+    own = set(d.worker_pids().values()) | {c.pid for c in master.children() if cmdline(c) == master.cmdline()}
+    return {c.pid for c in master.children() if c.pid not in own and alive(c.pid)}
+
+
+def cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return list(p.cmdline())
+    except psutil.Error:  # gone, or a zombie not yet reaped
+        return []
 
 
 @pytest.mark.parametrize("how", ["close", "recycle"])

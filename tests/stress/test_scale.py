@@ -34,9 +34,18 @@ def test_16_predictors_importing_torch_at_once_run_at_most_max_probes_probes(mak
         d.write(f"t{i:02d}.py", "import torch\n" + OK)
     seen = 0
 
+    def probes() -> int:
+        count = 0
+        for child in master.children():
+            try:
+                count += "predictord.probe" in " ".join(child.cmdline())
+            except psutil.Error:  # gone, or a zombie not yet reaped
+                continue
+        return count
+
     def settled() -> bool:
         nonlocal seen
-        seen = max(seen, sum("predictord.probe" in " ".join(c.cmdline()) for c in master.children()))
+        seen = max(seen, probes())
         apis = d.status()["apis"]
         return len(apis) == 17 and all(a["state"] == "ready" for a in apis.values())
 
