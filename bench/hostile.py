@@ -71,7 +71,8 @@ def hostile_files(make: Daemons, _: argparse.Namespace) -> tuple[str, str]:
         start = time.monotonic()
         plant_hostile(d, OK)
         for name in HOSTILE_REASONS:
-            wait_until(lambda n=name: d.get(f"/{n}").json().get("error"), 60, f"{name} refused")
+            wait_until(lambda n=name: (r := d.get(f"/{n}")).status_code == 200 and r.json()["error"], 60,
+                       f"{name} refused")
         refused = time.monotonic() - start
         edit = time.monotonic()
         d.write("other.toml", "[config]\ng = 2\n")
