@@ -33,13 +33,14 @@ CASES = {  # name: (body, connections)
 
 
 def warm(url: str, script: Path, connections: int) -> None:
-    subprocess.run(["wrk", "-t2", f"-c{connections}", "-d2s", "-s", str(script), url], capture_output=True, check=True)
+    subprocess.run(["wrk", f"-t{min(2, connections)}", f"-c{connections}", "-d2s", "-s", str(script), url],
+                   capture_output=True, check=True)
 
 
 def wrk(url: str, script: Path, connections: int, seconds: int) -> tuple[float, str, str, int]:
     """Requests/s, p50, non-2xx answers and requests of one wrk run."""
-    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(["wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{seconds}s", "--latency", "-s",
+                          str(script), url], capture_output=True, text=True, check=True).stdout
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     p50 = re.search(r"50%\s+([\d.]+\w+)", out)
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -54,12 +55,15 @@ def main() -> None:
     ap.add_argument("--case", choices=sorted(CASES), default="echo")
     ap.add_argument("--seconds", type=int, default=6)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--connections", help="comma-separated loads to run instead of the case's (e.g. 1,8,64)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="predictord-ab-"))
     archive = subprocess.run(["git", "-C", str(REPO), "archive", args.base, "daemon"], capture_output=True, check=True)
     subprocess.run(["tar", "-x", "-C", str(work)], input=archive.stdout, check=True)
     script = work / "post.lua"
     body, loads = CASES[args.case]
+    if args.connections:
+        loads = tuple(int(c) for c in args.connections.split(","))
     script.write_text(f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\n'
                       'wrk.headers["Content-Type"] = "application/json"\n')
     trees = {args.base: {"PYTHONPATH": str(work / "daemon")}, "this tree": {}}

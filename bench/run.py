@@ -187,9 +187,9 @@ def litserve(api: str, batch: int = 1) -> Server:
 def wrk(url: str, body: str, connections: int, seconds: int) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         f.write(body)
-    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "-s", str(BENCH / "post.lua"),
-                          "--latency", url], capture_output=True, text=True, env=dict(os.environ, WRK_BODY=f.name),
-                         timeout=seconds + 60).stdout
+    out = subprocess.run(["wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{seconds}s", "-s",
+                          str(BENCH / "post.lua"), "--latency", url], capture_output=True, text=True,
+                         env=dict(os.environ, WRK_BODY=f.name), timeout=seconds + 60).stdout
     os.unlink(f.name)
 
     def ms(label: str) -> float:

@@ -181,9 +181,10 @@ class ReplicaRow(NamedTuple):
 
     worker: int  # its slot
     socket: str
-    threads: int  # jobs it runs at once for this API
+    threads: int  # jobs it runs at once for this API (its threads times its batch size)
     version: str
     row: int = 0  # its process's row of job marks in the scoreboard (see scoreboard.py)
+    lanes: int = 1  # predict() calls it runs at once for this API (its threads)
 
 
 @dataclass(frozen=True)

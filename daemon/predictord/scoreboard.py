@@ -33,7 +33,9 @@ _STATUS = 1
 _MASTER = 2  # the master's loop stamps it every tick (milliseconds): /healthz reads it
 _BEAT = 3
 _SENT = _BEAT + MAX_MODEL
-_API = _SENT + MAX_HTTP * MAX_MODEL  # the API-sized regions follow, at offsets each Scoreboard computes
+_TOWARD = _SENT + MAX_HTTP * MAX_MODEL  # [http][process row]: jobs sent to that process, ever (monotonic)
+_TAKEN = _TOWARD + MAX_HTTP * 2 * MAX_MODEL  # [process row]: jobs that process has taken off its sockets, ever
+_API = _TAKEN + 2 * MAX_MODEL  # the API-sized regions follow, at offsets each Scoreboard computes
 RUN_ROWS = 2 * MAX_MODEL
 RUN_CELLS = 256  # per row: 3 cells of facts about the process, then one per job it runs at once
 _R_EXIT, _R_KILLED, _R_OVERFLOW, _R_JOBS = 0, 1, 2, 3
@@ -122,11 +124,28 @@ class Scoreboard:
         for api_slot, n in api_counts.items():
             c[_API + http_slot * self.apis + api_slot] -= n
 
+    # -- jobs on their way to a model worker process (batching: is waiting for more any use?) -----------------------
+    def toward(self, http_slot: int, row: int) -> None:
+        """HTTP worker ``http_slot`` sends a job to the process of ``row`` (counted before the send)."""
+        self.cells[_TOWARD + http_slot * RUN_ROWS + row] += 1
+
+    def taken(self, row: int, n: int = 1) -> None:
+        """The process of ``row`` took ``n`` jobs off its sockets."""
+        self.cells[_TAKEN + row] += n
+
+    def in_transit(self, row: int) -> int:
+        """Jobs sent to the process of ``row`` that it has not taken yet, over all HTTP workers."""
+        sent = sum(self.cells[_TOWARD + row : _TOWARD + self.http_slots * RUN_ROWS : RUN_ROWS])
+        return int(sent - self.cells[_TAKEN + row])
+
     # -- what each model worker process runs, for when it dies -----------------------------------------------------
     def clear_run(self, row: int) -> None:
         """A fresh row for a new model worker process (the master, before it forks)."""
         base = self._run + row * RUN_CELLS
         self.cells[base : base + RUN_CELLS] = memoryview(bytes(RUN_CELLS * 8)).cast("q")
+        for h in range(MAX_HTTP):
+            self.cells[_TOWARD + h * RUN_ROWS + row] = 0
+        self.cells[_TAKEN + row] = 0
 
     def mark(self, row: int, index: int, api_slot: int, job_id: int) -> None:
         self.cells[self._run + row * RUN_CELLS + _R_JOBS + index] = ((api_slot + 1) << API_SHIFT) | job_id

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 import os
@@ -36,6 +37,11 @@ def preload(modules: tuple[str, ...]) -> None:
             # A parallel op in the master makes forked children hang on their next one: stay single-threaded.
             module.set_num_threads(1)
         log.info("preloaded %s", name)
+    # CPython's recipe for fork-based servers: move everything imported so far to the permanent generation, so no
+    # child's garbage collector walks it (a full collection took 64-79 ms over torch's ~170,000 objects) or writes
+    # to its pages (which un-shares them: PSS 266 -> 350 MB per worker after load).
+    gc.collect()
+    gc.freeze()
 
 
 class PredictordApp(BaseApplication):  # type: ignore[misc]

@@ -97,6 +97,7 @@ class ModelWorkerHandle:
     loading: dict[str, tuple[str, float]] = field(default_factory=dict)  # API -> (version, deadline)
     unloading: set[str] = field(default_factory=set)
     threads: dict[str, int] = field(default_factory=dict)  # API -> jobs it runs at once
+    lanes: dict[str, int] = field(default_factory=dict)  # API -> predict() calls it runs at once
     inbox: list[Control] = field(default_factory=list)  # control messages read, not yet handled
 
     def __post_init__(self) -> None:
@@ -366,13 +367,15 @@ class Fleet:
             if handle.send(Load(source, version, dict(settings.config), dataclasses.asdict(serving), record.slot)):
                 handle.loading[action.api] = (version, time.monotonic() + load_timeout)
                 handle.threads[action.api] = serving.threads * serving.max_batch_size  # jobs it runs at once
+                handle.lanes[action.api] = serving.threads  # predict() calls at once
                 log.info("loading API %s version %s on model worker %d (%s)%s", action.api, version, handle.slot,
                          handle.device.label, "" if version == record.version else ", the last good version")
 
     # -- what they serve -------------------------------------------------------------------------------------------
     def replicas(self, name: str) -> list[Replica]:
         """The workers that take an API's jobs now."""
-        return [Replica(h.slot, h.pid, h.device.label, h.socket_path, h.loaded[name], h.threads.get(name, 1), h.row)
+        return [Replica(h.slot, h.pid, h.device.label, h.socket_path, h.loaded[name], h.threads.get(name, 1), h.row,
+                        h.lanes.get(name, 1))
                 for h in self.workers.values() if name in h.loaded and name not in h.unloading and not h.stopping]
 
     def in_use(self) -> set[tuple[str, str]]:

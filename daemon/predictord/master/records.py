@@ -105,11 +105,12 @@ class Replica:
     device: str
     socket: str
     version: str
-    threads: int
+    threads: int  # jobs at once (threads x batch size)
     marks: int = 0  # its process's row of job marks in the scoreboard
+    lanes: int = 1  # predict() calls at once (threads)
 
     def row(self) -> ReplicaRow:
-        return ReplicaRow(self.worker, self.socket, self.threads, self.version, self.marks)
+        return ReplicaRow(self.worker, self.socket, self.threads, self.version, self.marks, self.lanes)
 
 
 def api_state(record: ApiRecord, replicas: list[Replica]) -> str:

@@ -51,6 +51,7 @@ class JobConnection(FrameProtocol):
     def frame_received(self, kind: int, job_id: int, payload: memoryview) -> None:
         if kind == JOB:
             header, body = split_header(payload)
+            self.runner.board.taken(self.runner.row)
             self.runner.submit(Job(self, job_id, JobHeader._make(header), body))
         elif kind == CANCEL:
             self.runner.cancel(self, job_id)
@@ -73,6 +74,7 @@ class JobRunner:
         self.loop = loop
         self.publish = publish
         self.marks = marks
+        self.board, self.row = marks.board, marks.row
         self.report = report
         self.unflushed: list[Job] = []  # answered jobs whose reply is still in this process's write buffer
 
@@ -188,13 +190,15 @@ class JobRunner:
                                 "traceback is in the daemon's log", job, api=api.name)
 
     async def _fill(self, api: LoadedApi, batch: list[Job]) -> None:
-        """Take more queued jobs into the batch, waiting at most batch_wait for them to arrive."""
+        """Take more queued jobs into the batch, and wait for more (at most batch_wait) only while some are on their
+        way to this worker: when none is, waiting cannot help, and the batch runs now (so batching never makes a
+        light load wait: batch_wait is a bound, not a delay)."""
         deadline = time.monotonic() + api.batch_wait
         while len(batch) < api.max_batch_size:
             while api.queue and len(batch) < api.max_batch_size:
                 batch.append(api.queue.popleft())
             remaining = deadline - time.monotonic()
-            if len(batch) >= api.max_batch_size or remaining <= 0:
+            if len(batch) >= api.max_batch_size or remaining <= 0 or self.board.in_transit(self.row) <= 0:
                 return
             api.arrived.clear()
             try:
