@@ -45,12 +45,14 @@ def test_the_replica_that_finishes_first_is_chosen() -> None:
     assert dispatcher.choose((slow, fast), 5) is slow
 
 
-def test_threads_divide_the_jobs_ahead() -> None:
+def test_lanes_divide_the_jobs_ahead_and_a_batch_is_one_lane() -> None:
     board = Scoreboard()
-    one, four = ReplicaRow(0, "/a", 1, "v1"), ReplicaRow(1, "/b", 4, "v1")
+    one, four = ReplicaRow(0, "/a", 1, "v1"), ReplicaRow(1, "/b", 4, "v1", lanes=4)
     board.add(0, 0, 0, +2)
-    board.add(0, 1, 0, +4)  # 2 ahead on one thread, 1 per thread on four: the same service time
+    board.add(0, 1, 0, +4)  # 2 ahead on one lane, 1 per lane on four: the same service time
     assert Dispatcher(board, 0).choose((one, four), 0) is four
+    batching = ReplicaRow(1, "/b", 8, "v1", lanes=1)  # batches of 8 on one lane: 4 ahead is 4 jobs' time
+    assert Dispatcher(board, 0).choose((one, batching), 0) is one
 
 
 def test_queued_is_outstanding_beyond_capacity() -> None:
