@@ -57,7 +57,7 @@ clean:
 bench: $(STAMP)
 	@command -v wrk >/dev/null || { echo "bench needs wrk: sudo apt-get install wrk"; exit 1; }
 	$(BIN)/pip install -q psutil httpx
-	$(BIN)/python bench/run.py --seconds 8 --reps 2
+	$(BIN)/python bench/run.py --seconds 5 --reps 1
 	$(BIN)/python bench/reload.py --reloads 20
 
 # The 10-minute soak (mixed load, a reload every 30 s; `make test` runs it for 60 s) and the fault figures, both

@@ -184,12 +184,13 @@ def litserve(api: str, batch: int = 1) -> Server:
                           "--port", "{port}", "--batch", str(batch)], "/health")
 
 
-def wrk(url: str, body: str, connections: int, seconds: int) -> dict[str, Any]:
+def wrk(url: str, body: str, connections: int, seconds: int, kind: str = "json") -> dict[str, Any]:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         f.write(body)
+    media = "application/json" if kind == "json" else "application/octet-stream"
     out = subprocess.run(["wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{seconds}s", "-s",
                           str(BENCH / "post.lua"), "--latency", url], capture_output=True, text=True,
-                         env=dict(os.environ, WRK_BODY=f.name), timeout=seconds + 60).stdout
+                         env=dict(os.environ, WRK_BODY=f.name, WRK_TYPE=media), timeout=seconds + 60).stdout
     os.unlink(f.name)
 
     def ms(label: str) -> float:
@@ -206,22 +207,49 @@ def wrk(url: str, body: str, connections: int, seconds: int) -> dict[str, Any]:
             "p50": ms("50%"), "p99": ms("99%"), "errors": errors, "requests": requests}
 
 
-def measure(server: Server, path: str, body: str, connections: int, seconds: int) -> dict[str, Any]:
-    wrk(server.url + path, body, connections, 2)  # warm-up
+def measure(server: Server, path: str, body: str, connections: int, seconds: int,
+            kind: str = "json") -> dict[str, Any]:
+    wrk(server.url + path, body, connections, 2, kind)  # warm-up
     before = cpu_seconds(server.pid)
-    result = wrk(server.url + path, body, connections, seconds)
+    peak = Peak(server.pid)
+    result = wrk(server.url + path, body, connections, seconds, kind)
     result["cpu_ms"] = (cpu_seconds(server.pid) - before) * 1000 / max(1, result["requests"])
     result["pss"] = pss_mib(server.pid)
+    result["rss_peak"] = peak.stop()
     return result
+
+
+class Peak:
+    """The largest RSS of a server's processes (summed) while a run goes on, sampled every 50 ms."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak, self.done = pid, 0, threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        while not self.done.wait(0.05):
+            total = 0
+            for p in tree(self.pid):
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+
+    def stop(self) -> float:
+        self.done.set()
+        self.thread.join()
+        return self.peak / 2**20
 
 
 def row(system: str, load: str, rep: int, r: dict[str, Any]) -> str:
     return (f"| {system} | {load} | {rep} | {r['rps']:,.0f} | {r['p50']:.2f} ms | {r['p99']:.2f} ms | {r['errors']} | "
-            f"{r['cpu_ms']:.3f} ms | {r['pss']:.0f} MiB |")
+            f"{r['cpu_ms']:.3f} ms | {r['pss']:.0f} MiB | {r['rss_peak']:.0f} MiB |")
 
 
-HEADER = ("| system | load | run | req/s | p50 | p99 | errors | server CPU / request | PSS |\n"
-          "|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| system | load | run | req/s | p50 | p99 | errors | server CPU / request | PSS | peak RSS |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
 
 
 def run_wrk_cases(title: str, cases: list[tuple[Server, str, str, list[int]]], seconds: int, reps: int) -> None:
@@ -333,42 +361,99 @@ def overload(seconds: int, reps: int) -> None:
         server.stop()
 
 
+SIZE = ("import json\n\n\nclass PythonPredictor:\n    def predict(self, payload):\n"
+        "        if isinstance(payload, dict):\n            return {'length': len(payload['text'])}\n"
+        "        return {'length': len(payload)}\n")
+ENCODER_BODY = json.dumps({"tokens": list(range(1, 17))})
+
+
+def body_of(kind: str, size: int) -> str:
+    """A body of about ``size`` bytes: JSON text ({"text": "xx..."}) or raw bytes (sent as a file by wrk)."""
+    return json.dumps({"text": "x" * (size - 12)}) if kind == "json" else "x" * size
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seconds", type=int, default=8)
-    ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--only", default="echo,mlp,balance,overload")
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--only", default="echo,mlp,encoder,bodies,tail,balance,overload")
     args = ap.parse_args()
     only = set(args.only.split(","))
     mlp_dir = REPO / "predictors" / "mlp"
     mlp_code = (mlp_dir / "predictor.py").read_text()
+    two = "[workers]\ncpu = 2\ntorch_threads = 1\n"  # two model workers: both cores, as bare's two workers
     print(f"predictord bench, {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores; "
           f"`{' '.join(sys.argv)}`; {args.seconds} s per point after a 2 s warm-up; wrk -t2 on the same machine")
     if "echo" in only:
         run_wrk_cases("Echo JSON (a trivial predictor)", [
-            (bare(), "/echo", ECHO_BODY, [8, 64]),
-            (Predictord("predictord", {"echo.py": ECHO}), "/echo", ECHO_BODY, [8, 64]),
+            (bare(), "/echo", ECHO_BODY, [1, 8, 64]),
+            (Predictord("predictord", {"echo.py": ECHO}), "/echo", ECHO_BODY, [1, 8, 64]),
             (litserve("echo"), "/predict", ECHO_BODY, [8, 64]),
         ], args.seconds, args.reps)
     if "mlp" in only:
-        one = "[serving]\nmax_batch_size = 1\n"
-        batched = "[serving]\nmax_batch_size = 32\nbatch_wait_ms = 2\n"
+        off = "[serving]\nmax_batch_size = 1\nreplicas = 2\n"
+        on = "[serving]\nmax_batch_size = 32\nbatch_wait_ms = 2\nreplicas = 2\n"
         # The example takes lists (batching); without batching, predict() wraps one payload into a list of one.
         single = mlp_code.replace("    def predict(self, payload):",
-                                       "    def predict(self, payload):\n        return self.predict_many([payload])[0]"
-                                       "\n\n    def predict_many(self, payload):")
+                                  "    def predict(self, payload):\n        return self.predict_many([payload])[0]"
+                                  "\n\n    def predict_many(self, payload):")
         run_wrk_cases("Small torch MLP (256 -> 1024 -> 10)", [
-            (bare(), "/mlp", MLP_BODY, [64]),
-            (Predictord("predictord, no batching", {"mlp.py": single, "mlp.toml": one}), "/mlp", MLP_BODY, [64]),
-            (Predictord("predictord, batching 32 / 2 ms", {"mlp.py": mlp_code, "mlp.toml": batched}), "/mlp",
-             MLP_BODY, [64]),
-            (litserve("mlp"), "/predict", MLP_BODY, [64]),
-            (litserve("mlp", 32), "/predict", MLP_BODY, [64]),
+            (bare(), "/mlp", MLP_BODY, [1, 8, 64]),
+            (Predictord("predictord, no batching", {"mlp.py": single, "mlp.toml": off}, two), "/mlp", MLP_BODY,
+             [1, 8, 64]),
+            (Predictord("predictord, batching 32 / 2 ms", {"mlp.py": mlp_code, "mlp.toml": on}, two), "/mlp",
+             MLP_BODY, [1, 8, 64]),
+            (litserve("mlp", 32), "/predict", MLP_BODY, [8, 64]),
+        ], args.seconds, args.reps)
+    if "encoder" in only:
+        encoder = (BENCH / "apps" / "encoder.py").read_text()
+        off = "[serving]\nreplicas = 2\ntimeout = 120\nqueue_limit = 1024\n"
+        on = off + "max_batch_size = 8\nbatch_wait_ms = 5\n[config]\nbatched = true\n"
+        run_wrk_cases("A transformer encoder (6 layers, width 384, 16 tokens; bench/apps/encoder.py)", [
+            (bare(), "/encoder", ENCODER_BODY, [1, 8, 64]),
+            (Predictord("predictord, no batching", {"encoder/predictor.py": encoder, "encoder/predictor.toml": off},
+                        two), "/encoder", ENCODER_BODY, [1, 8, 64]),
+            (Predictord("predictord, batching 8 / 5 ms", {"encoder/predictor.py": encoder,
+                                                         "encoder/predictor.toml": on}, two), "/encoder",
+             ENCODER_BODY, [1, 8, 64]),
+        ], args.seconds, args.reps)
+    if "bodies" in only:
+        for kind in ("json", "raw"):
+            cases: list[tuple[Server, str, str, list[int]]] = []
+            for server in (bare(), Predictord("predictord", {"size.py": SIZE})):
+                for size in (100_000, 1_000_000, 8_000_000):
+                    cases.append((server, "/size", body_of(kind, size), [8, 64]))
+            run_bodies(f"Large bodies: {'JSON text' if kind == 'json' else 'raw bytes'} of 100 KB, 1 MB, 8 MB", cases,
+                       kind, max(2, args.seconds // 2), args.reps)
+    if "tail" in only:
+        run_wrk_cases("Tail at 256 clients (echo)", [
+            (bare(), "/echo", ECHO_BODY, [256]),
+            (Predictord("predictord", {"echo.py": ECHO}), "/echo", ECHO_BODY, [256]),
         ], args.seconds, args.reps)
     if "balance" in only:
         balance(args.seconds, args.reps)
     if "overload" in only:
         overload(args.seconds, args.reps)
+
+
+def run_bodies(title: str, cases: list[tuple[Server, str, str, list[int]]], kind: str, seconds: int,
+               reps: int) -> None:
+    """Like run_wrk_cases, one server start per system (not per size), and the body's Content-Type by kind."""
+    print(f"\n### {title}\n\n{HEADER.replace('| load |', '| body, load |')}", flush=True)
+    started: set[int] = set()
+    for i, (server, path, body, conns) in enumerate(cases):
+        if id(server) not in started:
+            server.start()
+            started.add(id(server))
+        try:
+            for c in conns:
+                for rep in range(1, reps + 1):
+                    r = measure(server, path, body, c, seconds, kind)
+                    print(row(server.name, f"{len(body) / 1e6:g} MB, c={c}", rep, r), flush=True)
+        finally:
+            last = i + 1 == len(cases) or cases[i + 1][0] is not server
+            if last:
+                server.stop()
 
 
 if __name__ == "__main__":

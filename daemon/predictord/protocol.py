@@ -50,6 +50,7 @@ class JobHeader(NamedTuple):
     headers: Headers | None  # only when the predictor asks for them
     request_id: str
     timeout: float
+    body_at: str = ""  # the body is in this shared file (bodies.py), not in the frame
 
 
 class ReplyHeader(NamedTuple):

@@ -18,8 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .. import metrics
+from .. import bodies, metrics
 from .. import payload as pl
+from ..bodies import SHARED_FROM, SharedBody
 from ..protocol import KILL_CAUSES, JobHeader, ReplyHeader, Route, RoutingTable
 from ..scoreboard import Scoreboard
 from . import routes
@@ -35,7 +36,7 @@ access = logging.getLogger("predictord.access")
 Scope = dict[str, Any]
 Receive = Any  # the ASGI receive callable
 CLIENT_GONE = 499  # the status counted (not sent) for a client that closed its connection first, as nginx logs it
-PARSE_ON_LOOP = 64 * 1024  # bytes: a JSON body up to this is parsed on the loop (~1.5 ms of numbers), larger: a thread
+PARSE_IN_THREAD = 4 * 2**20  # bytes: a JSON body this large is parsed off the loop (a thread hand-off costs more below)
 WAIT_AT_MOST = 30.0  # seconds a request waits for an API to load or for routes without a dead worker
 CLOSE = ((b"connection", b"close"),)
 
@@ -59,11 +60,6 @@ def _closing(send: Send) -> Send:
         await send(message)
 
     return wrapped
-
-
-def _packed(body: bytes) -> bytes:
-    """A JSON body parsed and pickled for the model worker (payload.load); BadPayload if malformed."""
-    return pl.pack(pl.parse_json(body))
 
 
 def lost_message(name: str, lost: WorkerLost, board: Scoreboard, table: RoutingTable) -> str:
@@ -120,6 +116,8 @@ class Front:
         self._counters: dict[tuple[str, int], Any] = {}
         self._latency: dict[str, Any] = {}
         self._flusher: asyncio.TimerHandle | None = None
+        self.share_bodies = bodies.available()  # large bodies through /dev/shm (bodies.py)
+        self._pool: bodies.Pool | None = None  # made in the worker process (after the fork)
 
     @property
     def dispatcher(self) -> Dispatcher:
@@ -184,12 +182,15 @@ class Front:
 
         started = time.perf_counter()
         on_lost: list[Callable[[], None]] | None = scope.get("extensions", {}).get(ON_LOST, {}).get("callbacks")
+        shared: list[SharedBody] = []
+        answered = False
         try:
             if not route.replicas and route.state == "loading":
                 route = await self._wait_loaded(name, route, started)
             self._admit(name, route)
-            header, body = await self._read(scope, receive, name, route, request_id)
+            header, body = await self._read(scope, receive, name, route, request_id, shared)
             job, (reply, out) = await self._dispatch(name, route, header, body, started, on_lost)
+            answered = True  # the model worker has read its body: a shared file may serve the next one
             if reply.status == 504 and not out:  # the worker dropped it from its queue after our deadline
                 raise Refused(504, f"API {name!r} did not answer in time")
             await sending(response_start(reply, out, request_id))
@@ -202,6 +203,12 @@ class Front:
         except ClientGone:  # mid-body, or waiting: its job was dropped from the worker's queue or will be discarded
             sent[0] = CLIENT_GONE
         finally:
+            for body_file in shared:  # answered: reused; given up on (the worker may still read it): removed
+                assert self._pool is not None
+                if answered:
+                    self._pool.give(body_file)
+                else:
+                    body_file.remove()
             self._record(scope, name, sent[0] or 500, time.perf_counter() - started, request_id)
 
     def _admit(self, name: str, route: Route) -> None:
@@ -219,16 +226,23 @@ class Front:
             raise Refused(503, f"API {name!r} has {route.queue_limit} requests queued ([serving] queue_limit); "
                           "retry later", RETRY)
 
-    async def _read(self, scope: Scope, receive: Receive, name: str, route: Route,
-                    request_id: str) -> tuple[JobHeader, bytes]:
-        """The job's header and body: the body read whole (413 past max_body_bytes), a JSON one parsed and packed
-        for the model worker (400 if malformed), any other sent as it came, for the model worker to parse."""
+    async def _read(self, scope: Scope, receive: Receive, name: str, route: Route, request_id: str,
+                    shared: list[SharedBody]) -> tuple[JobHeader, bytes]:
+        """The job's header and body: the body read whole (413 past max_body_bytes); a JSON one parsed here (400 if
+        malformed) and sent pickled, any other as it came. One of bodies.SHARED_FROM bytes or more goes through a
+        shared file (bodies.py): raw bytes written into it as they arrive, a parsed payload pickled into it."""
         content_type = ""
+        length = -1
         for key, value in scope["headers"]:
             if key == b"content-type":
                 content_type = value.decode("latin-1")
-            elif key == b"content-length" and value.isdigit() and int(value) > self.max_body:
-                raise self._too_large()
+            elif key == b"content-length" and value.isdigit():
+                length = int(value)
+                if length > self.max_body:
+                    raise self._too_large()
+        json_body = pl.is_json(content_type)
+        if length >= SHARED_FROM and self.share_bodies and not json_body:
+            shared.append(self._shared_body())
         parts: list[bytes] = []
         size = 0
         while True:
@@ -239,19 +253,45 @@ class Front:
             size += len(chunk)
             if size > self.max_body:
                 raise self._too_large()
-            parts.append(chunk)
+            if shared:
+                shared[0].write(chunk)
+            else:
+                parts.append(chunk)
             if not message.get("more_body"):
                 break
-        body = b"".join(parts)
+        headers = scope["headers"] if route.wants_headers else None
+        query = scope["query_string"]
+        large = size >= SHARED_FROM
         sent_type: str | None = content_type
-        if pl.is_json(content_type):
-            try:  # a large one in a thread, off this worker's loop
-                body = _packed(body) if len(body) <= PARSE_ON_LOOP else await asyncio.to_thread(_packed, body)
+        if json_body:
+            body = b"".join(parts)
+            huge = size >= PARSE_IN_THREAD  # parsed in a thread: this worker's loop keeps its other connections
+            try:
+                payload = pl.parse_json(body) if not huge else await asyncio.to_thread(pl.parse_json, body)
             except pl.BadPayload as e:
                 raise Refused(400, str(e)) from None
-            sent_type = None  # the model worker's sign that the body is the parsed payload (payload.load)
-        headers = scope["headers"] if route.wants_headers else None
-        return JobHeader(name, sent_type, scope["query_string"], headers, request_id, route.timeout), body
+            if large and self.share_bodies:
+                shared.append(self._shared_body())
+                if huge:
+                    await asyncio.to_thread(shared[0].dump, payload)
+                else:
+                    shared[0].dump(payload)
+            else:
+                body = pl.pack(payload)
+            sent_type = None  # the model worker's sign: the body is a parsed payload (pl.load)
+        elif large and self.share_bodies and not shared:  # chunked, no Content-Length: share it now
+            shared.append(self._shared_body())
+            for chunk in parts:
+                shared[0].write(chunk)
+        if shared:
+            return JobHeader(name, sent_type, query, headers, request_id, route.timeout, shared[0].ref), b""
+        return JobHeader(name, sent_type, query, headers, request_id, route.timeout), body if json_body else \
+            b"".join(parts)
+
+    def _shared_body(self) -> SharedBody:
+        if self._pool is None:
+            self._pool = bodies.Pool(os.getppid(), self.dispatcher.http_slot)
+        return self._pool.take()
 
     def _too_large(self) -> Refused:
         # The rest of the body is never read: close the connection rather than drain it.
@@ -360,4 +400,6 @@ class Front:
 
     def _flush(self) -> None:
         metrics.tally.flush()
+        if self._pool is not None:
+            self._pool.trim(time.monotonic())
         self._flusher = asyncio.get_running_loop().call_later(metrics.FLUSH_EVERY, self._flush)

@@ -23,7 +23,7 @@ from typing import Any
 from gunicorn import sock as gunicorn_sock
 from gunicorn.arbiter import Arbiter
 
-from .. import logs, metrics, reaping
+from .. import bodies, logs, metrics, reaping
 from ..config import Config, ConfigError
 from ..protocol import Control, Failed, Hung, Loaded
 from ..scoreboard import MAX_HTTP
@@ -273,6 +273,7 @@ class Master(Arbiter):  # type: ignore[misc]
         for p in self.catalog.probes.values():
             p.process.kill()
         reaping.reap_strays(())  # whatever is left under the master now is a predictor's: it ends with the daemon
+        bodies.remove_left(self.pid)
         shutil.rmtree(self.runtime, ignore_errors=True)
 
     # -- HTTP workers: a stable slot each, for their row in the scoreboard ---------------------------------------
@@ -287,6 +288,7 @@ class Master(Arbiter):  # type: ignore[misc]
 
     def http_worker_exited(self, worker: Any) -> None:
         self.fleet.scoreboard.clear_http(worker.slot)
+        bodies.remove_left(self.pid, worker.slot)  # the shared bodies of the requests it held
         metrics.process_gone(worker.pid)
         if not self.stopping and len(self.WORKERS) < self.num_workers:  # not a planned scale-down
             metrics.get().restarts.labels("http", "exit").inc()

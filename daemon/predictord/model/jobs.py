@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException
 
 from .. import metrics
 from .. import payload as pl
+from ..bodies import read_body, unpickle_body
 from ..protocol import (
     ABORT,
     CANCEL,
@@ -64,6 +65,11 @@ class JobConnection(FrameProtocol):
         if not self.closed:
             self.send(REPLY, job_id, *with_header(ReplyHeader(status, headers, version), body))
 
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class JobRunner:
     """Queues, runners and replies for the APIs loaded in one model worker."""
 
@@ -89,7 +95,9 @@ class JobRunner:
             return
         job.arrived = api.last_job = time.monotonic()
         api.queue.append(job)
-        api.arrived.set()
+        waiter = api.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
         self.start_runners(api)
 
     def cancel(self, conn: JobConnection, job_id: int) -> None:
@@ -101,7 +109,7 @@ class JobRunner:
                     api.queue.remove(job)
                     conn.reply(job_id, 504, [], b"")
                     return
-            for job in api.running.values():
+            for job in api.running:
                 if job.conn is conn and job.job_id == job_id:
                     job.cancelled = True
                     return
@@ -134,7 +142,7 @@ class JobRunner:
                 for job in batch:
                     job.started = now
                     job.mark = self.marks.start(api.slot, job.job_id)  # before predict: a crash finds it marked
-                    api.running[id(job)] = job
+                    api.running.add(job)
                     metrics.tally.observe(queue_wait, now - job.arrived)
                 try:
                     if api.max_batch_size > 1:
@@ -143,7 +151,7 @@ class JobRunner:
                         await self._answer(api, batch[0])
                 finally:
                     for job in batch:
-                        api.running.pop(id(job), None)
+                        api.running.discard(job)
                         self._unmark(job)
                     took = time.monotonic() - now
                     metrics.tally.observe(predict_time, took)
@@ -157,6 +165,20 @@ class JobRunner:
         finally:
             api.runners -= 1
             self.start_runners(api)
+
+    async def _payload(self, job: Job) -> Any:
+        """A job's payload, from its frame or from the shared file its HTTP worker wrote (bodies.py: raw bytes, or a
+        payload it parsed, pickled)."""
+        header = job.header
+        if not header.body_at:
+            return await pl.load(header.content_type, job.body)
+        try:
+            if header.content_type is None:
+                return unpickle_body(header.body_at)
+            body = read_body(header.body_at)
+        except (OSError, ValueError) as e:
+            raise pl.BadPayload(f"the request body is gone ({e}); its client was answered already") from None
+        return await pl.load(header.content_type, body)
 
     def _unmark(self, job: Job) -> None:
         """A job is done once its reply is out of this process (in the socket, a dead worker's reply still arrives);
@@ -200,19 +222,21 @@ class JobRunner:
             remaining = deadline - time.monotonic()
             if len(batch) >= api.max_batch_size or remaining <= 0 or self.board.in_transit(self.row) <= 0:
                 return
-            api.arrived.clear()
+            waiter = api.waiter = self.loop.create_future()  # a future and a timer: cheaper than wait_for's task
+            timer = self.loop.call_later(remaining, _wake, waiter)
             try:
-                await asyncio.wait_for(api.arrived.wait(), remaining)
-            except TimeoutError:
-                return
+                await waiter
+            finally:
+                timer.cancel()
+                api.waiter = None
 
     # -- one request ----------------------------------------------------------------------------------------------
     async def _answer(self, api: LoadedApi, job: Job) -> None:
-        content_type, query, headers = job.header.content_type, job.header.query_string, job.header.headers
+        query, headers = job.header.query_string, job.header.headers
         result: Any = None
         payload: Any = None
         try:
-            payload = await pl.load(content_type, job.body)
+            payload = await self._payload(job)
             if api.signature.is_async:
                 result = await api.instance.predict(**offer(api.signature.predict_args, payload, query, headers))
                 reply = pl.to_reply(result)
@@ -305,7 +329,7 @@ class JobRunner:
         payloads: list[Any] = []
         for job in batch:
             try:
-                payloads.append(await pl.load(job.header.content_type, job.body))
+                payloads.append(await self._payload(job))
                 good.append(job)
             except pl.BadPayload as e:
                 self._send(api, job, error_reply(400, str(e), job))
@@ -315,8 +339,14 @@ class JobRunner:
             if api.signature.is_async:
                 results = await api.instance.predict(**self._batch_args(api, good, payloads))
             else:
-                results = await self.loop.run_in_executor(
-                    api.executor, in_api, api, lambda: api.instance.predict(**self._batch_args(api, good, payloads)))
+                started = time.perf_counter()
+                args = self._batch_args(api, good, payloads)
+                if api.inline:  # short batches, alone on the worker: on the loop (see LoadedApi.observe_batch)
+                    results = api.instance.predict(**args)
+                else:
+                    results = await self.loop.run_in_executor(api.executor, in_api, api,
+                                                              lambda: api.instance.predict(**args))
+                api.observe_batch(time.perf_counter() - started)
             if not isinstance(results, (list, tuple)) or len(results) != len(good):
                 got = f"{len(results)} results" if isinstance(results, (list, tuple)) else type(results).__name__
                 raise TypeError(f"predict() returned {got} for a batch of {len(good)}; a batching predictor must "

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
 INLINE_BELOW = 0.0005  # seconds: a sync predict this short runs on the loop (a thread hop costs ~50-100 us)
+INLINE_BATCH_BELOW = 0.002  # seconds: a batch this short runs on the loop of a worker that serves its API alone
 MAX_MESSAGE = 500  # characters of an exception's text kept in a request error
 # The API whose code this task or thread runs now: the worker's os._exit hook reads it to say who ended the process.
 CURRENT: contextvars.ContextVar[LoadedApi | None] = contextvars.ContextVar("predictord_api", default=None)
@@ -42,7 +43,7 @@ def owner() -> str | None:
     return LOADING.get()
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     """One request taken from an HTTP worker's connection."""
 
@@ -77,13 +78,14 @@ class LoadedApi:
     slot: int = 0  # its column in the scoreboard
     service: float = 0.0  # moving average of a job's time here, start to reply (published for dispatch)
     queue: deque[Job] = field(default_factory=deque)
-    running: dict[int, Job] = field(default_factory=dict)
+    running: set[Job] = field(default_factory=set)  # (Job hashes by identity: id() is an audited call, ~1 us each)
     runners: int = 0
-    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    waiter: asyncio.Future[None] | None = None  # a filling batch waits on it for the next job (set by submit)
     last_job: float = 0.0  # monotonic time the newest job arrived
     namespace: Namespace | None = None  # its modules (dropped when it is retired)
 
     seconds: float = 0.01  # moving average of a sync predict (serializing the result included)
+    batch_seconds: float = 0.01  # moving average of a batch's predict
     inline: bool = False  # run on the loop: the thread hop costs more than predict itself
     alone: bool = True  # the only API of its worker (only then may it run on the loop: it can stall nobody)
     rss: int = 0  # resident bytes its load added to the worker
@@ -103,6 +105,12 @@ class LoadedApi:
             m = metrics.get()
             self._observers = (m.queue_wait.labels(self.name), m.predict.labels(self.name), m.batch.labels(self.name))
         return self._observers
+
+    def observe_batch(self, seconds: float) -> None:
+        """A batch runs on the loop, like a short predict, when its worker serves this API alone and a batch takes
+        under INLINE_BATCH_BELOW (the thread hand-off and its wake-ups cost more than small batches)."""
+        self.batch_seconds += (seconds - self.batch_seconds) * 0.1
+        self.inline = self.alone and self.threads == 1 and self.batch_seconds < INLINE_BATCH_BELOW
 
     @property
     def busy(self) -> bool:

@@ -184,7 +184,7 @@ class ModelWorker:
         now = time.monotonic()
         hung = False
         for api in self.apis.values():
-            for job in api.running.values():
+            for job in api.running:
                 if now - job.started > api.timeout + HUNG_GRACE:
                     hung = True
                     if not job.reported:

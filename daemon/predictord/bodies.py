@@ -1,0 +1,155 @@
+"""Large request bodies between processes without copying them through the socket.
+
+An HTTP worker puts a body of SHARED_FROM bytes or more into a file of its own in /dev/shm (a tmpfs: memory, not
+disk) and sends the model worker its name instead of the bytes: raw bytes as they arrive, a JSON body parsed (once,
+there, beside the other HTTP worker, so a malformed one is a 400 at once) and pickled straight into the file. The
+model worker reads the file in one go and makes the payload from it. So an 8 MB body crosses once, through memory
+both processes see, instead of through the socket and the frame buffers of each side (about five copies). The HTTP
+worker that made a file removes it once its request is answered; the master removes what a dead HTTP worker left,
+and everything of the daemon's when it stops.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import pickle
+import time
+from pathlib import Path
+
+SHARED_FROM = 64 * 1024  # bytes: smaller bodies go in the job frame (a file costs more than copying them)
+ROOT = Path("/dev/shm")
+PREFIX = "predictord-"
+
+
+def available() -> bool:
+    """Whether this machine has the tmpfs to share bodies through."""
+    return ROOT.is_dir() and os.access(ROOT, os.W_OK)
+
+
+MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # fault the mapping in at once, not page by page
+KEEP_BYTES = 512 * 2**20  # idle files an HTTP worker keeps for its next bodies (a new tmpfs page costs a zeroing)
+KEEP_IDLE = 30.0  # seconds an idle file is kept
+
+
+class SharedBody:
+    """A body being written by the HTTP worker that received it, into one of its files (reused: ``Pool``)."""
+
+    def __init__(self, master: int, http_slot: int, seq: int) -> None:
+        self.name = f"{PREFIX}{master}-{http_slot}-{seq}"
+        self.path = ROOT / self.name
+        self.size = 0  # of this body; the file may be larger (left from an earlier one)
+        self.capacity = 0
+        self.idle_since = 0.0
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+
+    @property
+    def ref(self) -> str:
+        """What the job header carries: the file's name and the body's length."""
+        return f"{self.name}:{self.size}"
+
+    def write(self, chunk: bytes) -> None:
+        os.pwrite(self._fd, chunk, self.size)
+        self.size += len(chunk)
+
+    def dump(self, payload: object) -> None:
+        """A parsed payload, pickled into the file (the model worker unpickles it from the mapping)."""
+        data = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)  # faster than pickle.dump through a buffer
+        os.pwrite(self._fd, data, 0)
+        self.size = len(data)
+
+    def start(self) -> None:
+        """Ready for a new body (the last one's reader is done with it)."""
+        self.capacity = max(self.capacity, self.size)
+        self.size = 0
+
+    def remove(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+class Pool:
+    """An HTTP worker's shared files: one is taken per large body and given back once its request is answered."""
+
+    def __init__(self, master: int, http_slot: int) -> None:
+        self.master, self.http_slot = master, http_slot
+        self.idle: list[SharedBody] = []
+        self.seq = 0
+
+    def take(self) -> SharedBody:
+        if self.idle:
+            body = self.idle.pop()
+        else:
+            self.seq += 1
+            body = SharedBody(self.master, self.http_slot, self.seq)
+        body.start()
+        return body
+
+    def give(self, body: SharedBody) -> None:
+        body.capacity = max(body.capacity, body.size)
+        if sum(b.capacity for b in self.idle) + body.capacity > KEEP_BYTES:
+            body.remove()
+        else:
+            body.idle_since = time.monotonic()
+            self.idle.append(body)
+
+    def trim(self, now: float) -> None:
+        """Remove the files idle for KEEP_IDLE (a burst of large bodies leaves no memory held for long)."""
+        keep = []
+        for body in self.idle:
+            if now - body.idle_since > KEEP_IDLE:
+                body.remove()
+            else:
+                keep.append(body)
+        self.idle = keep
+
+
+def _parse(ref: str) -> tuple[str, int]:
+    name, _, length = ref.rpartition(":")
+    if "/" in name or not name.startswith(PREFIX) or not length.isdigit():
+        raise ValueError(f"not a shared body: {ref!r}")
+    return name, int(length)
+
+
+def unpickle_body(ref: str) -> object:
+    """A payload the HTTP worker parsed and pickled into a shared file, unpickled straight from a mapping."""
+    name, length = _parse(ref)
+    fd = os.open(ROOT / name, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        mapping = mmap.mmap(fd, length, prot=mmap.PROT_READ, flags=mmap.MAP_SHARED | MAP_POPULATE)
+    finally:
+        os.close(fd)
+    view = memoryview(mapping)
+    try:
+        return pickle.loads(view)
+    finally:
+        view.release()
+        mapping.close()
+
+
+def read_body(ref: str) -> bytes:
+    """Raw bytes in a shared file, as the payload (one read: it must be bytes of its own anyway)."""
+    name, length = _parse(ref)
+    fd = os.open(ROOT / name, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.pread(fd, length, 0)
+    finally:
+        os.close(fd)
+    if len(data) != length:
+        raise ValueError(f"a shared body came short: {len(data)} of {length} bytes")
+    return data
+
+
+def remove_left(master: int, http_slot: int | None = None) -> int:
+    """The master's cleanup: the files an HTTP worker (or, with None, any process of this daemon) left."""
+    pattern = f"{PREFIX}{master}-{'' if http_slot is None else f'{http_slot}-'}*"
+    removed = 0
+    for path in ROOT.glob(pattern) if ROOT.is_dir() else ():
+        path.unlink(missing_ok=True)
+        removed += 1
+    return removed

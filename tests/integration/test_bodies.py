@@ -1,0 +1,69 @@
+"""Large bodies through the real daemon: raw bytes and JSON of megabytes arrive exact (through /dev/shm), a
+malformed large JSON body is a 400, integers past 64 bits stay exact, nothing is left in /dev/shm; and the preload
+stays shared (its objects are frozen out of the workers' garbage collection)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from harness import wait_until
+
+SIZE = '''
+import gc
+import hashlib
+
+
+class PythonPredictor:
+    def predict(self, payload):
+        if isinstance(payload, bytes):
+            return {"length": len(payload), "sha": hashlib.sha256(payload).hexdigest()}
+        if "text" in payload:
+            return {"length": len(payload["text"]), "sha": hashlib.sha256(payload["text"].encode()).hexdigest()}
+        if "frozen" in payload:
+            return {"frozen": gc.get_freeze_count()}
+        return {"big": str(payload["big"]), "count": len(payload["x"])}
+'''
+
+
+def shm_files(master: int) -> list[Path]:
+    return sorted(Path("/dev/shm").glob(f"predictord-{master}-*"))
+
+
+def test_large_bodies_arrive_exact_and_leave_nothing_behind(make_daemon: Any) -> None:
+    d = make_daemon({"size.py": SIZE})
+    d.wait_settled()
+    assert d.proc is not None
+    raw = bytes(range(256)) * (3 * 2**20 // 256)
+    r = d.post("/size", content=raw, headers={"Content-Type": "application/octet-stream"})
+    assert r.json() == {"length": len(raw), "sha": hashlib.sha256(raw).hexdigest()}
+    text = "é" * 2_000_000
+    r = d.post("/size", content=json.dumps({"text": text}, ensure_ascii=False).encode(),
+               headers={"Content-Type": "application/json"})
+    assert r.json() == {"length": len(text), "sha": hashlib.sha256(text.encode()).hexdigest()}
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(24):
+            yield b"\x01" * 65536
+
+    r = d.post("/size", content=chunks(), headers={"Content-Type": "application/octet-stream"})  # chunked, no length
+    assert r.json()["length"] == 24 * 65536
+    numbers = {"big": 123456789012345678901234567890, "x": [0.5] * 100_000}
+    assert d.post("/size", json=numbers).json() == {"big": "123456789012345678901234567890", "count": 100_000}
+    broken = b'{"text": "' + b"x" * 2_000_000
+    r = d.post("/size", content=broken, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"].startswith("malformed JSON: Unterminated string")
+    master = d.proc.pid
+    assert len(shm_files(master)) <= 4, "only the HTTP workers' few reusable files"
+    assert d.stop() == 0
+    wait_until(lambda: not shm_files(master), 10, "no shared body left after the daemon stops")
+
+
+def test_the_preload_is_frozen_out_of_the_workers_garbage_collection(make_daemon: Any) -> None:
+    d = make_daemon({"size.py": SIZE})
+    d.wait_settled()
+    frozen = d.post("/size", json={"frozen": True}).json()["frozen"]
+    assert frozen > 50_000, f"torch's objects are frozen ({frozen}): no collection walks them or unshares their pages"
