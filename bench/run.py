@@ -428,7 +428,8 @@ def main() -> None:
     if "tail" in only:
         run_wrk_cases("Tail at 256 clients (echo)", [
             (bare(), "/echo", ECHO_BODY, [256]),
-            (Predictord("predictord", {"echo.py": ECHO}), "/echo", ECHO_BODY, [256]),
+            (Predictord("predictord", {"echo.py": ECHO, "echo.toml": "[serving]\nqueue_limit = 1024\n"}), "/echo",
+             ECHO_BODY, [256]),
         ], args.seconds, args.reps)
     if "balance" in only:
         balance(args.seconds, args.reps)
