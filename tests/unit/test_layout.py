@@ -86,3 +86,12 @@ def test_the_checker_sees_a_forbidden_import(tmp_path: Path) -> None:
     found = imported("http.bad", bad)
     assert "model.jobs" in found and "protocol" in found
     assert owner("model.jobs") in NEVER["http"]
+
+
+def test_test_modules_have_unique_names() -> None:
+    """pytest imports test files by basename (rootdir mode, no __init__.py): two of one name stop the collection."""
+    tests = Path(__file__).resolve().parents[1]
+    seen: dict[str, Path] = {}
+    for path in sorted(tests.rglob("test_*.py")):
+        assert path.name not in seen, f"{path} and {seen[path.name]} share a name: pytest collects only one; rename"
+        seen[path.name] = path
