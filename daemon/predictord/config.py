@@ -236,8 +236,8 @@ class ServingConfig:
                        _in_range(1, 256))
     max_batch_size: int = opt(1, "Requests per predict() call; above 1, predict() gets lists and returns a list.",
                               _in_range(1, 4096))
-    batch_wait_ms: float = opt(5.0, "Milliseconds a batch waits for more requests before it runs with fewer.",
-                               _in_range(0, 10000))
+    batch_wait_ms: float = opt(5.0, "At most this many milliseconds a batch waits for more requests, and only while "
+                               "some are on their way to its worker (a light load never waits).", _in_range(0, 10000))
     isolation: str = opt("shared", "shared: its replicas share model workers with other APIs; process: model workers "
                          "of its own, for code that must not share fate or global state.",
                          _one_of(("shared", "process")))
