@@ -9,6 +9,9 @@ import httpx
 from harness import Daemon
 
 BATCHED = '''
+import time
+
+
 class PythonPredictor:
     def __init__(self, config):
         pass
@@ -16,6 +19,8 @@ class PythonPredictor:
     def predict(self, payload, query_params):
         if any(p.get("wrong") for p in payload):
             return []
+        if any(p.get("hold") for p in payload):
+            time.sleep(0.5)  # the requests that arrive meanwhile queue, and the next batch takes them together
         return [{"x": p["x"] * 2, "batch": len(payload), "q": q.get("q")} for p, q in zip(payload, query_params)]
 '''
 
@@ -55,7 +60,9 @@ def test_batches_form_across_connections_and_each_request_gets_its_own_result(
         make_daemon: Callable[..., Daemon]) -> None:
     d = make_daemon({"b.py": BATCHED, "b.toml": "[serving]\nmax_batch_size = 16\nbatch_wait_ms = 200\n"})
     d.wait_settled()
-    rs = burst(d, "/b?q=z", [{"x": i} for i in range(12)])
+    # A batch waits only for jobs already on their way, so a burst that trickles in could run one by one: each
+    # batch holds the worker half a second, and what arrives meanwhile is batched.
+    rs = burst(d, "/b?q=z", [{"x": i, "hold": True} for i in range(12)])
     assert [r.status_code for r in rs] == [200] * 12
     assert [r.json()["x"] for r in rs] == [i * 2 for i in range(12)]
     assert all(r.json()["q"] == "z" for r in rs)
