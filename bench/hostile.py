@@ -92,6 +92,53 @@ def hostile_files(make: Daemons, _: argparse.Namespace) -> tuple[str, str]:
             f"{stopped:.2f} s (graceful_timeout 5 s)", latency(load.of("ok")))
 
 
+def stuck_master(make: Daemons, _: argparse.Namespace) -> tuple[str, str]:
+    d = make({"ok.py": PID})
+    d.wait_settled()
+    assert d.proc is not None
+    with Load(d, {"ok": 1}, seconds=120) as load:
+        wait_until(lambda: load.count("ok") > 50, 30, "load")
+        stop = time.monotonic()
+        os.kill(d.proc.pid, signal.SIGSTOP)
+        try:
+            wait_until(lambda: d.get("/healthz").status_code == 503, 60, "healthz 503")
+            stuck = time.monotonic() - stop
+        finally:
+            os.kill(d.proc.pid, signal.SIGCONT)
+        wait_until(lambda: d.get("/healthz").status_code == 200, 60, "healthz 200")
+    window = [o for o in load.of("ok") if o.sent >= stop]
+    return f"/healthz 503 {stuck:.1f} s after the master's SIGSTOP", latency(window)
+
+
+def hung_mount(make: Daemons, _: argparse.Namespace) -> tuple[str, str]:
+    gate = make.root / "hung-mount"
+    d = Daemon(make.root / f"d{len(make.started)}", "[predictors]\ndebounce = 0.2\n")
+    d.write("ok.py", PID)
+    d.write("other.py", PID)
+    d.env["PREDICTORD_TEST_READ_GATE"] = str(gate)  # the reader's test gate: a reading hangs while it exists
+    make.started.append(d)
+    d.start().wait_settled()
+    with Load(d, {"ok": 1}, seconds=120) as load:
+        wait_until(lambda: load.count("ok") > 50, 30, "load")
+        begin = time.monotonic()
+        gate.touch()
+        d.write("other.toml", "[config]\ng = 2\n")
+        pid = d.post("/ok", json={}).json()["pid"]
+        kill = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: (r := d.post("/ok", json={})).status_code == 200 and r.json()["pid"] != pid, 60, "new")
+        replaced = time.monotonic() - kill
+        d.wait_for_log(r"has taken \d+s \(a hung mount\?\)", 60)
+        said = time.monotonic() - begin
+        gate.unlink()
+        answered = time.monotonic()
+        wait_until(lambda: d.post("/other", json={}).json()["g"] == 2, 60, "the edit")
+        loaded = time.monotonic() - answered
+    window = [o for o in load.of("ok") if o.sent >= begin]
+    return (f"while a reading hung: a killed worker replaced in {replaced:.2f} s, the log said so {said:.0f} s "
+            f"in; the edit served {loaded:.2f} s after the reading answered", latency(window))
+
+
 def slow_and_hung(make: Daemons, _: argparse.Namespace) -> tuple[str, str]:
     d = make({"slow.py": SLOW, "slow.toml": "[serving]\ntimeout = 2\nthreads = 2\n", "ok.py": PID},
              "[workers]\nheartbeat_timeout = 60\n")
@@ -218,6 +265,8 @@ CASES: dict[str, Callable[[Daemons, argparse.Namespace], tuple[str, str]]] = {
     "deletes": deletes,
     "torch_probes": torch_probes,
     "many_apis": many_apis,
+    "stuck_master": stuck_master,
+    "hung_mount": hung_mount,
     "reload_memory": reload_memory,
 }
 

@@ -124,6 +124,13 @@ def read_code(path: Path) -> tuple[bytes, int]:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
+        try:
+            mode = os.stat(path).st_mode  # a socket cannot even be opened: say what it is
+        except OSError:
+            mode = stat.S_IFREG
+        if not stat.S_ISREG(mode):
+            raise Unreadable(f"{path}: is {_kind(mode)}, not a regular file; the daemon reads only regular files"
+                             ) from None
         raise Unreadable(f"{path}: cannot be read ({e.strerror})") from None
     try:
         st = os.fstat(fd)

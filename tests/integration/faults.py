@@ -169,6 +169,8 @@ def stop_model_worker(make: MakeDaemon) -> Figures:
         fault = time.monotonic()
         os.kill(pid, signal.SIGSTOP)
         d.wait_for_log(rf"model worker \d \(cpu\) pid {pid} sent no heartbeat", 30)
+        d.wait_for_log(rf"pid {pid} was killed by the daemon: it sent no heartbeat within \[workers\] "
+                       r"heartbeat_timeout \(a predict\(\) hung\) \(silent \d+s\)", 30)
         wait_until(lambda: load.served_since("a", fault, 10), 60, "a served by the replacement")
     return Figures("SIGSTOP a model worker past the deadline", load.outcomes, "a", [fault])
 
@@ -186,6 +188,8 @@ def leak_memory(make: MakeDaemon, headroom_mib: int = 300) -> Figures:
         fault = time.monotonic()  # the leak starts with the load
         d.wait_for_log(rf"model worker \d \(cpu\) pid {pid} uses \d+ MiB, over \[workers\] max_rss_mib", 60)
         wait_until(lambda: replica_pid(d, "a") != pid, 30, "a replacement worker")
+        d.wait_for_log(rf"pid {pid} was killed by the daemon: its memory passed \[workers\] max_rss_mib \(\d+ MiB > "
+                       rf"{limit} MiB; APIs: [a-z, ]+\)", 30)
         since = time.monotonic()
         wait_until(lambda: load.served_since("a", since, 3), 30, "a served by the replacement")
     figures = Figures("predictor leaks memory until killed", load.outcomes, "a", [])

@@ -42,6 +42,11 @@ def test_broken_predictors_report_errors_and_others_keep_serving(make_daemon: An
     toml = status["apis"]["badtoml"]["error"]
     assert toml["message"].startswith(f"{d.predictors / 'badtoml.toml'}: [serving]: device: expected one of"), toml
     d.wait_for_log(r"API hang version \w+: __init__ exceeded 8s")
+    # the daemon says it ended the worker itself, and why: not "killed by SIGKILL (out of memory?)"
+    said = rf"pid \d+ was killed by the daemon: a load ran past \[predictors\] load_timeout \(API hang version " \
+           rf"{hang['version']['wanted']}\)"
+    wait_until(lambda: any(re.search(said, e["text"]) for e in d.status()["events"] if e["kind"] == "restart"), 30,
+               "the restart event")
     ready = d.get("/readyz")
     assert ready.status_code == 503
     for name in [*BROKEN, "hang", "badtoml"]:

@@ -55,12 +55,13 @@ CHILD = '''
 import subprocess
 import sys
 
-AT_IMPORT = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+# Sessions of their own: the harness's stop kills the daemon's process group, which must not end them for it.
+AT_IMPORT = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
 
 
 class PythonPredictor:
     def __init__(self, config):
-        self.child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        self.child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
 
     def predict(self, payload):
         return {"children": [AT_IMPORT.pid, self.child.pid], "generation": payload.get("g", 0)}
@@ -189,6 +190,30 @@ def test_a_stuck_master_turns_healthz_503(make_daemon: Any) -> None:
     wait_until(lambda: d.get("/healthz").status_code == 200, 30, "healthz 200 again")
 
 
+def test_a_hung_reading_of_the_directory_holds_nothing_else(make_daemon: Any, tmp_path: Path) -> None:
+    """A reading that hangs (a hung network mount, simulated by the reader's test gate): the master still replaces
+    a killed worker, answers /healthz, serves the loaded versions, says once that the reading is stuck, and loads the
+    change once the reading answers."""
+    gate = tmp_path / "hung-mount"
+    d = make_daemon({"a.py": PID, "b.py": PID}, "[predictors]\ndebounce = 0.2\n", start=False)
+    d.env["PREDICTORD_TEST_READ_GATE"] = str(gate)
+    d.start()
+    status = d.wait_settled()
+    old = status["apis"]["a"]["version"]["wanted"]
+    gate.touch()
+    d.write("a.toml", "[config]\ngeneration = 1\n")  # a change the hung reading cannot see yet
+    worker = d.post("/b", json={}).json()["pid"]
+    os.kill(worker, signal.SIGKILL)
+    wait_until(lambda: (r := d.post("/b", json={})).status_code == 200 and r.json()["pid"] != worker, 30,
+               "a replacement worker serving b")
+    assert d.get("/healthz").status_code == 200
+    d.wait_for_log(r"reading the predictors directory .* has taken \d+s \(a hung mount\?\)", 60)
+    assert d.post("/a", json={}).json()["generation"] == 0 and d.get("/a").json()["version"]["wanted"] == old
+    gate.unlink()
+    wait_until(lambda: d.post("/a", json={}).json()["generation"] == 1, 30, "the change loaded once it answers")
+    assert d.stop() == 0
+
+
 def test_apis_beyond_max_apis_are_shown_and_load_once_room_frees(make_daemon: Any) -> None:
     files = {f"api{i:02d}.py": OK for i in range(12)}
     d = make_daemon(files, "[predictors]\nmax_apis = 10\ndebounce = 0.3\n")
@@ -215,6 +240,37 @@ def test_probes_run_at_most_max_probes_at_once(make_daemon: Any) -> None:
     probes = status["daemon"]["probes"]
     assert probes["limit"] == 2 and probes["peak"] == 2 and probes["running"] == probes["waiting"] == 0
     d.wait_for_log(r"API p\d version \w+ passed its checks")
+
+
+GATED_IMPORT = '''
+import os
+import time
+
+deadline = time.monotonic() + 60
+while os.path.exists(GATE) and time.monotonic() < deadline:
+    time.sleep(0.01)  # importing it takes until the test removes the gate (at most 60 s)
+''' + OK
+
+
+def test_versions_beyond_max_probes_show_waiting_to_be_checked(make_daemon: Any, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    gate.touch()
+    d = make_daemon({f"w{i}.py": f"GATE = {str(gate)!r}\n" + GATED_IMPORT for i in range(3)},
+                    "[predictors]\nmax_probes = 1\n")
+
+    def checks() -> list[str]:
+        return sorted(str(d.get(f"/w{i}").json()["check"]) for i in range(3))
+
+    wait_until(lambda: checks()[0] == "being checked", 30, "one probe running")
+    shown = checks()
+    assert shown[0] == "being checked" and all(c.startswith("waiting to be checked") for c in shown[1:]), shown
+    text = subprocess.run([sys.executable, "-m", "predictord", "status", "--config", str(d.config_path)],
+                          capture_output=True, text=True, timeout=30).stdout
+    assert text.count("waiting to be checked") == 2, text
+    gate.unlink()
+    status = d.wait_settled(60)
+    assert all(status["apis"][f"w{i}"]["state"] == "ready" for i in range(3))
+    assert status["daemon"]["probes"]["peak"] == 1
 
 
 def test_a_slow_and_a_hung_predict_stall_no_neighbour(make_daemon: Any, tmp_path: Path) -> None:

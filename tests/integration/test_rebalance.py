@@ -57,6 +57,8 @@ def test_a_queueing_api_gets_a_second_cpu_worker_and_gives_it_back_when_idle(
                    r"1 replica\(s\) stay", 60)
     d.wait_for_log(r"rebalance: retiring worker \d+ \(cpu\): no API is placed on it", 30)
     wait_until(lambda: len(d.status()["workers"]) == 1, 30, "the added worker to exit")
+    retired = [e["text"] for e in d.status()["events"] if e["kind"] == "retire"]
+    assert retired and "retired: the rebalancer retired it: no API is placed on it" in retired[-1], d.status()["events"]
     assert d.post("/slow", json={}).status_code == 200
     s = d.status()
     # (a refusal may come between: with both workers busy the queue can stay high, and cpu_max = 2 is reached)

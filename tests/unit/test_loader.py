@@ -2,10 +2,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
 
+from predictord import sources
 from predictord.loader import LoadError, inspect_class, load_class
 from predictord.sources import MAX_CODE_BYTES, Unreadable, is_ignored, name_problem, scan, source_for
 
@@ -121,6 +123,22 @@ def test_only_regular_files_of_bounded_size_are_read(tmp_path: Path) -> None:
     with (folder / "predictor.toml").open("wb") as f:
         f.truncate(MAX_CODE_BYTES + 1)  # sparse: no disk used
     with pytest.raises(Unreadable, match="a code or settings file may have at most 16 MiB"):
+        source_for(folder).version()
+    (folder / "predictor.toml").unlink()
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(folder / "predictor.toml"))
+        with pytest.raises(Unreadable, match="predictor.toml: is a socket, not a regular file"):
+            source_for(folder).version()
+
+
+def test_a_folder_of_too_many_entries_is_refused_not_walked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sources, "MAX_ENTRIES", 50)
+    folder = tmp_path / "api"
+    (folder / "data").mkdir(parents=True)
+    src(folder, "a = 1", "predictor.py")
+    for i in range(60):
+        (folder / "data" / f"{i}.bin").touch()
+    with pytest.raises(Unreadable, match="more than 50 files and folders; keep large data sets outside"):
         source_for(folder).version()
 
 

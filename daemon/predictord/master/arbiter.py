@@ -72,9 +72,11 @@ class Master(Arbiter):  # type: ignore[misc]
         self.stopping = False
         self.started_at = time.time()
         self.next_prune = 0.0
+        self.faults = set(filter(None, os.environ.pop("PREDICTORD_TEST_FAULTS", "").split(",")))
+        gate = os.environ.pop("PREDICTORD_TEST_READ_GATE", "")  # a test's hung mount: see DirectoryReader.gate
+        self.read_gate = Path(gate) if gate else None
         self.reader = self.new_reader()
         self.slow_read_said = False
-        self.faults = set(filter(None, os.environ.pop("PREDICTORD_TEST_FAULTS", "").split(",")))
         super().__init__(app)
         for handler in self.log.error_log.handlers:
             logs.adopt(handler)  # gunicorn's own lines in the daemon's format
@@ -124,7 +126,8 @@ class Master(Arbiter):  # type: ignore[misc]
 
     def new_reader(self) -> DirectoryReader:
         p = self.pconfig.predictors
-        return DirectoryReader(self.pconfig.predictors_dir, self.runtime, p.check_permissions, self.wakeup)
+        return DirectoryReader(self.pconfig.predictors_dir, self.runtime, p.check_permissions, self.wakeup,
+                               self.read_gate)
 
     def start_reader(self) -> None:
         """The reader thread watches and reads the directory (started watching before its first reading: a file

@@ -48,8 +48,10 @@ class Reading:
 class DirectoryReader:
     """The thread that reads the predictors directory for the master, and runs the watcher's debounce."""
 
-    def __init__(self, directory: Path, runtime: Path, check_permissions: bool, wake: Callable[[], None]) -> None:
+    def __init__(self, directory: Path, runtime: Path, check_permissions: bool, wake: Callable[[], None],
+                 gate: Path | None = None) -> None:
         self.directory = directory
+        self.gate = gate  # tests: while this file exists, a reading hangs (as on a hung network mount), <= 120 s
         self.snapshots = runtime / "snapshots"
         self.check_permissions = check_permissions
         self.wake = wake  # the master's: a reading is done
@@ -144,6 +146,9 @@ class DirectoryReader:
 
     def read(self, only: set[str] | None) -> Reading:
         """One look at the directory (or at the APIs in ``only``): every API's version and copy, or its refusal."""
+        deadline = time.monotonic() + 120
+        while self.gate is not None and self.gate.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
         found = scan(self.directory)
         apis = {n: s for n, s in found.apis.items() if only is None or n in only}
         clashes = {n: c for n, c in found.clashes.items() if only is None or n in only}
