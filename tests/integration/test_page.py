@@ -26,6 +26,12 @@ class PythonPredictor:
         return 1
 '''
 
+RAISER = '''
+class PythonPredictor:
+    def predict(self, payload):
+        raise ValueError("no such label: 42")
+'''
+
 pytestmark = pytest.mark.skipif(
     shutil.which("node") is None or not Path("/usr/bin/chromium").exists()
     or not (NODE_MODULES / "playwright-core").exists(),
@@ -34,8 +40,9 @@ pytestmark = pytest.mark.skipif(
 
 def test_status_page_shows_every_api_escapes_their_strings_and_charts_traffic(
         make_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
-    d = make_daemon({"alpha.py": OK, "beta.py": OK, "nasty.py": NASTY})
+    d = make_daemon({"alpha.py": OK, "beta.py": OK, "nasty.py": NASTY, "raiser.py": RAISER})
     d.wait_settled()
+    assert d.post("/raiser", json={}).status_code == 500
     page = d.get("/", headers={"Accept": "text/html,application/xhtml+xml"})
     assert page.headers["content-type"] == "text/html; charset=utf-8" and "<svg" not in page.text
     assert d.get("/").headers["content-type"] == "application/json", "curl and scripts still get JSON"
@@ -52,7 +59,7 @@ def test_status_page_shows_every_api_escapes_their_strings_and_charts_traffic(
     t.start()
     shot = tmp_path / "status.png"
     try:
-        out = subprocess.run(["node", str(BROWSER / "page.js"), d.url("/"), str(shot), "alpha,beta,nasty"],
+        out = subprocess.run(["node", str(BROWSER / "page.js"), d.url("/"), str(shot), "alpha,beta,nasty,raiser"],
                              capture_output=True, text=True, timeout=120, cwd=BROWSER,
                              env={**os.environ, "NODE_PATH": str(NODE_MODULES)})
     finally:
@@ -65,6 +72,8 @@ def test_status_page_shows_every_api_escapes_their_strings_and_charts_traffic(
     assert "<script>alert(2)</script>" in result["text"], "the error text is shown as text"
     for name in ("alpha", "beta", "nasty"):
         assert name in result["text"]
+    raised = f"last request error: {d.predictors / 'raiser.py'}:4: predict() raised ValueError: no such label: 42"
+    assert raised in result["text"], "a request-time error shows with the user's file and line"
     assert "host: CPU" in result["text"] and "No GPUs: running on the CPU." in result["text"], "the devices section"
     assert "Rebalancing" in result["text"]
     assert result["chartPointsAfter"] >= 2 and result["chartPointsAfter"] > result["chartPointsBefore"]
