@@ -56,9 +56,10 @@ clean:
 # The benchmark suite (under 10 minutes on 2 cores); it needs Debian's wrk and builds LitServe's venv once.
 bench: $(STAMP)
 	@command -v wrk >/dev/null || { echo "bench needs wrk: sudo apt-get install wrk"; exit 1; }
-	$(BIN)/pip install -q psutil httpx
+	$(BIN)/pip install -q psutil httpx uv==0.13.9
 	$(BIN)/python bench/run.py --seconds 5 --reps 1
 	$(BIN)/python bench/reload.py --reloads 20
+	$(BIN)/python bench/deps.py --reps 3
 
 # The 10-minute soak (mixed load, a reload every 30 s; `make test` runs it for 60 s) and the fault figures, both
 # printed for RELIABILITY.md.

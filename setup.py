@@ -25,6 +25,8 @@ setup(
         "orjson==3.13.0",  # JSON bodies parsed 3-10x faster than the standard library (BENCHMARKS.md)
     ],
     extras_require={"test": ["pytest>=8", "httpx>=0.28", "ruff>=0.8", "mypy>=1.13", "types-psutil",
-                             "hypothesis>=6.100", "schemathesis>=4"]},
+                             "hypothesis>=6.100", "schemathesis>=4"],
+                    # [predictors] installer = "uv": the uv binary, pinned to the version BENCHMARKS.md measured
+                    "uv": ["uv==0.13.9"]},
     entry_points={"console_scripts": ["predictord=predictord.cli:main"]},
 )

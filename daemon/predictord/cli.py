@@ -17,6 +17,7 @@ from .config import Config, ConfigError, describe_options, find_config, load_con
 from .logs import shown
 
 COMMANDS = ("serve", "check", "status", "options")
+VALUED = ("--config", "--host", "--port", "--predictors", "--log-level", "--timeout")  # options that take a value
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -41,21 +42,28 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--log-level", help="override [server] log_level")
         if name == "status":
             s.add_argument("--json", action="store_true", help="print the raw JSON")
-    c = sub.add_parser("check", help="load a predictor in a throwaway process and report every problem")
+    c = sub.add_parser("check", help="load a predictor in a throwaway process (in its environment, built first "
+                                     "when it declares requirements) and report every problem")
     c.add_argument("path", help="NAME.py or a NAME/ folder")
     c.add_argument("--timeout", type=float, default=120.0, help="load deadline in seconds (default 120)")
+    c.add_argument("--config", help="config file: where environments are built, and from which index")
     sub.add_parser("options", help="print every config option with its default (Markdown)")
     return p
 
 
-def check(path: str, timeout: float) -> int:
+def check(path: str, timeout: float, config_path: str | None) -> int:
     from . import probe
 
     target = Path(path)
     if not target.exists():
         print(f"{path}: no such file or folder", file=sys.stderr)
         return 1
-    result = probe.run(target, init=True, timeout=timeout)
+    try:
+        env = environment_for_check(target, config_path)
+    except (ConfigError, ValueError) as problem:
+        print(f"{path}: {problem}", file=sys.stderr)
+        return 1
+    result = probe.run(target, init=True, timeout=timeout, env=env)
     if result["ok"]:
         sig = result["signature"]
         extras = f", post_predict({', '.join(sig['post_predict'])})" if sig["post_predict"] is not None else ""
@@ -67,6 +75,37 @@ def check(path: str, timeout: float) -> int:
     where = f"{e['file']}:{e['line']}" if e.get("line") else e.get("file") or path
     print(f"{where}: {e['message']}", file=sys.stderr)
     return 1
+
+
+def environment_for_check(target: Path, config_path: str | None) -> Path | None:
+    """The environment a predictor that declares requirements is checked in: built (or reused) now, where the
+    config builds them ([predictors] envs_dir; without one, a folder of this user's in /tmp); None: it needs none.
+    ValueError with the installer's error when the install fails."""
+    import os
+    import tempfile
+
+    from . import envs, requirements
+    from .config import load_api_settings
+    from .sources import source_for
+
+    source = source_for(target)
+    try:
+        lines = load_api_settings(source.settings).dependencies.pip
+    except ConfigError:
+        return None  # the probe reports the settings file's error
+    declared = requirements.declared(source.folder, lines, source.settings)
+    if declared is None:
+        return None
+    config = load_config(find_config(config_path))
+    scratch = Path(tempfile.gettempdir()) / f"predictord-check-{os.geteuid()}"
+    root = config.envs_dir(scratch)
+    key = requirements.key(declared, *envs.key_context(config))
+    print(f"{target}: installing {declared.shown} with {config.predictors.installer} into {root / key}",
+          file=sys.stderr)
+    outcome = envs.build(envs.spec_for(config, key, declared, root / key))
+    if not outcome["ok"]:
+        raise ValueError(f"installing its requirements ({declared.shown}) failed: {outcome['error']}")
+    return root / key
 
 
 def _ago(seconds: float) -> str:
@@ -117,6 +156,14 @@ def last_error(api: dict[str, Any]) -> str:
     return where + str(e.get("message", "")) + (f" ({count} since start)" if count > 1 else "")
 
 
+def _dedicated(worker: dict[str, Any]) -> str:
+    """How a worker of an API's own is marked: dedicated, in its own environment, from a fresh interpreter."""
+    if not worker.get("dedicated"):
+        return ""
+    env = ", its own environment" if worker.get("env") else ""
+    return f" (dedicated{env}{', a fresh interpreter' if worker.get('fresh') else ''})"
+
+
 def _memory(device: dict[str, Any]) -> str:
     if device["kind"] == "gpu":
         return f"{device['memory_used'] / 2**30:.1f}/{device['memory_total'] / 2**30:.1f} GiB used"
@@ -150,7 +197,7 @@ def status(config: Config, as_json: bool) -> int:
          _ago(now - w.get("started_at", now)), str(w.get("restarts", 0)),
          f"{w['busy']:.0%}" if w.get("busy") is not None else "-",
          str(w["jobs"]) if w.get("jobs") is not None else "-",
-         (", ".join(sorted(w["apis"])) or "-") + (" (dedicated)" if w.get("dedicated") else ""))
+         (", ".join(sorted(w["apis"])) or "-") + _dedicated(w))
         for w in data["workers"] or []])]
     devices = data.get("devices") or []
     if devices:
@@ -172,16 +219,29 @@ def status(config: Config, as_json: bool) -> int:
     return 0
 
 
+def command_first(argv: list[str]) -> list[str]:
+    """The arguments with the subcommand first (``predictord --config X status`` is ``status --config X``), and
+    ``serve`` when none is named."""
+    i = 0
+    while i < len(argv):
+        if argv[i] in COMMANDS:
+            return [argv[i], *argv[:i], *argv[i + 1:]]
+        if argv[i] in ("-h", "--help", "--version"):
+            return argv
+        if not argv[i].startswith("-"):
+            break
+        i += 2 if argv[i] in VALUED else 1
+    return ["serve", *argv]
+
+
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version")):
-        argv.insert(0, "serve")
+    argv = command_first(list(sys.argv[1:] if argv is None else argv))
     args = _parser().parse_args(argv)
     if args.command == "options":
         print(describe_options())
         return
     if args.command == "check":
-        sys.exit(check(args.path, args.timeout))
+        sys.exit(check(args.path, args.timeout, args.config))
     try:
         config = _load(args)
     except ConfigError as e:

@@ -58,6 +58,18 @@ def _gpus(value: Any) -> str | None:
     return '"all", "none" or a list of GPU indices such as [0, 1]'
 
 
+def _path_list(value: Any) -> str | None:
+    if isinstance(value, (list, tuple)) and all(isinstance(m, str) and m for m in value):
+        return None
+    return 'a list of paths or URLs such as ["/srv/wheels"]'
+
+
+def _requirement_list(value: Any) -> str | None:
+    if isinstance(value, (list, tuple)) and all(isinstance(r, str) and r.strip() and "\n" not in r for r in value):
+        return None
+    return 'a list of requirements in pip\'s format, such as ["requests==2.32.3", "numpy>=2"]'
+
+
 def _module_list(value: Any) -> str | None:
     if isinstance(value, (list, tuple)) and all(isinstance(m, str) and m for m in value):
         return None
@@ -106,6 +118,22 @@ class PredictorsConfig:
                           "their turn; 0: the cores, at most one per 512 MiB of memory.", _in_range(0, 256))
     max_apis: int = opt(1024, "APIs the daemon serves at once; beyond it an API is shown failed with the reason, "
                         "and loads once another is removed.", _in_range(1, 65535))
+    envs_dir: str = opt("", "Where the environments of predictors that declare requirements are built; empty: "
+                        "$STATE_DIRECTORY/envs under systemd (/var/lib/predictord/envs), else the runtime directory "
+                        "(rebuilt at each start). Relative to this file.")
+    installer: str = opt("pip", "What installs a predictor's requirements: pip (sees the daemon's own packages, so "
+                         "torch is shared) or uv (faster; installs every requirement into the environment).",
+                         _one_of(("pip", "uv")))
+    index_url: str = opt("", "Package index for requirements (pip's --index-url); empty: the installer's own "
+                         "configuration (pip.conf, PIP_INDEX_URL).")
+    find_links: tuple[str, ...] = opt((), "Local folders or pages of wheels for requirements (pip's --find-links), "
+                                      "relative to this file.", _path_list)
+    no_index: bool = opt(False, "Install requirements from find_links only, never from an index (air-gapped hosts).")
+    install_timeout: float = opt(600.0, "Seconds an environment may take to build before the install is killed and "
+                                 "the version fails.", _in_range(1))
+    max_installs: int = opt(2, "Environments built at once; more wait their turn.", _in_range(1, 64))
+    env_grace: float = opt(3600.0, "Seconds an environment no version needs any more is kept (a revert reuses it) "
+                           "before it is removed.", _in_range(0))
 
 
 @dataclass(frozen=True)
@@ -213,6 +241,20 @@ class Config:
         base = Path(self.path).parent if self.path else Path.cwd()
         return (base / self.predictors.dir).resolve()
 
+    def envs_dir(self, runtime: Path) -> Path:
+        """Where environments are built: [predictors] envs_dir, $STATE_DIRECTORY/envs, else ``runtime``/envs."""
+        if self.predictors.envs_dir:
+            return ((Path(self.path).parent if self.path else Path.cwd()) / self.predictors.envs_dir).resolve()
+        if os.environ.get("STATE_DIRECTORY"):
+            return Path(os.environ["STATE_DIRECTORY"].split(":")[0]) / "envs"
+        return runtime / "envs"
+
+    @property
+    def find_links(self) -> tuple[str, ...]:
+        """[predictors] find_links, paths made absolute (relative to this file); URLs as they are."""
+        base = Path(self.path).parent if self.path else Path.cwd()
+        return tuple(link if "://" in link else str((base / link).resolve()) for link in self.predictors.find_links)
+
     @property
     def gpu_trace(self) -> Path | None:
         """The GPU trace to replay instead of NVML, relative to this file; None: read NVML."""
@@ -244,11 +286,20 @@ class ServingConfig:
 
 
 @dataclass(frozen=True)
+class DependenciesConfig:
+    """[dependencies] of an API's settings file: what its code needs beyond the daemon's own packages."""
+
+    pip: tuple[str, ...] = opt((), "Requirements in pip's format, installed into an environment of the API's own "
+                               "(a folder predictor may use requirements.txt instead).", _requirement_list)
+
+
+@dataclass(frozen=True)
 class ApiSettings:
-    """An API's settings file: [config] for __init__, [serving] for the daemon."""
+    """An API's settings file: [config] for __init__, [serving] for the daemon, [dependencies] for its packages."""
 
     config: dict[str, Any] = field(default_factory=dict)
     serving: ServingConfig = field(default_factory=ServingConfig)
+    dependencies: DependenciesConfig = field(default_factory=DependenciesConfig)
 
 
 def _expected_type(f: dataclasses.Field[Any]) -> type | tuple[type, ...] | None:
@@ -353,13 +404,15 @@ def load_api_settings(path: Path | None) -> ApiSettings:
     if path is None or not path.exists():
         return ApiSettings()
     raw = _read_toml(path)
-    unknown = set(raw) - {"config", "serving"}
+    unknown = set(raw) - {"config", "serving", "dependencies"}
     if unknown:
-        raise ConfigError(f"{path}: unknown table [{sorted(unknown)[0]}]; allowed: config, serving")
+        raise ConfigError(f"{path}: unknown table [{sorted(unknown)[0]}]; allowed: config, serving, dependencies")
     config = raw.get("config", {})
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: [config]: expected a table, found {config!r}")
-    return ApiSettings(config=config, serving=_build_table(ServingConfig, raw.get("serving", {}), f"{path}: [serving]"))
+    return ApiSettings(config=config, serving=_build_table(ServingConfig, raw.get("serving", {}), f"{path}: [serving]"),
+                       dependencies=_build_table(DependenciesConfig, raw.get("dependencies", {}),
+                                                 f"{path}: [dependencies]"))
 
 
 def override(config: Config, table: str, **values: Any) -> Config:
@@ -376,7 +429,7 @@ def describe_options() -> str:
     for file, tables in (
         ("config.toml", {"server": ServerConfig, "predictors": PredictorsConfig, "workers": WorkersConfig,
                          "rebalance": RebalanceConfig}),
-        ("NAME.toml", {"serving": ServingConfig}),
+        ("NAME.toml", {"serving": ServingConfig, "dependencies": DependenciesConfig}),
     ):
         for table, cls in tables.items():
             for f in dataclasses.fields(cls):

@@ -24,6 +24,8 @@ class Device:
 
     kind: str  # "cpu" or "gpu"
     index: int | None = None
+    env: str = ""  # the environment a dedicated worker runs in (its folder); "": the daemon's own packages
+    fresh: bool = False  # start it from a fresh interpreter of that environment, not a fork of the master
 
     @property
     def label(self) -> str:

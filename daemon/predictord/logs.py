@@ -75,6 +75,11 @@ def formatter() -> logging.Formatter:
     return OneLineFormatter(FORMAT) if os.environ.get("JOURNAL_STREAM") else SafeFormatter(FORMAT)
 
 
+def current_format() -> str:
+    """The log format this process was set up with (text or json): a worker started by exec sets up the same."""
+    return _format
+
+
 def adopt(handler: logging.Handler) -> None:
     """Give a handler (ours or gunicorn's) the daemon's format and the role of the writing process."""
     handler.setFormatter(formatter())

@@ -19,6 +19,7 @@ from typing import Any
 
 import psutil
 
+from . import envs
 from .config import ConfigError, load_api_settings
 from .loader import LoadError, instantiate, load_class
 from .reaping import end_processes
@@ -52,12 +53,16 @@ def _probe(path: Path, init: bool, home: Path | None) -> dict[str, Any]:
             "seconds": round(time.monotonic() - started, 3)}
 
 
-def start(path: Path, init: bool, stderr: Any = subprocess.PIPE, home: Path | None = None) -> subprocess.Popen[bytes]:
-    """Start a probe process; its stdout carries the JSON outcome, its stderr whatever the predictor printed."""
-    args = [sys.executable, "-m", "predictord.probe", str(path)] + (["--init"] if init else [])
+def start(path: Path, init: bool, stderr: Any = subprocess.PIPE, home: Path | None = None,
+          env: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start a probe process (with the Python of the environment ``env``, when the predictor has one); its stdout
+    carries the JSON outcome, its stderr whatever the predictor printed."""
+    python = [str(envs.python_of(env)), "-s"] if env is not None else [sys.executable]
+    args = [*python, "-m", "predictord.probe", str(path)] + (["--init"] if init else [])
     args += ["--home", str(home)] if home is not None else []
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL, env=env)
+    environ = dict(envs.child_environ(env) if env is not None else os.environ, CUDA_VISIBLE_DEVICES="",
+                   OMP_NUM_THREADS="1")
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL, env=environ)
 
 
 def end(proc: subprocess.Popen[bytes]) -> None:
@@ -82,9 +87,9 @@ def outcome(path: Path, stdout: bytes, stderr: bytes, returncode: int | None) ->
     return {"ok": False, "name": source_for(path).name, "error": {"message": message, "file": str(path), "line": None}}
 
 
-def run(path: Path, init: bool, timeout: float) -> dict[str, Any]:
+def run(path: Path, init: bool, timeout: float, env: Path | None = None) -> dict[str, Any]:
     """Probe and wait, killing the probe at the deadline."""
-    proc = start(path, init)
+    proc = start(path, init, env=env)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

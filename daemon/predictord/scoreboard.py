@@ -23,6 +23,7 @@ Each cell has one writer, so no lock is needed (aligned 8-byte stores are atomic
 from __future__ import annotations
 
 import mmap
+import os
 import time
 
 MAX_HTTP = 64
@@ -51,12 +52,17 @@ def job_ids_of(http_slot: int) -> int:
 class Scoreboard:
     """Counters in an anonymous shared mapping, inherited by every forked worker."""
 
-    def __init__(self, apis: int = 1024) -> None:
+    def __init__(self, apis: int = 1024, fd: int | None = None) -> None:
         self.apis = apis  # API columns: [predictors] max_apis
         self._svc = _API + MAX_HTTP * apis
         self._busy = self._svc + MAX_MODEL * apis
         self._run = self._busy + MAX_MODEL
-        self._map = mmap.mmap(-1, (self._run + RUN_ROWS * RUN_CELLS) * 8)
+        size = (self._run + RUN_ROWS * RUN_CELLS) * 8
+        if fd is None:  # a memfd, not an anonymous mapping: a worker started by exec (not fork) maps it by its fd
+            fd = os.memfd_create("predictord-scoreboard", os.MFD_CLOEXEC)
+            os.ftruncate(fd, size)
+        self.fd = fd
+        self._map = mmap.mmap(fd, size)
         self.cells = memoryview(self._map).cast("q")
         self.http_slots = 1  # how many HTTP rows to sum; the master sets it before forking
 

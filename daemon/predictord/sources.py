@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .requirements import requirement_files
+
 FOLDER_ENTRY = "predictor.py"
 FOLDER_SETTINGS = "predictor.toml"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -96,7 +98,7 @@ class ApiSource:
                 raise Unreadable(f"{self.folder}: more than {MAX_ENTRIES} files and folders; keep large data sets "
                                  "outside the predictors directory and point to them in [config]")
             found += [Path(root) / f for f in sorted(files) if f.endswith(CODE_SUFFIXES) and not is_ignored(f)]
-        return found
+        return found + [p for p in requirement_files(self.folder) if p not in found]  # they are code too
 
     def version(self) -> str:
         """A hash of its code and settings files (contents and mtimes) and of its folder itself: an edit, a

@@ -159,6 +159,9 @@ class Master(Arbiter):  # type: ignore[misc]
             for stream in (p.process.stdout, p.process.stderr):
                 if stream:
                     stream.close()
+        for build in self.catalog.envs.builds.values():
+            if build.process is not None and build.process.stdout is not None:
+                build.process.stdout.close()
 
     def model_worker_forked(self) -> None:
         """In a forked model worker: it serves no HTTP, so it keeps neither the listeners nor the master's fds."""
@@ -172,6 +175,7 @@ class Master(Arbiter):  # type: ignore[misc]
         """Sleep until a signal, a model worker's message, or a probe's output; handle the last two here."""
         handles = {h.ctl.fileno(): h for h in self.fleet}
         probes = self.catalog.probe_fds()
+        builds = self.catalog.envs.fds()
         now = time.monotonic()
         waits = [timeout, self.balancer.due_in(now)]
         if (respawn := self.fleet.next_respawn(self.balancer.devices)) is not None:
@@ -180,7 +184,7 @@ class Master(Arbiter):  # type: ignore[misc]
             waits.append(RSS_EVERY)
         wait = 0.0 if not self.SIG_QUEUE.empty() else min(waits)
         try:
-            ready, _, _ = select.select([self.wake_r, *handles, *probes], [], [], wait)
+            ready, _, _ = select.select([self.wake_r, *handles, *probes, *builds], [], [], wait)
         except InterruptedError:
             ready = []
         for fd in ready:
@@ -197,6 +201,9 @@ class Master(Arbiter):  # type: ignore[misc]
             elif fd in probes:
                 with self.step("probes"):
                     self.catalog.read_probe(probes[fd])
+            elif fd in builds:
+                with self.step("environments"):
+                    self.catalog.envs.read(builds[fd])
         signals: list[int] = super().wait_for_signals(timeout=0)
         return signals
 
@@ -275,6 +282,7 @@ class Master(Arbiter):  # type: ignore[misc]
         self.fleet.stop_all(self.pconfig.server.graceful_timeout if graceful else 1.0)
         for p in self.catalog.probes.values():
             p.process.kill()
+        self.catalog.envs.stop()
         reaping.reap_strays(())  # whatever is left under the master now is a predictor's: it ends with the daemon
         bodies.remove_left(self.pid)
         shutil.rmtree(self.runtime, ignore_errors=True)
@@ -304,7 +312,10 @@ class Master(Arbiter):  # type: ignore[misc]
 
     def reap_model_workers(self) -> None:
         for p in self.catalog.probes.values():
-            p.process.poll()  # reap our probes before gunicorn's waitpid(-1) takes their status
+            p.process.poll()  # reap our probes (and builders) before gunicorn's waitpid(-1) takes their status
+        for build in self.catalog.envs.builds.values():
+            if build.process is not None:
+                build.process.poll()
         for handle, status in self.fleet.reap():
             autopsy = self.fleet.examine(handle, status, self.catalog.names(), self.catalog.api_of_file)
             how = self.fleet.exited(handle, status, self.stopping, autopsy)
@@ -350,6 +361,9 @@ class Master(Arbiter):  # type: ignore[misc]
             sampled = self.publisher.sample_due(now)
         with self.step("directory"):
             self.take_readings()
+        with self.step("environments"):
+            self.catalog.envs.expire(now)
+            self.catalog.env_done()
         with self.step("balancer"):
             self.balancer.tick(now)
         with self.step("placement"):
@@ -365,6 +379,8 @@ class Master(Arbiter):  # type: ignore[misc]
             self.next_prune = now + PRUNE_EVERY
             with self.step("pruning"):
                 self.catalog.prune_snapshots(self.fleet.in_use())
+                running = {Path(h.device.env).name for h in self.fleet if h.device.env}
+                self.catalog.envs.prune(self.catalog.envs_in_use() | running, now)
                 self.reap_strays()
         if sampled or self.catalog.changed or self.fleet.changed or self.balancer.changed or self.events.changed:
             with self.step("publishing"):
@@ -386,7 +402,8 @@ class Master(Arbiter):  # type: ignore[misc]
     def reap_strays(self) -> None:
         """End the processes that reached the master (a subreaper) without being its own: what a predictor
         started, left by a worker or probe that died."""
-        known = {*self.WORKERS, *(h.pid for h in self.fleet), *(p.process.pid for p in self.catalog.probes.values())}
+        known = {*self.WORKERS, *(h.pid for h in self.fleet), *(p.process.pid for p in self.catalog.probes.values()),
+                 *(b.process.pid for b in self.catalog.envs.builds.values() if b.process is not None)}
         reaping.reap_strays(known)
 
     def execute(self, action: Action) -> None:

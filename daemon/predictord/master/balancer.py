@@ -7,11 +7,13 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 from .. import metrics
 from ..config import Config
 from ..devices import Device, GpuReader, NvmlGpus, TraceGpus, read_host
+from ..envs import EnvInfo
 from ..scoreboard import MAX_MODEL, Scoreboard
 from .catalog import Catalog
 from .fleet import Fleet
@@ -60,7 +62,7 @@ class Balancer:
 
     def slots(self) -> list[WorkerSlot]:
         """The wanted model workers, as placement sees them."""
-        return [WorkerSlot(s, d.kind, d.label, self.owners.get(s)) for s, d in self.devices.items()]
+        return [WorkerSlot(s, d.kind, d.label, self.owners.get(s), d.env) for s, d in self.devices.items()]
 
     def drop_slot(self, slot: int, why: str) -> None:
         """A model worker slot is no longer wanted: its worker is retired once its APIs are served elsewhere."""
@@ -78,7 +80,9 @@ class Balancer:
             return  # going already
         log.warning("replacing model worker %d (%s): %s", slot, device.label, why)
         self.events.add("recycle", f"model worker {slot} ({device.label}) is replaced: {why}")
-        if self.add_worker(device.label, extra=slot in self.extra_slots, owner=self.owners.get(slot)) is not None:
+        owner = self.owners.get(slot)
+        env = self.catalog.env_info(owner) if owner is not None else None
+        if self.add_worker(device.label, extra=slot in self.extra_slots, owner=owner, env=env) is not None:
             self.drop_slot(slot, f"replaced: {why}")
 
     def gone_why(self, slot: int) -> str:
@@ -93,6 +97,10 @@ class Balancer:
             if owner not in wanted:
                 self.drop_slot(slot, f"API {owner} no longer needs a model worker of its own")
         for name, record in wanted.items():
+            env = self.catalog.env_info(name)
+            where = str(env.path) if env is not None else ""
+            for slot in [s for s, o in self.owners.items() if o == name and self.devices[s].env != where]:
+                self.drop_slot(slot, f"API {name} runs in another environment now")  # retired once replaced
             mine = sorted(s for s, o in self.owners.items() if o == name)
             keep = set(record.steer if record.steer is not None else record.placement)
             while len(mine) > record.replicas_wanted():
@@ -101,7 +109,7 @@ class Balancer:
                 self.drop_slot(extra, f"API {name} needs fewer replicas")
             while len(mine) < record.replicas_wanted():
                 device = self.dedicated_device(record.settings.serving.device if record.settings else "any")
-                added = self.add_worker(device, extra=False, owner=name) if device else None
+                added = self.add_worker(device, extra=False, owner=name, env=env) if device else None
                 if added is None:
                     break
                 mine.append(added)
@@ -238,7 +246,8 @@ class Balancer:
             log.info("rebalance: %s", d.text())
         if record is not None and d.action in ("add", "move"):
             if record.isolated:  # its replicas only ever run in workers of its own
-                slot = self.add_worker(d.device or "cpu", extra=False, owner=record.name)
+                slot = self.add_worker(d.device or "cpu", extra=False, owner=record.name,
+                                       env=self.catalog.env_info(record.name))
             else:
                 slot = d.into if d.into is not None else self.add_worker(d.device or "cpu")
             if slot is None:
@@ -267,23 +276,25 @@ class Balancer:
             self.events.add("rebalance", d.text())
         self.changed = True
 
-    def add_worker(self, label: str, extra: bool = True, owner: str | None = None) -> int | None:
-        """A new model worker slot on ``label`` (cpu, gpu0, ...), shared or dedicated to ``owner``; the master's
-        loop spawns it."""
+    def add_worker(self, label: str, extra: bool = True, owner: str | None = None,
+                   env: EnvInfo | None = None) -> int | None:
+        """A new model worker slot on ``label`` (cpu, gpu0, ...), shared or dedicated to ``owner`` (in its
+        environment ``env``, if it has one); the master's loop spawns it."""
         used = set(self.devices) | set(self.fleet.workers)
         free = [s for s in range(MAX_MODEL) if s not in used]
         if not free:
             log.error("no model worker slot left (%d in use)", MAX_MODEL)
             return None
-        device = Device("cpu") if label == "cpu" else Device("gpu", int(label.removeprefix("gpu")))
+        kind, index = ("cpu", None) if label == "cpu" else ("gpu", int(label.removeprefix("gpu")))
+        device = Device(kind, index, str(env.path) if env else "", env.fresh if env else False)
         self.devices[free[0]] = device
         self.gone.pop(free[0], None)
         if extra:
             self.extra_slots.add(free[0])
         if owner is not None:
             self.owners[free[0]] = owner
-            log.info("model worker slot %d (%s) is API %s's own ([serving] isolation = \"process\")", free[0],
-                     label, owner)
+            log.info("model worker slot %d (%s) is API %s's own%s", free[0], label, owner,
+                     f" (environment {env.key}{', a fresh interpreter' if env.fresh else ''})" if env else "")
         self.catalog.needs_plan = self.changed = True
         return free[0]
 
@@ -297,9 +308,11 @@ class Balancer:
         """A worker's busy fraction and jobs at the last sample, and whether the rebalancer added it."""
         last = self.window[-1] if self.window else None
         w = next((w for w in last.workers if w.slot == slot), None) if last else None
+        device = self.devices.get(slot)
         return {"busy": round(w.busy, 3) if w else None, "jobs": w.outstanding if w else None,
                 "latency_ms": round(w.latency * 1000, 2) if w else None, "added": slot in self.extra_slots,
-                "dedicated": self.owners.get(slot)}
+                "dedicated": self.owners.get(slot), "env": Path(device.env).name if device and device.env else None,
+                "fresh": bool(device and device.fresh)}
 
     def device_status(self) -> list[dict[str, Any]]:
         """The devices as the status page and `predictord status` show them: latest sample, utilization series."""

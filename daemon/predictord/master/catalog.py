@@ -14,12 +14,14 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .. import metrics, probe
+from .. import metrics, probe, requirements
 from ..config import Config, ConfigError, load_api_settings
+from ..envs import EnvInfo
 from ..logs import shown
 from ..protocol import Failed, Loaded, Problem
 from ..sources import ApiSource
 from .autopsy import Autopsy
+from .environments import Environments
 from .placement import Want, WorkerSlot, place
 from .reader import Reading, Seen
 from .reconcile import Wanted
@@ -53,6 +55,7 @@ class Catalog:
         self.notes: dict[str, str] = {}  # entries of the directory that are no API, and why
         self.max_apis = config.predictors.max_apis
         self.max_probes = config.max_probes
+        self.envs = Environments(config, runtime)
         self.needs_plan = True  # something placement depends on changed
         self.changed = True  # something status shows changed
 
@@ -190,24 +193,103 @@ class Catalog:
                 shutil.rmtree(entry, ignore_errors=True)
 
     # -- probes ----------------------------------------------------------------------------------------------------
-    def start_probe(self, record: ApiRecord) -> None:
-        """Check a version in a throwaway process, or queue it while max_probes probes run."""
+    def start_probe(self, record: ApiRecord, retry: bool = True) -> None:
+        """Check a version in a throwaway process (in its environment, built first when it declares requirements),
+        or queue it while max_probes probes run. ``retry``: build again an environment that failed before."""
         self.drop_probe(record.name)
         if record.slot < 0:
             record.probing = False
             return  # it waits for room first (fill_room checks it then)
         record.probing = True
+        ready, info = self.environment(record, retry)
+        if not ready:
+            return  # its environment is being built (env_done starts the probe), or failed
         if len(self.probes) >= self.max_probes:
             self.waiting.append(record.name)
             record.check = f"waiting to be checked ({self.max_probes} probes run at once: [predictors] max_probes)"
             return
         record.check = "being checked"
         proc = probe.start(record.source.folder or record.source.code, init=False, stderr=tempfile.TemporaryFile(),
-                           home=record.source.home)
+                           home=record.source.home, env=info.path if info else None)
         os.set_blocking(proc.stdout.fileno(), False)  # type: ignore[union-attr]
         deadline = time.monotonic() + self.config.predictors.load_timeout
         self.probes[record.name] = Probe(proc, record.version, deadline, [])
         self.peak_probes = max(self.peak_probes, len(self.probes))
+
+    def environment(self, record: ApiRecord, retry: bool) -> tuple[bool, EnvInfo | None]:
+        """Whether a version can be checked now, and the environment it runs in (None: the daemon's own packages).
+        One that declares requirements waits while its environment builds in the background."""
+        try:
+            settings = load_api_settings(record.source.settings)
+            declared = requirements.declared(record.source.folder, settings.dependencies.pip, record.source.settings)
+        except ConfigError:
+            declared = None  # the probe reports the settings file's error
+        except ValueError as e:
+            self.env_failed(record, record.user_paths(Problem(str(e), str(record.source.settings))))
+            return False, None
+        if declared is None:
+            record.envs[record.version] = None
+            return True, None
+        key = record.envs[record.version] = self.envs.key_of(declared)
+        info = self.envs.get(key)
+        if info is not None:
+            return True, info
+        self.envs.want(key, declared, retry)
+        if key in self.envs.failed:
+            self.env_failed(record, record.user_paths(self.envs.failed[key]))
+        else:
+            record.check = self.envs.describe(key, time.monotonic())
+        return False, None
+
+    def env_done(self) -> None:
+        """Builds that finished: the versions waiting for them are checked now, or fail with the install's error;
+        while builds run, what waits shows their progress."""
+        now = time.monotonic()
+        for key, problem in self.envs.take_done():
+            for record in list(self.apis.values()):
+                if record.probing and record.envs.get(record.version) == key and record.name not in self.probes \
+                        and record.name not in self.waiting:
+                    if problem is None:
+                        self.start_probe(record, retry=False)
+                    else:
+                        self.env_failed(record, record.user_paths(problem))
+            self.changed = True
+        for record in self.apis.values():
+            waits_for = record.envs.get(record.version)
+            if record.probing and waits_for is not None and waits_for in self.envs.builds:
+                record.check = self.envs.describe(waits_for, now)
+                self.changed = True
+
+    def env_failed(self, record: ApiRecord, problem: Problem) -> None:
+        record.probing, record.check = False, None
+        if record.version not in record.failed_versions or record.error != problem.stamped(record.version):
+            metrics.get().loads.labels(record.name, "reload" if record.loaded_at else "load", "failed").inc()
+            log.error("API %s version %s: %s", record.name, record.version, problem.message)
+            self.events.add("failed", f"API {record.name} version {record.version}: {problem.message}")
+        record.fail(problem, record.version)
+        self.needs_plan = self.changed = True
+
+    def env_info(self, name: str) -> EnvInfo | None:
+        """The environment an API's target version runs in (None: the daemon's own packages)."""
+        record = self.apis.get(name)
+        key = record.target_env() if record is not None else None
+        return self.envs.get(key) if key is not None else None
+
+    def environment_status(self, record: ApiRecord) -> dict[str, Any] | None:
+        """GET /NAME's environment: that of the newest version (the one being built or checked), else none."""
+        key = record.envs.get(record.version)
+        if key is None:
+            return None
+        status = self.envs.status(key, time.monotonic())
+        if "error" in status:
+            status["error"] = record.user_paths(Problem(status["error"])).message
+        return status
+
+    def envs_in_use(self) -> set[str]:
+        """The environments some version may still run in: each API's newest and its fallback."""
+        keys = {r.envs.get(r.version) for r in self.apis.values()}
+        keys |= {r.envs.get(r.good[0]) for r in self.apis.values() if r.good is not None}
+        return {k for k in keys if k is not None}
 
     def start_waiting(self) -> None:
         """Start the probes that waited for a turn, oldest first."""
@@ -375,7 +457,8 @@ class Catalog:
     def plan(self, slots: list[WorkerSlot], room: Mapping[str, int]) -> None:
         """Recompute where every API goes (pure placement), keeping what already runs where it is."""
         self.needs_plan = False
-        wants = {n: Want(r.settings.serving.device, r.replicas_wanted(), r.footprint, r.isolated)
+        wants = {n: Want(r.settings.serving.device, r.replicas_wanted(), r.footprint, r.isolated,
+                         str(self.envs.root / key) if (key := r.target_env()) else "")
                  for n, r in self.apis.items() if r.settings is not None and not r.quarantined}
         current = {n: r.steer if r.steer is not None else r.placement for n, r in self.apis.items()}
         for name, p in place(slots, wants, current, room).items():

@@ -4,6 +4,7 @@ restarts that follow."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import pickle
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import psutil
 
-from .. import metrics
+from .. import envs, logs, metrics
 from ..devices import Device
 from ..model.process import crash_files
 from ..model.worker import ModelWorker
@@ -156,6 +157,8 @@ class Fleet:
             for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD,
                         signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH):
                 signal.signal(sig, signal.SIG_DFL)
+            if device.fresh:
+                self.exec_fresh(slot, device, theirs, path, row)
             ModelWorker(slot, device, theirs, self.scoreboard, path, self.torch_threads, row).run()
         theirs.close()
         ours.setblocking(True)
@@ -165,6 +168,24 @@ class Fleet:
         self.changed = True
         log.info("spawned model worker %d (%s) pid %d", slot, device.label, pid)
         return handle
+
+    def exec_fresh(self, slot: int, device: Device, ctl: socket.socket, path: str, row: int) -> None:
+        """In the forked child: become a model worker in a fresh interpreter of its environment's Python (see
+        model/main.py), keeping only the control socket and the scoreboard open; never returns."""
+        board = self.scoreboard
+        spec = {"slot": slot, "device": dataclasses.asdict(device), "socket": path, "threads": self.torch_threads,
+                "row": row, "apis": board.apis, "board_fd": board.fd, "http_slots": board.http_slots,
+                "ctl_fd": ctl.fileno(), "log_level": logging.getLevelName(logging.getLogger().level).lower(),
+                "log_format": logs.current_format()}
+        try:
+            os.set_inheritable(board.fd, True)
+            os.set_inheritable(ctl.fileno(), True)
+            env = Path(device.env)
+            os.execve(envs.python_of(env), [str(envs.python_of(env)), "-s", "-m", "predictord.model.main",
+                                            json.dumps(spec)], envs.child_environ(env))
+        except OSError as e:
+            log.error("model worker %d: cannot start %s (%s)", slot, envs.python_of(Path(device.env)), e)
+        os._exit(1)
 
     def spawn_missing(self, devices: Mapping[int, Device], now: float) -> None:
         """A worker for every wanted slot that has none, once its back-off (if any) has passed."""

@@ -17,6 +17,7 @@ class WorkerSlot:
     kind: str  # "cpu" or "gpu"
     label: str  # "cpu", "gpu0", ...
     owner: str | None = None  # the API it is dedicated to ([serving] isolation = "process"), None: shared
+    env: str = ""  # the environment it runs in (a dedicated worker of an API with requirements), "": the daemon's
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class Want:
     replicas: int
     footprint: int = 0  # bytes one replica held at its last load (0: not measured yet)
     isolated: bool = False  # only on workers dedicated to it; never on a shared one
+    env: str = ""  # only on workers of this environment ("": the daemon's own packages)
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ def place(
         if kind == "any":
             kind = "gpu" if any(w.kind == "gpu" for w in workers) else "cpu"
         owner = name if want.isolated else None
-        candidates = [w.slot for w in workers if w.kind == kind and w.owner == owner]
+        candidates = [w.slot for w in workers if w.kind == kind and w.owner == owner and w.env == want.env]
         if not candidates and want.isolated and any(w.kind == kind for w in workers):
             result[name] = Placement((), error=f"waiting for a {kind} model worker of its own ([serving] isolation "
                                                "= \"process\")")

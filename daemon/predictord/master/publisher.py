@@ -72,7 +72,8 @@ class Publisher:
             write_atomically(self.routes_path, table.dumps())
             self.routes = table
             self.scoreboard.bump_routes()
-        apis = {name: {**api_status(record, replicas[name]), "stats": self.history.recent(name)}
+        apis = {name: {**api_status(record, replicas[name]), "stats": self.history.recent(name),
+                       "environment": catalog.environment_status(record)}
                 for name, record in catalog.apis.items()}
         workers = [{"slot": h.slot, "pid": h.pid, "device": h.device.label, "up": h.up, "apis": dict(h.loaded),
                     "loading": sorted(h.loading), "started_at": h.started_at, "restarts": fleet.restarts.get(h.slot, 0),

@@ -46,6 +46,7 @@ class ApiRecord:
     check: str | None = None  # "waiting to be checked" (probes are all busy), "being checked", or None
     quarantined: bool = False  # it ended its workers crash_limit times in crash_window: not loaded again until it
     #                            changes
+    envs: dict[str, str | None] = field(default_factory=dict)  # version -> the key of its environment (None: none)
 
     def changed(self) -> None:
         """Its files changed: a new version gets a fresh start (no crash count, no quarantine)."""
@@ -57,7 +58,13 @@ class ApiRecord:
     @property
     def isolated(self) -> bool:
         """It runs in model workers of its own: [serving] isolation = "process", or it crashed a shared one."""
-        return self.settings is not None and (self.settings.serving.isolation == "process" or self.contained)
+        return self.settings is not None and (self.settings.serving.isolation == "process" or self.contained
+                                              or self.target_env() is not None)
+
+    def target_env(self) -> str | None:
+        """The key of the environment its target version runs in (None: the daemon's own packages)."""
+        target = self.target()
+        return self.envs.get(target[0]) if target is not None else None
 
     def target(self) -> Target | None:
         """What a worker should load now: the newest version, or while it is broken or being checked, the last

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from .. import logs
+from .. import envs, logs
 from ..devices import Device
 from ..reaping import become_subreaper
 from ..scoreboard import Scoreboard
@@ -37,6 +37,8 @@ def crash_files(runtime: Path, row: int) -> tuple[Path, Path]:
 
 def prepare_process(slot: int, device: Device, threads: int, board: Scoreboard, row: int, runtime: Path) -> Children:
     """Everything a forked model worker sets up before it serves; returns its children's tracker."""
+    if device.env and not device.fresh:  # a fork of the master: put its environment's packages first
+        envs.activate(Path(device.env))
     os.environ["CUDA_VISIBLE_DEVICES"] = "" if device.kind == "cpu" else str(device.index)
     os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ["PREDICTORD_WORKER"] = f"{slot}:{device.label}"
