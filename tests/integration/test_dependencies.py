@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from harness import Daemon, Load, wait_until
 from wheels import make_wheel
@@ -198,6 +199,10 @@ def test_identical_requirements_share_one_environment_and_an_unused_one_is_remov
     wait_until(lambda: answer(d, "b"), 60, "b to serve")
     assert d.get("/b").json()["environment"]["key"] == key
     assert d.logs().count(f"environment {key}: installing") == 1, "b reused a's environment: no second install"
+    old = d.get("/a").json()["version"]["wanted"]
+    d.write("a/predictor.py", USES.format(module="tinypkg") + "\n# an edit of the code alone\n")
+    wait_until(lambda: (v := d.get("/a").json()["version"])["serving"] == [v["wanted"]] != [old], 60, "a's reload")
+    assert d.logs().count("installing") == 1, "an unchanged requirements file is never installed again"
     for name in ("a", "b"):
         (d.predictors / name / "predictor.py").unlink()
     wait_until(lambda: not (envs / key).exists(), 60, "the unused environment removed after its grace")
@@ -217,3 +222,17 @@ def test_check_builds_the_environment_and_checks_the_predictor_inside_it(
     assert "installing" in ok.stderr
     refused = cli(d, "check", str(bad))
     assert refused.returncode == 1 and "tinypkg==9.9" in refused.stderr, refused
+
+
+def test_an_install_past_its_deadline_is_killed_and_fails_that_version(
+        make_daemon: Callable[..., Daemon], wheelhouse: Path, gated: GatedIndex) -> None:
+    d = make_daemon({"a/predictor.py": USES.format(module="tinypkg"), "a/requirements.txt": "tinypkg==1.0\n"},
+                    config(wheelhouse).replace(f'["{wheelhouse}"]', f'["{wheelhouse}", "{gated.url}"]')
+                    .replace("install_timeout = 120", "install_timeout = 3"))
+    d.wait_settled(120)
+    d.write("a/requirements.txt", "slowpkg==1.0\n")  # its wheel never comes: the gate stays shut
+    failed = wait_until(lambda: (a := d.get("/a").json())["error"] and a, 60, "the install to time out")
+    assert "took longer than [predictors] install_timeout (3s)" in failed["error"]["message"]
+    assert answer(d, "a")["version"] == "1.0", "the old version keeps serving"
+    assert not [p for p in psutil.Process(d.proc.pid).children(recursive=True)  # type: ignore[union-attr]
+                if "pip" in " ".join(p.cmdline())], "the installer was killed with its builder"

@@ -67,6 +67,7 @@ function render(data) {
       (s.p99_ms ?? "-") + " ms, " + (s.errors || 0) + " errors (last minute)", "muted"));
     card.appendChild(el("div", "version " + (a.version.serving.join(", ") || a.version.wanted) + " on " +
       (a.replicas.map(r => r.device + "#" + r.worker).join(", ") || "-"), "muted"));
+    if (a.check) card.appendChild(el("div", a.check, "muted"));
     for (const [what, e] of [["", a.error], ["crash: ", a.crash], ["last request error: ", a.request_error]])
       if (e) card.appendChild(el("div", what + (e.file ? e.file + (e.line ? ":" + e.line : "") + ": " : "") +
         e.message, "err"));
