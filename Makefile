@@ -14,7 +14,7 @@ SERVICE_USER ?= predictord
 # The service user must be able to run it: the system's Python, not one under a home directory (pyenv).
 INSTALL_PYTHON ?= /usr/bin/python3
 
-.PHONY: run test unit integration stress lint clean bench soak faults hostile browser-deps install install-venv install-files install-user uninstall
+.PHONY: run test unit integration stress lint clean bench soak faults hostile browser-deps balancer-deps install install-venv install-files install-user uninstall
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ browser-deps:
 	command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
 	mkdir -p .browser && cp tests/browser/package.json .browser/
 	cd .browser && npm install --no-audit --no-fund --silent
+
+# The balancer test drives Debian's haproxy in front of two daemons; without it, it is skipped.
+balancer-deps:
+	command -v haproxy >/dev/null || { apt-get update -qq && apt-get install -y -qq haproxy; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check daemon tests bench

@@ -162,7 +162,7 @@ def installer_command(spec: dict[str, Any], env: Path) -> list[str]:
 def uv_binary() -> str:
     """uv's binary: the ``uv`` package's (pip install 'predictord[uv]'), else one on PATH."""
     try:
-        import uv  # type: ignore[import-not-found]
+        import uv  # type: ignore[import-not-found,unused-ignore]  # an optional extra
 
         return str(uv.find_uv_bin())
     except (ImportError, FileNotFoundError):

@@ -100,19 +100,37 @@ class ApiSource:
             found += [Path(root) / f for f in sorted(files) if f.endswith(CODE_SUFFIXES) and not is_ignored(f)]
         return found + [p for p in requirement_files(self.folder) if p not in found]  # they are code too
 
-    def version(self) -> str:
-        """A hash of its code and settings files (contents and mtimes) and of its folder itself: an edit, a
-        ``touch`` of a code file, or a new folder moved in with ``mv`` is a new version. Other files (weights, what
-        the predictor writes into its folder) are not part of it, so a predictor that writes into its own folder
-        never reloads itself. Reads are bounded (see ``read_code``): Unreadable when a file cannot be read safely."""
-        h = hashlib.sha256()
+    def identity(self) -> tuple[str, str]:
+        """(version, stamp). The version is a hash of its code, settings and requirements files (names and
+        contents): the same files are the same version on every host. The stamp is a hash of their mtimes and of
+        its folder itself: a ``touch`` of a code file, or the same code in a new folder moved in with ``mv``, changes
+        it alone, and the daemon loads the same code again (new weights). Other files (weights, what the predictor
+        writes into its folder) are part of neither, so a predictor that writes into its own folder never reloads
+        itself. Reads are bounded (see ``read_code``): Unreadable when a file cannot be read safely."""
+        code, stamp = hashlib.sha256(), hashlib.sha256()
         if self.folder is not None:
             st = os.stat(self.folder)
-            h.update(f"folder {st.st_dev}:{st.st_ino}\0".encode())
+            stamp.update(f"folder {st.st_dev}:{st.st_ino}\0".encode())
         for p in self.code_files():
             data, mtime = read_code(p)
-            h.update(str(p.relative_to(self.root)).encode() + f"\0{mtime}\0".encode() + data)
-        return h.hexdigest()[:12]
+            name = str(p.relative_to(self.root)).encode()
+            code.update(name + f"\0{len(data)}\0".encode() + data)
+            stamp.update(name + f"\0{mtime}\0".encode())
+        return code.hexdigest()[:12], stamp.hexdigest()[:12]
+
+    def version(self) -> str:
+        return self.identity()[0]
+
+
+def code_of(version: str) -> str:
+    """The code a version id names: ``abc123`` and its reloads ``abc123-1``, ``abc123-2`` (a touch) are one code."""
+    return version.partition("-")[0]
+
+
+def next_load(version: str) -> str:
+    """The id of the same code loaded again after a touch: ``abc123`` -> ``abc123-1`` -> ``abc123-2``."""
+    code, _, n = version.partition("-")
+    return f"{code}-{int(n or 0) + 1}"
 
 
 class Unreadable(Exception):

@@ -94,13 +94,14 @@ class Daemon:
 
     def start(self) -> Daemon:
         self.write_config()
+        before = len(self.logs()) if self.log_path.exists() else 0  # a restart appends to the same log
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         env.pop("PREDICTORD_CONFIG", None)
         self.log = self.log_path.open("ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "predictord", "--config", str(self.config_path)],
                                      stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                      cwd=self.root, start_new_session=True)
-        match = self.wait_for_log(r"predictord listening on http://127\.0\.0\.1:(\d+)", 60)
+        match = self.wait_for_log(r"predictord listening on http://127\.0\.0\.1:(\d+)", 60, after=before)
         self.port = int(match.group(1))
         return self
 

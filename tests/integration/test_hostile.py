@@ -227,7 +227,8 @@ def test_apis_beyond_max_apis_are_shown_and_load_once_room_frees(make_daemon: An
         assert error["kind"] == "room" and "more than 10 APIs ([predictors] max_apis = 10)" in error["message"]
         r = d.post(f"/{name}", json={})
         assert r.status_code == 503 and "max_apis" in r.json()["error"]
-    assert "api10 is failed" in d.get("/readyz").json()["error"]
+    assert d.get("/readyz").json()["failed"] == {"api10": "failed", "api11": "failed"}
+    assert "max_apis" in d.get("/readyz?api=api10").json()["error"]
     (d.predictors / "api00.py").unlink()
     (d.predictors / "api01.py").unlink()
     wait_until(lambda: all(d.post(f"/{n}", json={}).status_code == 200 for n in waiting), 60, "room to free up")

@@ -345,8 +345,25 @@ def test_readyz_says_why_not(d: Daemon) -> None:
     d.publish_status(ready=False, not_ready={"b": "failed", "a": "loading"}, workers_down=[1])
     r = d.request("GET", "/readyz")
     assert r.status_code == 503
-    assert r.json() == {"ready": False, "error": "API a is loading; API b is failed; model worker 1 is not up",
+    assert r.json() == {"ready": False, "error": "API a is loading; model worker 1 is not up",
                         "not_ready": {"b": "failed", "a": "loading"}}
+
+
+def test_a_failed_api_leaves_the_host_ready_and_fails_its_own_check(d: Daemon) -> None:
+    bad = Route(slot=1, replicas=(), timeout=1.0, queue_limit=1, wants_headers=False, state="failed",
+                problem=Problem(f"{PREDICTORS}/bad.py: boom in /etc/private/x", None))
+    d.publish({"echo": ECHO, "bad": bad})
+    d.publish_status(ready=True, not_ready={"bad": "failed"})
+    r = d.request("GET", "/readyz")
+    assert r.status_code == 200 and r.json() == {"ready": True, "failed": {"bad": "failed"}}
+    assert d.request("GET", "/readyz?api=echo").json() == {"ready": True, "api": "echo", "replicas": 1}
+    refused = d.request("GET", "/readyz?api=bad")
+    assert refused.status_code == 503 and refused.json()["state"] == "failed"
+    assert "boom" in refused.json()["error"] and "/etc/private" not in refused.json()["error"], "redacted"
+    missing = d.request("GET", "/readyz?api=nope")
+    assert missing.status_code == 404 and missing.json()["error"] == "no API named 'nope' here"
+    d.front.draining = True
+    assert d.request("GET", "/readyz?api=echo").status_code == 503, "a draining host leaves the balancer at once"
 
 
 def test_before_the_master_published_anything(tmp_path: Path) -> None:

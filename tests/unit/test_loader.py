@@ -9,7 +9,16 @@ import pytest
 
 from predictord import sources
 from predictord.loader import LoadError, inspect_class, load_class
-from predictord.sources import MAX_CODE_BYTES, Unreadable, is_ignored, name_problem, scan, source_for
+from predictord.sources import (
+    MAX_CODE_BYTES,
+    Unreadable,
+    code_of,
+    is_ignored,
+    name_problem,
+    next_load,
+    scan,
+    source_for,
+)
 
 
 def src(tmp_path: Path, text: str, name: str = "p.py") -> Path:
@@ -82,30 +91,37 @@ def test_scan_finds_files_and_folders(tmp_path: Path) -> None:
 
 
 def test_a_version_is_code_and_settings_not_assets(tmp_path: Path) -> None:
-    """Code and settings make a version (their contents and mtimes: an edit or a touch), and so does a new folder
-    moved in; an asset the predictor writes into its folder never does (it would reload itself for ever)."""
+    """Code and settings make a version (their contents: the same on every host); a touch, or a new folder moved in
+    with the same code, changes the stamp alone (the daemon loads it again); an asset the predictor writes into its
+    folder changes neither (it would reload itself for ever)."""
     folder = tmp_path / "api"
     folder.mkdir()
     code = src(folder, "a = 1", "predictor.py")
     s = source_for(folder)
-    v1 = s.version()
+    v1, stamp1 = s.identity()
     src(folder, "a = 2", "predictor.py")
-    v2 = s.version()
+    v2, _ = s.identity()
     src(folder, "[config]", "predictor.toml")
-    v3 = s.version()
+    v3, stamp3 = s.identity()
+    assert len({v1, v2, v3}) == 3
     os.utime(code, ns=(1, 1))
-    v4 = s.version()
-    assert len({v1, v2, v3, v4}) == 4
+    v4, stamp4 = s.identity()
+    assert v4 == v3 and stamp4 != stamp3, "a touch: the same version, a new stamp"
     src(folder, "weights", "w.bin")
     src(folder, "junk", ".swp")
     (folder / "cache").mkdir()
     src(folder / "cache", "written at run time", "x.bin")
-    assert s.version() == v4, "assets and editor droppings are not part of a version"
+    assert s.identity() == (v4, stamp4), "assets and editor droppings are part of neither"
     moved = tmp_path / "new"
     shutil.copytree(folder, moved, copy_function=shutil.copy2)
     shutil.rmtree(folder)
     moved.rename(folder)
-    assert s.version() != v4, "a folder moved in with mv is a new version, even with the same code"
+    assert s.identity()[0] == v4 and s.identity()[1] != stamp4, "a folder moved in: the same code, a new stamp"
+    other = tmp_path / "elsewhere" / "api"
+    shutil.copytree(folder, other)  # another host: new mtimes and inode, the same files
+    assert source_for(other).version() == v4, "the same files are the same version on every host"
+    assert (code_of(v4), next_load(v4), next_load(next_load(v4))) == (v4, f"{v4}-1", f"{v4}-2")
+    assert code_of(f"{v4}-2") == v4
 
 
 def test_only_regular_files_of_bounded_size_are_read(tmp_path: Path) -> None:

@@ -78,14 +78,20 @@ def document(status: dict[str, Any], predict_token: bool = False, admin_token: b
         "/healthz": _own("200 while the daemon is alive (its master's loop ticks).",
                          _json("Alive.", {"type": "object"}),
                          {"503": _error("The master's loop has stopped ticking; the error says for how long.")}),
-        "/readyz": _own("200 when every API is ready.", _json("Ready.", {"type": "object"}),
-                        {"503": _error("Some API is not ready; the error names it.")}),
+        "/readyz": _own("200 when the host has settled: no API still loading (failed ones are listed, not "
+                        "counted) and every model worker up. With ?api=NAME: 200 when that API has a ready replica.",
+                        _json("Ready.", {"type": "object"}),
+                        {"503": _error("Not ready: APIs loading, a model worker down, stopping, or (with api=) that "
+                                       "API has no ready replica; the error says which."),
+                         "404": _error("With api=: no API of that name here.")}),
         "/metrics": _own("Prometheus metrics, merged across every process.", {
             "description": "Prometheus text format.", "headers": REQUEST_ID,
             "content": {"text/plain": {"schema": {"type": "string"}}}}, {"401": _error(ERROR_CODES["401"])}),
         "/openapi.json": _own("This document.", _json("OpenAPI 3.1.", {"type": "object"}),
                               {"401": _error(ERROR_CODES["401"])}),
     }
+    paths["/readyz"]["get"]["parameters"] = [{"name": "api", "in": "query", "required": False, "schema": {
+        "type": "string"}, "description": "An API's own readiness, for a balancer's per-API health check."}]
     for name, api in sorted(status.get("apis", {}).items()):
         paths[f"/{name}"] = {"post": _predict(name, api or {}), "get": _status(name)}
     bearer: list[dict[str, list[str]]] = [{"bearer": []}]

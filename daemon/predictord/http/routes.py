@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import parse_qs
 
 from .. import metrics
 from ..protocol import RoutingTable
@@ -38,6 +39,7 @@ class Site(Protocol):
     scoreboard: Scoreboard
     published: Published
     tokens: Tokens
+    draining: bool
 
     @property
     def dispatcher(self) -> Dispatcher: ...
@@ -124,15 +126,39 @@ def handle_healthz(site: Site, scope: Scope) -> Response:
 
 
 def handle_readyz(site: Site, scope: Scope) -> Response:
-    """/readyz: 200 when every API is ready, else 503 and what is not."""
+    """/readyz: this host takes traffic. 200 once it has settled: no API is still loading (each is ready, or failed
+    for a reason of its own, listed under ``failed``) and every model worker is up; 503 while it starts, loads, has
+    a worker down, or drains. A failed API does not take the host out of a balancer: ``/readyz?api=NAME`` is that
+    API's own check (200 when it has a ready replica here)."""
+    if site.draining:
+        return Response(503, dumps({"ready": False, "error": "the daemon is stopping"}))
+    asked = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("api")
+    if asked:
+        return api_ready(site, asked[0])
     daemon = site.published.status().get("daemon", {})
+    failed = {n: s for n, s in daemon.get("not_ready", {}).items() if s == "failed"}
     if daemon.get("ready"):
-        return ok({"ready": True})
-    reasons = [f"API {n} is {s}" for n, s in sorted(daemon.get("not_ready", {}).items())]
+        return ok({"ready": True, "failed": failed} if failed else {"ready": True})
+    loading = {n: s for n, s in daemon.get("not_ready", {}).items() if s != "failed"}
+    reasons = [f"API {n} is {s}" for n, s in sorted(loading.items())]
     reasons += [f"model worker {s} is not up" for s in daemon.get("workers_down", [])]
     body = {"ready": False, "error": "; ".join(reasons) or "the daemon is starting",
             "not_ready": daemon.get("not_ready", {})}
     return Response(503, dumps(body))
+
+
+def api_ready(site: Site, name: str) -> Response:
+    """/readyz?api=NAME: 200 when the API has a ready replica on this host; 503 (with why) when it has none; 404
+    when the host has no such API."""
+    table = site.published.routes()
+    route = table.apis.get(name)
+    if route is None:
+        return Response(404, dumps({"ready": False, "api": name, "error": f"no API named {name!r} here"}))
+    if route.replicas and route.state == "ready":
+        return ok({"ready": True, "api": name, "replicas": len(route.replicas)})
+    why = redact(route.problem.message, table.predictors_dir) if route.problem is not None else None
+    return Response(503, dumps({"ready": False, "api": name, "state": route.state,
+                                "error": why or f"API {name} is {route.state}"}))
 
 
 def handle_metrics(site: Site, scope: Scope) -> Response:

@@ -19,7 +19,7 @@ from ..config import Config, ConfigError, load_api_settings
 from ..envs import EnvInfo
 from ..logs import shown
 from ..protocol import Failed, Loaded, Problem
-from ..sources import ApiSource
+from ..sources import ApiSource, code_of, next_load
 from .autopsy import Autopsy
 from .environments import Environments
 from .placement import Want, WorkerSlot, place
@@ -99,19 +99,27 @@ class Catalog:
             record.error = seen.problem.stamped(record.version)
             return
         refused = record is not None and record.error is not None and record.error.kind in REFUSALS
-        if record is not None and record.version == seen.version and record.origin == seen.origin:
+        version = seen.version
+        same = record is not None and code_of(record.version) == seen.version and record.origin == seen.origin
+        if record is not None and same and record.stamp == seen.stamp:
             if not refused:
                 return
-            record.failed_versions.discard(seen.version)  # a chmod or a fix of the directory: check it again
+            version = record.version
+            record.failed_versions.discard(version)  # a chmod or a fix of the directory: check it again
             record.error = None
+        elif record is not None and same:
+            version = next_load(record.version)
+            log.info("API %s was touched or moved in anew with the same code (version %s -> %s); loading it again",
+                     shown(name), record.version, version)
         elif record is not None:
             log.info("API %s changed (version %s -> %s); checking the new version", shown(name), record.version,
-                     seen.version)
+                     version)
+            record.failed_versions.discard(version)  # saved again: a version that failed before gets another try
         else:
-            log.info("API %s found (version %s); checking it", shown(name), seen.version)
-            record = self.new_record(name, seen.origin, seen.version)
+            log.info("API %s found (version %s); checking it", shown(name), version)
+            record = self.new_record(name, seen.origin, version)
         assert seen.snapshot is not None
-        record.origin, record.version, record.source = seen.origin, seen.version, seen.snapshot
+        record.origin, record.version, record.source, record.stamp = seen.origin, version, seen.snapshot, seen.stamp
         record.changed()
         self.start_probe(record)
 
@@ -177,11 +185,11 @@ class Catalog:
         """Drop the code copies of versions nothing will load again: not wanted, not the fallback, not on a worker
         (``in_use``: the (API, version) pairs the workers have loaded or are loading), and not just made (the
         reader may have copied a version the master has not heard of yet)."""
-        keep = {f"{name}-{version}" for name, version in in_use}
+        keep = {f"{name}-{code_of(version)}" for name, version in in_use}
         for name, record in self.apis.items():
-            keep.add(f"{name}-{record.version}")
+            keep.add(f"{name}-{code_of(record.version)}")
             if record.good is not None:
-                keep.add(f"{name}-{record.good[0]}")
+                keep.add(f"{name}-{code_of(record.good[0])}")
         now = time.time() if now is None else now
         root = self.runtime / "snapshots"
         for entry in root.iterdir() if root.is_dir() else ():

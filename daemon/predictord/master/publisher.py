@@ -79,6 +79,7 @@ class Publisher:
                     "loading": sorted(h.loading), "started_at": h.started_at, "restarts": fleet.restarts.get(h.slot, 0),
                     **balancer.worker_load(h.slot)} for h in fleet]
         not_ready = {n: a["state"] for n, a in apis.items() if a["state"] != "ready"}
+        loading = [n for n, state in not_ready.items() if state == "loading"]
         down = [s for s in balancer.devices if s not in fleet.workers or not fleet.workers[s].up]
         document = {
             "apis": apis,
@@ -88,7 +89,7 @@ class Publisher:
             "devices": balancer.device_status(),
             "decisions": list(balancer.decisions),
             "daemon": {"pid": info.pid, "started_at": info.started_at, "predictors_dir": info.predictors_dir,
-                       "ready": not not_ready and not down and not catalog.probes, "not_ready": not_ready,
+                       "ready": not loading and not down and not catalog.probes, "not_ready": not_ready,
                        "workers_down": down, "probes": catalog.probe_status(), "reading_for": info.reading_for,
                        "not_apis": dict(catalog.notes)},
         }

@@ -30,8 +30,9 @@ class Seen:
 
     name: str
     origin: ApiSource  # the user's files
-    version: str = ""
+    version: str = ""  # its code (sources.ApiSource.identity)
     snapshot: ApiSource | None = None
+    stamp: str = ""  # its files' mtimes and its folder: a touch changes this alone
     problem: Problem | None = None  # kind: name, permissions, unreadable
 
 
@@ -164,7 +165,7 @@ class DirectoryReader:
         if problem:
             return Seen(name, source, problem=Problem(problem, str(source.code), kind="name"))
         try:
-            version = source.version()  # first: a FIFO or a device is refused as what it is
+            version, stamp = source.identity()  # first: a FIFO or a device is refused as what it is
             if self.check_permissions:
                 problem = permissions.check_source(source, self.directory)
                 if problem:
@@ -174,4 +175,4 @@ class DirectoryReader:
             return Seen(name, source, problem=Problem(str(e), kind="unreadable"))
         except OSError as e:
             return Seen(name, source, problem=Problem(f"cannot copy its code to check it: {e}", str(source.code)))
-        return Seen(name, source, version, copy)
+        return Seen(name, source, version, copy, stamp=stamp)

@@ -23,7 +23,7 @@ class ApiRecord:
     name: str
     slot: int  # its column in the scoreboard
     source: ApiSource
-    version: str  # the newest version seen on disk
+    version: str  # the newest version seen on disk: its code, and -N for its N-th load again after a touch
     settings: ApiSettings | None = None  # None until the version passed its probe
     signature: dict[str, Any] | None = None
     placement: tuple[int, ...] = ()  # written by Catalog.plan only
@@ -47,6 +47,7 @@ class ApiRecord:
     quarantined: bool = False  # it ended its workers crash_limit times in crash_window: not loaded again until it
     #                            changes
     envs: dict[str, str | None] = field(default_factory=dict)  # version -> the key of its environment (None: none)
+    stamp: str = ""  # its files' mtimes and folder when last seen (a change with the same code: load it again)
 
     def changed(self) -> None:
         """Its files changed: a new version gets a fresh start (no crash count, no quarantine)."""
