@@ -14,7 +14,7 @@ SERVICE_USER ?= predictord
 # The service user must be able to run it: the system's Python, not one under a home directory (pyenv).
 INSTALL_PYTHON ?= /usr/bin/python3
 
-.PHONY: run test unit integration stress lint clean bench soak faults hostile browser-deps balancer-deps install install-venv install-files install-user uninstall
+.PHONY: run test unit integration stress lint clean bench soak faults hostile browser-deps balancer-deps ray-test install install-venv install-files install-user uninstall
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,19 @@ browser-deps:
 	mkdir -p .browser && cp tests/browser/package.json .browser/
 	cd .browser && npm install --no-audit --no-fund --silent
 
+# `predictord ray` on a real two-node Ray cluster on loopback (tests/ray): its own venv with the ray extra, so that
+# the daemon's venv never holds ray (about 5 minutes; .ci/run runs it).
+RAY_VENV := .venv-ray
+$(RAY_VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(RAY_VENV)
+	$(RAY_VENV)/bin/pip install -q --upgrade pip
+	$(RAY_VENV)/bin/pip install -q torch==2.13.0
+	$(RAY_VENV)/bin/pip install -q -e '.[test,ray]'
+	touch $@
+
+ray-test: $(RAY_VENV)/.installed
+	$(RAY_VENV)/bin/python -m pytest -q -s -W ignore::DeprecationWarning tests/ray
+
 # The balancer test drives Debian's haproxy in front of two daemons; without it, it is skipped.
 balancer-deps:
 	command -v haproxy >/dev/null || { apt-get update -qq && apt-get install -y -qq haproxy; }
@@ -55,7 +68,7 @@ lint: $(STAMP)
 	$(BIN)/mypy daemon/predictord
 
 clean:
-	rm -rf $(VENV) build *.egg-info daemon/*.egg-info
+	rm -rf $(VENV) $(RAY_VENV) build *.egg-info daemon/*.egg-info
 
 # The benchmark suite (under 10 minutes on 2 cores); it needs Debian's wrk and builds LitServe's venv once.
 bench: $(STAMP)

@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.11",
     # The code lives in daemon/; it installs as `predictord` (a top-level `daemon` would clash with python-daemon).
     package_dir={"": "daemon"},
-    packages=["predictord", "predictord.master", "predictord.http", "predictord.model"],
+    packages=["predictord", "predictord.master", "predictord.http", "predictord.model", "predictord.cluster"],
     install_requires=[
         "gunicorn>=27,<28",
         "uvicorn[standard]>=0.54",
@@ -27,6 +27,8 @@ setup(
     extras_require={"test": ["pytest>=8", "httpx>=0.28", "ruff>=0.8", "mypy>=1.13", "types-psutil",
                              "hypothesis>=6.100", "schemathesis>=4"],
                     # [predictors] installer = "uv": the uv binary, pinned to the version BENCHMARKS.md measured
-                    "uv": ["uv==0.13.9"]},
+                    "uv": ["uv==0.13.9"],
+                    # `predictord ray`: the same predictors on a Ray Serve cluster (never imported by the daemon)
+                    "ray": ["ray[serve]==2.60.0"]},
     entry_points={"console_scripts": ["predictord=predictord.cli:main"]},
 )

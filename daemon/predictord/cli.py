@@ -12,12 +12,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, logs
 from .config import Config, ConfigError, describe_options, find_config, load_config, override
 from .logs import shown
 
-COMMANDS = ("serve", "check", "status", "options")
-VALUED = ("--config", "--host", "--port", "--predictors", "--log-level", "--timeout")  # options that take a value
+COMMANDS = ("serve", "check", "status", "options", "ray")
+VALUED = ("--config", "--host", "--port", "--predictors", "--log-level", "--timeout", "--address",
+          "--replica-cpus")  # options that take a value
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -32,8 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="predictord", description="Serve Python predictors over HTTP on one machine.")
     p.add_argument("--version", action="version", version=f"predictord {__version__}")
     sub = p.add_subparsers(dest="command")
-    for name in ("serve", "status"):
-        s = sub.add_parser(name, help="run the daemon (default)" if name == "serve" else "show the running daemon")
+    helps = {"serve": "run the daemon (default)", "status": "show the running daemon",
+             "ray": "serve the predictors directory on a Ray Serve cluster (pip install 'predictord[ray]')"}
+    for name in ("serve", "status", "ray"):
+        s = sub.add_parser(name, help=helps[name])
         s.add_argument("--config", help="config file (default: $PREDICTORD_CONFIG, /etc/predictord/config.toml, "
                                         "./config.toml)")
         s.add_argument("--host", help="override [server] host")
@@ -42,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--log-level", help="override [server] log_level")
         if name == "status":
             s.add_argument("--json", action="store_true", help="print the raw JSON")
+            s.add_argument("--ray", action="store_true", help="the Ray Serve deployment of `predictord ray`")
+        if name in ("status", "ray"):
+            s.add_argument("--address", help="the Ray cluster (default: $RAY_ADDRESS, or the local one)")
+        if name == "ray":
+            s.add_argument("--replica-cpus", type=float, default=1.0,
+                           help="CPUs Ray reserves for each replica (default 1)")
     c = sub.add_parser("check", help="load a predictor in a throwaway process (in its environment, built first "
                                      "when it declares requirements) and report every problem")
     c.add_argument("path", help="NAME.py or a NAME/ folder")
@@ -247,8 +256,21 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:
         print(f"predictord: {e}", file=sys.stderr)
         sys.exit(2)
+    if args.command in ("ray", "status") and (args.command == "ray" or args.ray):
+        from .cluster import before_ray
+
+        before_ray(args.address)
+    if args.command == "status" and args.ray:
+        from .cluster.registry import status as ray_status
+
+        sys.exit(ray_status(args.address, args.json))
     if args.command == "status":
         sys.exit(status(config, args.json))
+    if args.command == "ray":
+        logs.setup(config.server.log_level, config.server.log_format)
+        from .cluster.driver import main as ray_main
+
+        sys.exit(ray_main(config, args.address, args.replica_cpus))
     from .master.app import serve
 
     serve(config, reload=lambda: _load(args))

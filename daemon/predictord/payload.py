@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from starlette.datastructures import FormData
+from starlette.datastructures import FormData, Headers, QueryParams
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -236,4 +237,46 @@ def chunk_bytes(part: Any) -> bytes:
 
 def error_body(message: str, **extra: Any) -> bytes:
     return to_json({"error": message, **extra})
+
+
+JSON_HEADERS: list[Header] = [(b"content-type", b"application/json")]
+
+
+def error_reply(status: int, message: str, request_id: str, **extra: Any) -> Reply:
+    """A JSON error: ``{"error": message, "request_id": ..., ...}``."""
+    return Reply(status, list(JSON_HEADERS), error_body(message, request_id=request_id, **extra))
+
+
+def exception_reply(e: BaseException, api: str, request_id: str) -> Reply:
+    """A request that failed: a payload that does not parse is a 400; the predictor's starlette HTTPException keeps
+    its status and headers; anything else is a 500 that names the API and the request, with no internals (its
+    traceback goes to the log)."""
+    if isinstance(e, BadPayload):
+        return error_reply(400, str(e), request_id)
+    if isinstance(e, HTTPException):
+        reply = error_reply(e.status_code, str(e.detail), request_id)
+        reply.headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (e.headers or {}).items()]
+        return reply
+    return error_reply(500, f"API {api!r} failed while handling this request ({type(e).__name__}); the traceback "
+                            "is in the server's log", request_id, api=api)
+
+
+def client_error(e: BaseException) -> bool:
+    """The request's own fault (a bad payload, the predictor's HTTPException): answered, not logged as a failure."""
+    return isinstance(e, (BadPayload, HTTPException))
+
+
+def offer(names: tuple[str, ...], payload: Any, query: bytes, headers: Any, response: Any = None) -> dict[str, Any]:
+    """The arguments a predictor method asked for, by name."""
+    kwargs: dict[str, Any] = {}
+    for name in names:
+        if name == "payload":
+            kwargs[name] = payload
+        elif name == "query_params":
+            kwargs[name] = QueryParams(query)
+        elif name == "headers":
+            kwargs[name] = Headers(raw=headers or [])
+        elif name == "response":
+            kwargs[name] = response
+    return kwargs
 

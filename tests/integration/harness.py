@@ -31,6 +31,13 @@ def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.05
         time.sleep(interval)
 
 
+def free_port() -> int:
+    """A loopback port free now (for a server that must be told its port before it starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def exchange(port: int, data: bytes, timeout: float = 10) -> tuple[bytes, bool]:
     """Send raw bytes on a new connection; what came back, and whether the server closed it within ``timeout``."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:

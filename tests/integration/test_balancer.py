@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Daemon, Load, wait_until
+from harness import Daemon, Load, free_port, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 WHO = '''
@@ -33,12 +33,6 @@ BROKEN = "class PythonPredictor:\n    def predict(self, payload)\n        return
 
 pytestmark = pytest.mark.skipif(shutil.which("haproxy") is None,
                                 reason="needs Debian's haproxy: make balancer-deps (.ci/run runs it)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def recipe() -> Any:

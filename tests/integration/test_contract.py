@@ -1,4 +1,8 @@
-"""The predictor contract (DESIGN.md section 1) against a real daemon: arguments, payloads, returns, errors."""
+"""The predictor contract (DESIGN.md section 1) against a real daemon: arguments, payloads, returns, errors.
+
+The tests named in ``SHARED`` use only what `predictord ray` serves too (``POST /NAME`` and its answers):
+tests/ray/test_contract_on_ray.py runs those very functions against a Ray Serve deployment of the same predictors.
+"""
 
 from __future__ import annotations
 
@@ -194,7 +198,12 @@ def test_generator_streams(daemon: Daemon) -> None:
 
 def test_async_predict_and_init_extras(daemon: Daemon) -> None:
     r = daemon.post("/aio", json=[1])
-    assert r.json() == {"async": True, "device": "cpu", "dir": str(daemon.predictors), "got": [1]}
+    assert r.json() | {"dir": None} == {"async": True, "device": "cpu", "dir": None, "got": [1]}
+    assert Path(r.json()["dir"]).is_absolute()
+
+
+def test_predictor_dir_is_the_users_folder(daemon: Daemon) -> None:
+    assert daemon.post("/aio", json=[1]).json()["dir"] == str(daemon.predictors)
 
 
 def test_post_predict_runs_after_the_response(daemon: Daemon) -> None:
@@ -230,7 +239,11 @@ def test_exception_is_500_naming_api_and_request_without_traceback(daemon: Daemo
     assert body["api"] == "kinds" and body["request_id"] == "req-123"
     assert "ValueError" in body["error"] and "secret internal detail" not in r.text
     assert "Traceback" not in r.text
-    daemon.wait_for_log(r"API kinds request req-123: predict\(\) raised ValueError: secret internal detail")
+
+
+def test_an_exception_is_logged_with_the_api_and_the_request(daemon: Daemon) -> None:
+    assert daemon.post("/kinds", json={"kind": "crash"}, headers={"X-Request-ID": "req-124"}).status_code == 500
+    daemon.wait_for_log(r"API kinds request req-124: predict\(\) raised ValueError: secret internal detail")
 
 
 @pytest.mark.parametrize("kind", ["nan", "object"])
@@ -239,7 +252,18 @@ def test_unserializable_return_is_500(daemon: Daemon, kind: str) -> None:
     assert r.status_code == 500 and r.json()["api"] == "kinds"
 
 
-def test_request_id_echoed_or_generated_on_every_response(daemon: Daemon) -> None:
+def test_request_id_echoed_or_generated(daemon: Daemon) -> None:
+    for path in ("/echo", "/nope"):
+        r = daemon.post(path, headers={"X-Request-ID": "abc-1"}, json={})
+        assert r.headers["x-request-id"] == "abc-1", path
+        first, second = (daemon.post(path, json={}).headers["x-request-id"] for _ in range(2))
+        assert len(first) >= 32 and first != second, path
+    crash = daemon.post("/kinds", json={"kind": "crash"})
+    assert crash.json()["request_id"] == crash.headers["x-request-id"], "the body names the request its header does"
+    assert daemon.post("/kinds", json={"kind": "number"}).headers["x-predictor-version"]
+
+
+def test_request_id_on_every_response_and_the_version_that_answered(daemon: Daemon) -> None:
     for path, method in [("/echo", "POST"), ("/nope", "POST"), ("/", "GET"), ("/echo", "GET"), ("/healthz", "GET")]:
         r = daemon.client.request(method, daemon.url(path), headers={"X-Request-ID": "abc-1"}, json={})
         assert r.headers["x-request-id"] == "abc-1", path
@@ -259,6 +283,10 @@ def test_unknown_api_is_404_json(daemon: Daemon) -> None:
 def test_other_methods_are_405(daemon: Daemon) -> None:
     r = daemon.client.put(daemon.url("/echo"), json={})
     assert r.status_code == 405 and r.headers["allow"] == "GET, POST"
+    assert r.json()["error"] == "/echo answers POST (predict) and GET (status)"
+
+
+def test_the_daemons_own_routes_answer_get_only(daemon: Daemon) -> None:
     assert daemon.post("/healthz").status_code == 405
 
 
@@ -341,3 +369,12 @@ def test_a_stream_whose_client_leaves_is_stopped_and_its_generator_closed(tmp_pa
             assert next(r.iter_lines()) == "part 0"
     finally:
         d.stop()
+
+
+# What `predictord ray` serves too: tests/ray/test_contract_on_ray.py runs these against Ray Serve.
+SHARED = ("test_json_payload_query_headers_and_config", "test_text_payload_honours_charset",
+          "test_other_content_types_are_bytes", "test_form_and_multipart", "test_malformed_json_is_400_with_json_error",
+          "test_json_returns", "test_str_bytes_and_response_returns", "test_generator_streams",
+          "test_async_predict_and_init_extras", "test_http_exception_keeps_its_status",
+          "test_exception_is_500_naming_api_and_request_without_traceback", "test_unserializable_return_is_500",
+          "test_request_id_echoed_or_generated", "test_unknown_api_is_404_json", "test_other_methods_are_405")

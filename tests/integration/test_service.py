@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 from broken import OK, SLOW
-from harness import Daemon, wait_until
+from harness import Daemon, free_port, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 ANALYZE = shutil.which("systemd-analyze")
@@ -195,12 +195,6 @@ def test_ready_waits_for_a_slow_init_before_it_is_sent(tmp_path: Path, notify: N
         assert ready >= opened, "READY=1 came before the __init__ finished"
     finally:
         d.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="systemd-socket-activate missing")

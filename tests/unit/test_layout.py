@@ -9,11 +9,14 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "daemon" / "predictord"
-PROCESSES = ("master", "http", "model")
-# Only the entry point starts a process: `predictord serve` imports the master (lazily, inside main).
-ENTRY_POINT = {"cli": {"master"}}
-# An HTTP worker and a model worker share nothing but the wire protocol (and the other shared modules).
-NEVER = {"http": {"model", "master"}, "model": {"http", "master"}}
+PROCESSES = ("master", "http", "model", "cluster")
+# Only the entry point starts a process: `predictord serve` imports the master, `predictord ray` the cluster driver
+# (lazily, inside main).
+ENTRY_POINT = {"cli": {"master", "cluster"}}
+# An HTTP worker and a model worker share nothing but the wire protocol (and the other shared modules); the daemon
+# never imports the Ray mode (an optional extra), which takes the master's reader and the shared contract code.
+NEVER = {"http": {"model", "master", "cluster"}, "model": {"http", "master", "cluster"}, "master": {"cluster"},
+         "cluster": {"http", "model"}}
 MAX_LINES = 500
 
 

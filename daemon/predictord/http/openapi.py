@@ -16,7 +16,7 @@ ERROR_CODES = {
     "408": "The request did not arrive within [server] read_timeout.",
     "413": "The body is over [server] max_body_bytes.",
     "431": "The request line and headers are over [server] max_header_bytes.",
-    "500": "predict() raised, or returned something that cannot be sent; the traceback is in the daemon's log.",
+    "500": "predict() raised, or returned something that cannot be sent; the traceback is in the server's log.",
     "502": "The model worker running the request died; it is being replaced.",
     "503": "The API is loading, failed to load, or its queue is full (see Retry-After).",
     "504": "The request took longer than the API's [serving] timeout.",

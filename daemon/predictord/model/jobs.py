@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import Any
 
 from starlette.datastructures import Headers, QueryParams
-from starlette.exceptions import HTTPException
 
 from .. import metrics
 from .. import payload as pl
@@ -36,7 +35,7 @@ from ..protocol import (
     with_header,
 )
 from ..scoreboard import RunMarks
-from .loaded import CURRENT, Job, LoadedApi, error_reply, in_api, next_part, offer, request_problem
+from .loaded import CURRENT, Job, LoadedApi, error_reply, in_api, next_part, request_problem
 
 log = logging.getLogger("predictord.model")
 
@@ -196,20 +195,14 @@ class JobRunner:
             self._unmark(job)
 
     def _failed(self, api: LoadedApi, job: Job, e: BaseException) -> pl.Reply:
-        """The reply for a predictor that raised: its HTTPException as is, anything else a 500 without internals
-        (the traceback goes to the log, the error to the master for GET /NAME and status)."""
-        if isinstance(e, pl.BadPayload):
-            return error_reply(400, str(e), job)
-        if isinstance(e, HTTPException):
-            reply = error_reply(e.status_code, str(e.detail), job)
-            reply.headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (e.headers or {}).items()]
-            return reply
-        hint = " (sys.exit in predict() ends the request, not the worker)" if isinstance(e, SystemExit) else ""
-        log.error("API %s request %s: predict() raised %s: %s%s", api.name, job.request_id, type(e).__name__, e,
-                  hint, exc_info=e)
-        self.report(api, request_problem(api, e))
-        return error_reply(500, f"API {api.name!r} failed while handling this request ({type(e).__name__}); the "
-                                "traceback is in the daemon's log", job, api=api.name)
+        """The reply for a predictor that raised (payload.exception_reply); a failure of its own is logged with its
+        traceback and reported to the master (GET /NAME and status show it)."""
+        if not pl.client_error(e):
+            hint = " (sys.exit in predict() ends the request, not the worker)" if isinstance(e, SystemExit) else ""
+            log.error("API %s request %s: predict() raised %s: %s%s", api.name, job.request_id, type(e).__name__, e,
+                      hint, exc_info=e)
+            self.report(api, request_problem(api, e))
+        return pl.exception_reply(e, api.name, job.request_id)
 
     async def _fill(self, api: LoadedApi, batch: list[Job]) -> None:
         """Take more queued jobs into the batch, and wait for more (at most batch_wait) only while some are on their
@@ -238,7 +231,7 @@ class JobRunner:
         try:
             payload = await self._payload(job)
             if api.signature.is_async:
-                result = await api.instance.predict(**offer(api.signature.predict_args, payload, query, headers))
+                result = await api.instance.predict(**pl.offer(api.signature.predict_args, payload, query, headers))
                 reply = pl.to_reply(result)
             elif api.inline:
                 result, reply = self._predict_sync(api, job, payload)
@@ -258,7 +251,7 @@ class JobRunner:
         query, headers = job.header.query_string, job.header.headers
         started = time.perf_counter()
         try:
-            result = api.instance.predict(**offer(api.signature.predict_args, payload, query, headers))
+            result = api.instance.predict(**pl.offer(api.signature.predict_args, payload, query, headers))
             return result, pl.to_reply(result)
         finally:
             api.observe(time.perf_counter() - started)
@@ -267,7 +260,8 @@ class JobRunner:
         CURRENT.set(api)
         query, headers = job.header.query_string, job.header.headers
         try:
-            api.instance.post_predict(**offer(api.signature.post_predict_args or (), payload, query, headers, result))
+            asked = api.signature.post_predict_args or ()
+            api.instance.post_predict(**pl.offer(asked, payload, query, headers, result))
         except (Exception, SystemExit) as e:  # noqa: BLE001 - the response is gone already: log it, report it
             log.exception("API %s request %s: post_predict() raised", api.name, job.request_id)
             self.loop.call_soon_threadsafe(self.report, api, request_problem(api, e, "post_predict()"))

@@ -14,8 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from starlette.datastructures import Headers, QueryParams
-
 from .. import metrics
 from .. import payload as pl
 from ..loader import Signature, user_frame
@@ -25,7 +23,6 @@ from ..protocol import JobHeader, Problem
 if TYPE_CHECKING:
     from .jobs import JobConnection
 
-JSON_HEADERS = [(b"content-type", b"application/json")]
 INLINE_BELOW = 0.0005  # seconds: a sync predict this short runs on the loop (a thread hop costs ~50-100 us)
 INLINE_BATCH_BELOW = 0.002  # seconds: a batch this short runs on the loop of a worker that serves its API alone
 MAX_MESSAGE = 500  # characters of an exception's text kept in a request error
@@ -117,23 +114,8 @@ class LoadedApi:
         return bool(self.queue or self.running or self.runners)
 
 
-def offer(names: tuple[str, ...], payload: Any, query: bytes, headers: Any, response: Any = None) -> dict[str, Any]:
-    """The arguments a predictor method asked for, by name."""
-    kwargs: dict[str, Any] = {}
-    for name in names:
-        if name == "payload":
-            kwargs[name] = payload
-        elif name == "query_params":
-            kwargs[name] = QueryParams(query)
-        elif name == "headers":
-            kwargs[name] = Headers(raw=headers or [])
-        elif name == "response":
-            kwargs[name] = response
-    return kwargs
-
-
 def error_reply(status: int, message: str, job: Job, **extra: Any) -> pl.Reply:
-    return pl.Reply(status, list(JSON_HEADERS), pl.error_body(message, request_id=job.request_id, **extra))
+    return pl.error_reply(status, message, job.request_id, **extra)
 
 
 def request_problem(api: LoadedApi, e: BaseException, doing: str = "predict()") -> Problem:
