@@ -155,7 +155,7 @@ def _get_unix(path: Path, target: str) -> bytes:
 
 def last_error(api: dict[str, Any]) -> str:
     """The newest of an API's load error, crash and request-time error, as ``file:line: message``."""
-    found = [e for e in (api.get("error"), api.get("crash"), api.get("request_error")) if e]
+    found = [e for e in (api.get("error"), api.get("crash"), api.get("request_error"), api.get("health")) if e]
     if not found:
         return str(api.get("check") or "")
     e = max(found, key=lambda e: e.get("at") or 0)

@@ -70,6 +70,13 @@ def _requirement_list(value: Any) -> str | None:
     return 'a list of requirements in pip\'s format, such as ["requests==2.32.3", "numpy>=2"]'
 
 
+def _sample_list(value: Any) -> str | None:
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) and v and not v.startswith("/")
+                                                and ".." not in Path(v).parts for v in value):
+        return None
+    return 'a list of files in the predictor\'s folder, such as ["samples/cat.json"]'
+
+
 def _module_list(value: Any) -> str | None:
     if isinstance(value, (list, tuple)) and all(isinstance(m, str) and m for m in value):
         return None
@@ -283,6 +290,13 @@ class ServingConfig:
     isolation: str = opt("shared", "shared: its replicas share model workers with other APIs; process: model workers "
                          "of its own, for code that must not share fate or global state.",
                          _one_of(("shared", "process")))
+    health_interval: float = opt(10.0, "Seconds between calls of the predictor's health(), if it has one; 0: never.",
+                                 _in_range(0, 86400))
+    health_failures: int = opt(3, "health() failures in a row (a raise, False, or no answer within health_interval) "
+                               "after which the replica is loaded again.", _in_range(1, 1000))
+    warmup: tuple[str, ...] = opt((), "Sample requests run through predict() before a replica counts as ready: files "
+                                  "in the predictor's folder (.json parsed, .txt text, others bytes); one that fails "
+                                  "fails the load.", _sample_list)
 
 
 @dataclass(frozen=True)

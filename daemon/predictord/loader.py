@@ -4,31 +4,38 @@ The contract (Cortex's, kept exactly, then extended)::
 
     class PythonPredictor:
         def __init__(self, config):            # config: the [config] table of NAME.toml, as a dict
-            ...                                # may also ask for `device` ("cpu", "cuda") and `predictor_dir`
+            ...                                # may also ask for `device` ("cpu", "cuda"), `predictor_dir` and
+                                               # `metrics` (usermetrics.py: counters, gauges, histograms)
         def predict(self, payload):            # may also ask for `query_params` and `headers`, by name
             return {"label": "cat"}            # JSON-able, str, bytes, a starlette Response, or a generator
         def post_predict(self, response, payload):   # optional, runs after the response is sent
             ...
         def close(self):                       # optional, runs when this version unloads (reload, delete, stop)
             ...
+        def health(self):                      # optional, every [serving] health_interval: raise or return False
+            return True                        # when this replica cannot serve (it is taken out, then reloaded)
 
 ``predict`` may be ``async def``. Any argument name outside these lists is a load error that names it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import payload as pl
 from .namespace import Namespace
 from .protocol import Problem
 from .sources import ApiSource, name_problem
+from .usermetrics import UserMetrics
 
 CLASS_NAME = "PythonPredictor"
 PREDICT_ARGS = ("payload", "query_params", "headers")
-INIT_ARGS = ("config", "device", "predictor_dir")
+INIT_ARGS = ("config", "device", "predictor_dir", "metrics")
 POST_PREDICT_ARGS = ("response", *PREDICT_ARGS)
 
 
@@ -81,6 +88,7 @@ class Signature:
     post_predict_args: tuple[str, ...] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     has_close: bool = False  # it defines close(self), called when a version unloads
+    has_health: bool = False  # it defines health(self), called every [serving] health_interval
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -89,6 +97,7 @@ class Signature:
             "async": self.is_async,
             "post_predict": list(self.post_predict_args) if self.post_predict_args is not None else None,
             "close": self.has_close,
+            "health": self.has_health,
         }
 
 
@@ -129,11 +138,14 @@ def inspect_class(cls: Any, source: ApiSource) -> Signature:
         close = getattr(cls, "close", None)
         if callable(close) and _asked(close, (), where, "close()"):
             raise LoadError("close() takes no arguments but self", where)
+        health = getattr(cls, "health", None)
+        if callable(health) and _asked(health, (), where, "health()"):
+            raise LoadError("health() takes no arguments but self", where)
     except LoadError as e:
         e.line = e.line or line
         raise
     return Signature(predict_args, init_args, inspect.iscoroutinefunction(predict), post_args,
-                     has_close=callable(close))
+                     has_close=callable(close), has_health=callable(health))
 
 
 @dataclass
@@ -175,7 +187,8 @@ def instantiate(imported: Imported, config: dict[str, Any], device: str) -> Any:
     What the import and __init__ changed in sys.path and os.environ is noted, to be undone at unload."""
     source = imported.namespace.source
     offered = {"config": config, "device": device, "predictor_dir": str(source.assets)}
-    kwargs = {name: offered[name] for name in imported.signature.init_args}
+    kwargs = {name: offered[name] if name != "metrics" else UserMetrics(source.name)
+              for name in imported.signature.init_args}
     try:
         instance = imported.cls(**kwargs)
     except BaseException as e:  # noqa: BLE001 - user code: every failure becomes a load error
@@ -184,3 +197,47 @@ def instantiate(imported: Imported, config: dict[str, Any], device: str) -> Any:
         raise error_from_exception(e, source, "__init__") from None
     imported.namespace.settle()
     return instance
+
+
+MAX_SAMPLE = 64 * 2**20  # bytes of one warm-up sample
+
+
+def warm_up(imported: Imported, instance: Any, samples: tuple[str, ...], batching: bool) -> None:
+    """Run each warm-up sample (a file in the predictor's folder: .json parsed, .txt text, anything else bytes)
+    through predict() as a request would (a batch of one for a batching predictor); raise LoadError naming the
+    sample that fails."""
+    source = imported.namespace.source
+    for name in samples:
+        path = source.assets / name
+        doing = f"warm-up sample {name}"
+        try:
+            if path.stat().st_size > MAX_SAMPLE:
+                raise LoadError(f"{doing}: larger than {MAX_SAMPLE >> 20} MiB", str(path))
+            data = path.read_bytes()
+        except OSError as e:
+            raise LoadError(f"{doing}: cannot read {path} ({e.strerror})", str(path)) from None
+        try:
+            payload = pl.parse_body("application/json" if name.endswith(".json") else
+                                    "text/plain" if name.endswith(".txt") else "", data)
+        except pl.BadPayload as e:
+            raise LoadError(f"{doing}: {e}", str(path)) from None
+        kwargs = pl.offer(imported.signature.predict_args, payload, b"", [])
+        if batching:
+            kwargs = {k: [v] for k, v in kwargs.items()}
+        try:
+            result = instance.predict(**kwargs)
+            if inspect.isawaitable(result):
+                result = asyncio.run(_awaited(result))
+            if batching and (not isinstance(result, (list, tuple)) or len(result) != 1):
+                raise TypeError(f"predict() returned {type(result).__name__} for a batch of 1; a batching "
+                                "predictor returns a list")
+            reply = pl.to_reply(result[0] if batching else result)
+            if isinstance(reply.stream, Iterator):
+                for _ in reply.stream:
+                    pass  # a sync stream runs to its end (an async one is left)
+        except BaseException as e:  # noqa: BLE001 - user code: every failure is this sample's
+            raise error_from_exception(e, source, f"{doing}: predict()") from None
+
+
+async def _awaited(result: Any) -> Any:
+    return await result

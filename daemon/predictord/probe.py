@@ -21,7 +21,7 @@ import psutil
 
 from . import envs
 from .config import ConfigError, load_api_settings
-from .loader import LoadError, instantiate, load_class
+from .loader import LoadError, instantiate, load_class, warm_up
 from .reaping import end_processes
 from .sources import source_for
 
@@ -46,7 +46,9 @@ def _probe(path: Path, init: bool, home: Path | None) -> dict[str, Any]:
     try:
         imported = load_class(source, "check")
         if init:
-            instantiate(imported, dict(settings.config), "cpu")
+            serving = settings.serving
+            warm_up(imported, instantiate(imported, dict(settings.config), "cpu"), serving.warmup,
+                    serving.max_batch_size > 1)
     except LoadError as e:
         return {"ok": False, "name": source.name, "error": e.as_dict()}
     return {"ok": True, "name": source.name, "signature": imported.signature.as_dict(),

@@ -164,7 +164,20 @@ class Hung:
     request_id: str
 
 
-Control = Started | Load | Loaded | Unload | Unloaded | Failed | Hung
+@dataclass(frozen=True)
+class Health:
+    """Model worker -> master: an API's health() failed (``ok`` False: the replica is out of the routes), passed again,
+    or failed ``failures`` times in a row, and the replica is being loaded again (``reloading``)."""
+
+    api: str
+    version: str
+    ok: bool
+    problem: Problem | None = None
+    failures: int = 0
+    reloading: bool = False
+
+
+Control = Started | Load | Loaded | Unload | Unloaded | Failed | Hung | Health
 
 # Why the master ended a model worker itself (the scoreboard holds the index + 1, for the HTTP workers to say).
 KILL_CAUSES = {

@@ -9,7 +9,8 @@ from predictord.config import ServingConfig
 def test_defaults_map_to_one_fixed_replica_of_one_cpu() -> None:
     o = serve_options(ServingConfig(), 1.0, 0)
     assert o.deployment == {"ray_actor_options": {"num_cpus": 1.0}, "num_replicas": 1,
-                            "max_ongoing_requests": 1 + REPLICA_QUEUE, "max_queued_requests": 128}
+                            "max_ongoing_requests": 1 + REPLICA_QUEUE, "max_queued_requests": 128,
+                            "health_check_period_s": 10.0}
     assert o.batch is None and o.warnings == []
 
 

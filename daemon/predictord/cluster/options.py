@@ -47,6 +47,11 @@ def serve_options(serving: ServingConfig, replica_cpus: float, cluster_gpus: flo
     else:
         options["max_queued_requests"] = 1
         warnings.append("queue_limit = 0 has no Serve equivalent (its smallest queue is 1 request): 1")
+    if serving.health_interval > 0:  # a replica whose health() fails is replaced at its first failure
+        options["health_check_period_s"] = serving.health_interval
+    if serving.health_failures != 3:
+        warnings.append(f"health_failures = {serving.health_failures} has no Serve equivalent: Serve replaces a "
+                        "replica at its first failed health check")
     batch = None
     if serving.max_batch_size > 1:
         batch = (serving.max_batch_size, serving.batch_wait_ms / 1000)

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from .. import payload as pl
-from ..loader import instantiate, load_class
+from ..loader import instantiate, load_class, warm_up
 from ..sources import source_for
 
 log = logging.getLogger("predictord.ray")
@@ -58,6 +58,7 @@ class PredictorReplica:
         imported = load_class(source, version)
         device = "cuda" if ray.get_gpu_ids() else "cpu"
         self.instance = instantiate(imported, config, device)
+        warm_up(imported, self.instance, tuple(serving.get("warmup", ())), serving["max_batch_size"] > 1)
         self.signature = imported.signature
         self.timeout = float(serving["timeout"])
         self.pool = ThreadPoolExecutor(int(serving["threads"]), thread_name_prefix=f"predict-{name}")
@@ -125,6 +126,12 @@ class PredictorReplica:
         if self.signature.is_async:
             return await method(**kwargs)
         return await asyncio.get_running_loop().run_in_executor(self.pool, lambda: method(**kwargs))
+
+    def check_health(self) -> None:
+        """Serve's health check, every [serving] health_interval: the predictor's health(), if it has one (a raise
+        or False: Serve replaces this replica)."""
+        if self.signature.has_health and self.instance.health() is False:
+            raise RuntimeError(f"API {self.name}: health() returned False")
 
     def status(self) -> dict[str, Any]:
         """GET /NAME on a replica: what it serves, and where."""

@@ -219,6 +219,8 @@ class Front:
                 message = f"API {name!r} is {route.problem.message}" + (f" (last at {where})" if where else "")
             elif route.state == "failed" and route.problem is not None:
                 message = f"API {name!r} failed to load: {route.problem}"
+            elif route.state == "unhealthy" and route.problem is not None:
+                message = f"API {name!r} is unhealthy: {route.problem}; retry shortly"
             else:
                 message = f"API {name!r} is {route.state}; retry shortly"
             raise Refused(503, redact(message, self.published.routes().predictors_dir), RETRY)

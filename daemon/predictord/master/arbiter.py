@@ -25,7 +25,7 @@ from gunicorn.arbiter import Arbiter
 
 from .. import bodies, logs, metrics, reaping
 from ..config import Config, ConfigError
-from ..protocol import Control, Failed, Hung, Loaded
+from ..protocol import Control, Failed, Health, Hung, Loaded
 from ..scoreboard import MAX_HTTP
 from .autopsy import Autopsy
 from .balancer import Balancer
@@ -213,6 +213,8 @@ class Master(Arbiter):  # type: ignore[misc]
             self.catalog.loaded(m, handle.slot, handle.device.label)
         elif isinstance(m, Failed):
             self.catalog.request_failed(m)
+        elif isinstance(m, Health):
+            self.catalog.health(m, handle.slot)
         elif isinstance(m, Hung):
             blame = Autopsy(m.api, f"hung in predict() for {m.seconds:.0f}s (request {m.request_id})")
             self.catalog.crashed(blame, handle.slot, self.balancer.kind_of(m.api) == "cpu")

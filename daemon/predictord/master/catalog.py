@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import subprocess
 import tempfile
 import time
@@ -18,17 +17,16 @@ from .. import metrics, probe, requirements
 from ..config import Config, ConfigError, load_api_settings
 from ..envs import EnvInfo
 from ..logs import shown
-from ..protocol import Failed, Loaded, Problem
+from ..protocol import Failed, Health, Loaded, Problem
 from ..sources import ApiSource, code_of, next_load
 from .autopsy import Autopsy
 from .environments import Environments
 from .placement import Want, WorkerSlot, place
-from .reader import Reading, Seen
+from .reader import Reading, Seen, prune_snapshots
 from .reconcile import Wanted
 from .records import ApiRecord, Events
 
 log = logging.getLogger("predictord.master")
-SNAPSHOT_GRACE = 10.0  # seconds a fresh copy is kept though no record names it yet
 REFUSALS = ("permissions", "unreadable", "name")  # refused before loading: looked at again on the next reading
 
 
@@ -187,18 +185,8 @@ class Catalog:
         reader may have copied a version the master has not heard of yet)."""
         keep = {f"{name}-{code_of(version)}" for name, version in in_use}
         for name, record in self.apis.items():
-            keep.add(f"{name}-{code_of(record.version)}")
-            if record.good is not None:
-                keep.add(f"{name}-{code_of(record.good[0])}")
-        now = time.time() if now is None else now
-        root = self.runtime / "snapshots"
-        for entry in root.iterdir() if root.is_dir() else ():
-            try:
-                young = now - entry.stat().st_mtime < SNAPSHOT_GRACE
-            except OSError:
-                continue
-            if entry.name not in keep and not young:
-                shutil.rmtree(entry, ignore_errors=True)
+            keep |= {f"{name}-{code_of(v)}" for v in (record.version, record.good[0] if record.good else "") if v}
+        prune_snapshots(self.runtime / "snapshots", keep, time.time() if now is None else now)
 
     # -- probes ----------------------------------------------------------------------------------------------------
     def start_probe(self, record: ApiRecord, retry: bool = True) -> None:
@@ -411,6 +399,22 @@ class Catalog:
             record.request_error = record.user_paths(m.problem)
             record.request_errors += m.count
             self.changed = True
+
+    def health(self, m: Health, worker: int) -> None:
+        """A replica's health() failed, passed again, or failed enough times that it is loaded again."""
+        record = self.apis.get(m.api)
+        if record is None:
+            return
+        self.changed = True
+        if m.ok:
+            self.events.add("healthy", f"API {m.api} on worker {worker} is healthy again")
+            return
+        assert m.problem is not None
+        record.health = m.problem.stamped(m.version)
+        if m.failures == 1 or m.reloading:
+            then = "; loading it again" if m.reloading else "; out of the routes until it passes"
+            self.events.add("unhealthy", f"API {m.api} on worker {worker}: health check failed {m.failures} time(s) "
+                                         f"in a row: {m.problem.message}{then}")
 
     # -- crashes ---------------------------------------------------------------------------------------------------
     def names(self) -> dict[int, str]:

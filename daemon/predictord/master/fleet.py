@@ -27,9 +27,11 @@ from ..protocol import (
     KILL_CODES,
     Control,
     FrameReader,
+    Health,
     Hung,
     Load,
     Loaded,
+    Problem,
     Started,
     Unload,
     Unloaded,
@@ -99,6 +101,7 @@ class ModelWorkerHandle:
     unloading: set[str] = field(default_factory=set)
     threads: dict[str, int] = field(default_factory=dict)  # API -> jobs it runs at once
     lanes: dict[str, int] = field(default_factory=dict)  # API -> predict() calls it runs at once
+    unhealthy: dict[str, Problem] = field(default_factory=dict)  # API -> why its health() fails here (not routed)
     inbox: list[Control] = field(default_factory=list)  # control messages read, not yet handled
 
     def __post_init__(self) -> None:
@@ -215,8 +218,14 @@ class Fleet:
         if isinstance(m, Started):
             handle.up, handle.base_rss = True, m.rss
             log.info("model worker %d (%s) pid %d is up", handle.slot, handle.device.label, handle.pid)
+        elif isinstance(m, Health):
+            if m.ok:
+                handle.unhealthy.pop(m.api, None)
+            elif m.problem is not None:
+                handle.unhealthy[m.api] = m.problem
         elif isinstance(m, Loaded):
             handle.loading.pop(m.api, None)
+            handle.unhealthy.pop(m.api, None)  # a new instance: healthy until its health() says otherwise
             if m.ok:
                 if m.api in handle.loaded:  # a reload: the old version goes now
                     handle.weigh_at = time.monotonic() + WEIGH_AFTER
@@ -224,6 +233,7 @@ class Fleet:
                 handle.rss[m.api] = m.rss
         elif isinstance(m, Unloaded):
             handle.loaded.pop(m.api, None)
+            handle.unhealthy.pop(m.api, None)
             handle.rss.pop(m.api, None)
             handle.unloading.discard(m.api)
             handle.weigh_at = time.monotonic() + WEIGH_AFTER
@@ -394,10 +404,16 @@ class Fleet:
 
     # -- what they serve -------------------------------------------------------------------------------------------
     def replicas(self, name: str) -> list[Replica]:
-        """The workers that take an API's jobs now."""
+        """The workers that take an API's jobs now (not one whose health() fails there)."""
         return [Replica(h.slot, h.pid, h.device.label, h.socket_path, h.loaded[name], h.threads.get(name, 1), h.row,
                         h.lanes.get(name, 1))
-                for h in self.workers.values() if name in h.loaded and name not in h.unloading and not h.stopping]
+                for h in self.workers.values() if name in h.loaded and name not in h.unloading and not h.stopping
+                and name not in h.unhealthy]
+
+    def unhealthy(self, name: str) -> list[dict[str, object]]:
+        """The replicas of an API whose health() fails, with why (status shows them; routes leave them out)."""
+        return [{"worker": h.slot, "pid": h.pid, "device": h.device.label, "version": h.loaded.get(name),
+                 "problem": h.unhealthy[name].as_dict()} for h in self.workers.values() if name in h.unhealthy]
 
     def in_use(self) -> set[tuple[str, str]]:
         """(API, version) pairs loaded or loading on some worker."""

@@ -67,12 +67,14 @@ class Publisher:
     def publish(self, catalog: Catalog, fleet: Fleet, balancer: Balancer, events: Events, info: DaemonInfo) -> None:
         """Write what changed: the routing table when routing changed, the status document always."""
         replicas = {name: fleet.replicas(name) for name in catalog.apis}
-        table = RoutingTable({n: route(r, replicas[n]) for n, r in catalog.apis.items()}, info.predictors_dir)
+        sick = {name: fleet.unhealthy(name) for name in catalog.apis}
+        table = RoutingTable({n: route(r, replicas[n], len(sick[n])) for n, r in catalog.apis.items()},
+                             info.predictors_dir)
         if table != self.routes or not self.routes_path.exists():
             write_atomically(self.routes_path, table.dumps())
             self.routes = table
             self.scoreboard.bump_routes()
-        apis = {name: {**api_status(record, replicas[name]), "stats": self.history.recent(name),
+        apis = {name: {**api_status(record, replicas[name], sick[name]), "stats": self.history.recent(name),
                        "environment": catalog.environment_status(record)}
                 for name, record in catalog.apis.items()}
         workers = [{"slot": h.slot, "pid": h.pid, "device": h.device.label, "up": h.up, "apis": dict(h.loaded),

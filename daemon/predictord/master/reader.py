@@ -10,6 +10,7 @@ master goes on replacing workers, answering signals and serving what it has. The
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -44,6 +45,21 @@ class Reading:
     apis: dict[str, Seen] = field(default_factory=dict)
     clashes: dict[str, tuple[Path, Path]] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)  # entries that are no API, and why
+
+
+SNAPSHOT_GRACE = 10.0  # seconds a fresh copy is kept though no record names it yet
+
+
+def prune_snapshots(root: Path, keep: set[str], now: float) -> None:
+    """Delete the version copies in ``root`` but those in ``keep`` and those just made (the reader may have copied
+    a version the master has not heard of yet)."""
+    for entry in root.iterdir() if root.is_dir() else ():
+        try:
+            young = now - entry.stat().st_mtime < SNAPSHOT_GRACE
+        except OSError:
+            continue
+        if entry.name not in keep and not young:
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 class DirectoryReader:

@@ -48,6 +48,7 @@ class ApiRecord:
     #                            changes
     envs: dict[str, str | None] = field(default_factory=dict)  # version -> the key of its environment (None: none)
     stamp: str = ""  # its files' mtimes and folder when last seen (a change with the same code: load it again)
+    health: Problem | None = None  # the last failure of its health()
 
     def changed(self) -> None:
         """Its files changed: a new version gets a fresh start (no crash count, no quarantine)."""
@@ -121,24 +122,30 @@ class Replica:
         return ReplicaRow(self.worker, self.socket, self.threads, self.version, self.marks, self.lanes)
 
 
-def api_state(record: ApiRecord, replicas: list[Replica]) -> str:
-    """ready (a replica serves it), failed (nothing serves it and it failed, or it is quarantined), or loading."""
+def api_state(record: ApiRecord, replicas: list[Replica], unhealthy: int = 0) -> str:
+    """ready (a replica serves it), failed (nothing serves it and it failed, or it is quarantined), unhealthy (its
+    only replicas fail their health checks), or loading."""
     if record.quarantined:
         return "failed"
     if replicas:
         return "ready"
+    if unhealthy:
+        return "unhealthy"
     if record.error is not None and (record.version in record.failed_versions or not record.probing):
         return "failed"
     return "loading"
 
 
-def api_status(record: ApiRecord, replicas: list[Replica]) -> dict[str, Any]:
+def api_status(record: ApiRecord, replicas: list[Replica], unhealthy: list[dict[str, Any]] | None = None
+               ) -> dict[str, Any]:
     """What GET /NAME shows: state, versions, placement, last error and settings."""
     serving = dataclasses.asdict(record.settings.serving) if record.settings else None
     live = sorted({r.version for r in replicas})
     return {
         "name": record.name,
-        "state": api_state(record, replicas),
+        "state": api_state(record, replicas, len(unhealthy or ())),
+        "unhealthy": unhealthy or [],
+        "health": record.health.as_dict() if record.health else None,
         "version": {
             "wanted": record.version,
             "serving": live,
@@ -163,7 +170,7 @@ def api_status(record: ApiRecord, replicas: list[Replica]) -> dict[str, Any]:
     }
 
 
-def route(record: ApiRecord, replicas: list[Replica]) -> Route:
+def route(record: ApiRecord, replicas: list[Replica], unhealthy: int = 0) -> Route:
     """What an HTTP worker needs to dispatch to an API."""
     serving = record.settings.serving if record.settings else None
     signature = record.signature or {}
@@ -175,8 +182,8 @@ def route(record: ApiRecord, replicas: list[Replica]) -> Route:
         timeout=serving.timeout if serving else 60.0,
         queue_limit=serving.queue_limit if serving else 0,
         wants_headers=any("headers" in (signature.get(m) or ()) for m in ("predict", "post_predict")),
-        state=api_state(record, replicas),
-        problem=record.error,
+        state=api_state(record, replicas, unhealthy),
+        problem=record.error if record.error is not None or not unhealthy else record.health,
     )
 
 

@@ -86,6 +86,13 @@ class LoadedApi:
     inline: bool = False  # run on the loop: the thread hop costs more than predict itself
     alone: bool = True  # the only API of its worker (only then may it run on the loop: it can stall nobody)
     rss: int = 0  # resident bytes its load added to the worker
+    load: Any = None  # the Load it came from (protocol.Load): a reload after failed health checks repeats it
+    health_interval: float = 0.0  # seconds between health() calls (0: none)
+    health_limit: int = 3  # failures in a row before it is loaded again
+    health_due: float = 0.0  # monotonic
+    health_failures: int = 0
+    health_check: Any = None  # the running health() call (a concurrent Future), if one is
+    reloading: bool = False
 
     def observe(self, seconds: float) -> None:
         """Predicts far shorter than a thread hand-off run on the loop, only when it is its worker's one API and

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import gc
 import logging
 import os
@@ -25,12 +26,13 @@ import psutil
 
 from .. import metrics
 from ..devices import Device
-from ..loader import LoadError, instantiate, load_class
+from ..loader import LoadError, instantiate, load_class, warm_up
 from ..protocol import (
     CONTROL,
     Control,
     Failed,
     FrameReader,
+    Health,
     Hung,
     Load,
     Loaded,
@@ -43,7 +45,7 @@ from ..protocol import (
 from ..scoreboard import RunMarks, Scoreboard
 from .children import Children
 from .jobs import JobRunner
-from .loaded import LOADING, LoadedApi, in_api
+from .loaded import LOADING, LoadedApi, in_api, request_problem
 from .process import prepare_process
 
 log = logging.getLogger("predictord.model")
@@ -83,6 +85,7 @@ class ModelWorker:
         self.reported: dict[str, tuple[float, int, Problem | None]] = {}  # API -> (last report, errors since, newest)
         self.children: Children
         self.tidy = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tidy")  # children's looks and ends
+        self.health = ThreadPoolExecutor(max_workers=2, thread_name_prefix="health")  # the APIs' health() calls
         self.looking: concurrent.futures.Future[None] | None = None
         self.collect_at: float | None = None
 
@@ -120,6 +123,7 @@ class ModelWorker:
             runner.flush_marks()
             self._send_reports()
             self._tend()
+            self._check_health()
             metrics.tally.flush()
             await asyncio.sleep(0.5)
         server.close()
@@ -141,6 +145,46 @@ class ModelWorker:
             torch = sys.modules.get("torch")
             if torch is not None and self.device.kind == "gpu" and torch.cuda.is_initialized():
                 torch.cuda.empty_cache()
+
+    def _check_health(self) -> None:
+        """Each API's health(), every health_interval, in a thread of its own (a slow one holds no predict); a
+        raise, False, or no answer within the interval is a failure: the master takes the replica out of the
+        routes, and after health_failures in a row the worker loads the same version again (make before break)."""
+        now = time.monotonic()
+        for api in list(self.apis.values()):
+            check = api.health_check
+            if check is not None and check.done():
+                api.health_check = None
+                self._judge_health(api, check)
+            elif check is not None and now - api.health_due > max(api.health_interval, 1.0):
+                api.health_check = None  # hung: a failure (the call goes on in its thread, unheeded)
+                self._health_failed(api, Problem(f"health() did not return within {api.health_interval:g}s",
+                                                 kind="health"))
+            if api.health_interval and api.health_check is None and not api.reloading and now >= api.health_due:
+                api.health_due = now + api.health_interval
+                api.health_check = self.health.submit(in_api, api, api.instance.health)
+
+    def _judge_health(self, api: LoadedApi, check: concurrent.futures.Future[Any]) -> None:
+        error = check.exception()
+        if error is None and check.result() is not False:
+            if api.health_failures:
+                log.info("API %s version %s is healthy again", api.name, api.version)
+                self._tell_master(Health(api.name, api.version, True))
+            api.health_failures = 0
+            return
+        problem = request_problem(api, error, "health()") if error is not None else Problem(
+            "health() returned False", kind="health")
+        self._health_failed(api, dataclasses.replace(problem, kind="health"))
+
+    def _health_failed(self, api: LoadedApi, problem: Problem) -> None:
+        api.health_failures += 1
+        reload = api.health_failures >= api.health_limit and api.load is not None
+        log.warning("API %s version %s: health check failed (%d in a row): %s%s", api.name, api.version,
+                    api.health_failures, problem, "; loading it again" if reload else "")
+        self._tell_master(Health(api.name, api.version, False, problem, api.health_failures, reload))
+        if reload:
+            api.reloading = True
+            self.loop.create_task(self._load(api.load))
 
     def _report(self, api: LoadedApi, problem: Problem) -> None:
         """A request-time error, for the master (GET /NAME, status): sent at once, or with the next heartbeat when
@@ -270,11 +314,19 @@ class ModelWorker:
         imported = load_class(source, m.version)
         instance = instantiate(imported, m.config, self.device.torch_device)
         serving = m.serving
+        try:
+            warm_up(imported, instance, tuple(serving.get("warmup", ())), serving["max_batch_size"] > 1)
+        except LoadError:
+            imported.namespace.unload()
+            raise
         threads = serving["threads"]
+        interval = float(serving.get("health_interval", 0)) if imported.signature.has_health else 0.0
         return LoadedApi(source.name, m.version, instance, imported.signature, threads, serving["timeout"],
                          ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"predict-{source.name}"),
                          max_batch_size=serving["max_batch_size"], batch_wait=serving["batch_wait_ms"] / 1000,
-                         slot=m.api_slot, namespace=imported.namespace)
+                         slot=m.api_slot, namespace=imported.namespace, load=m, health_interval=interval,
+                         health_limit=int(serving.get("health_failures", 3)),
+                         health_due=time.monotonic() + interval)
 
     async def _unload(self, name: str) -> None:
         api = self.apis.get(name)
