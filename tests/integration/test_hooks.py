@@ -81,7 +81,7 @@ def test_an_unhealthy_replica_leaves_the_routes_and_is_loaded_again(make_daemon:
     assert out["state"] == "ready" and d.get("/readyz?api=h").status_code == 200, "the other replica serves"
     answers = {d.post("/h", json={}, headers={"Connection": "close"}).json()["pid"] for _ in range(30)}
     assert answers == {well}, "no request goes to the unhealthy replica"
-    d.wait_for_log(rf"API h version \w+: health check failed \(3 in a row\): health\(\) returned False; loading it "
+    d.wait_for_log(r"API h version \w+: health check failed \(3 in a row\): health\(\) returned False; loading it "
                    r"again", 30)
     (d.predictors / "h" / f"sick-{sick}").unlink()
     wait_until(lambda: not d.get("/h").json()["unhealthy"], 30, "healthy again")
