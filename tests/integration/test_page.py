@@ -57,10 +57,11 @@ def test_status_page_shows_every_api_escapes_their_strings_and_charts_traffic(
 
     t = threading.Thread(target=traffic, daemon=True)
     t.start()
-    shot = tmp_path / "status.png"
+    shots = [tmp_path / "status-desktop.png", tmp_path / "status-phone.png"]
     try:
-        out = subprocess.run(["node", str(BROWSER / "page.js"), d.url("/"), str(shot), "alpha,beta,nasty,raiser"],
-                             capture_output=True, text=True, timeout=120, cwd=BROWSER,
+        out = subprocess.run(["node", str(BROWSER / "page.js"), d.url("/"), *map(str, shots),
+                              "alpha,beta,nasty,raiser", "raiser", "raiser"],
+                             capture_output=True, text=True, timeout=150, cwd=BROWSER,
                              env={**os.environ, "NODE_PATH": str(NODE_MODULES)})
     finally:
         stop.set()
@@ -69,12 +70,28 @@ def test_status_page_shows_every_api_escapes_their_strings_and_charts_traffic(
     assert "fatal" not in result, result
     assert result["errors"] == [], "no console errors, no alert() from a predictor's string"
     assert result["injected"] == 0
-    assert "<script>alert(2)</script>" in result["text"], "the error text is shown as text"
-    for name in ("alpha", "beta", "nasty"):
-        assert name in result["text"]
-    raised = f"last request error: {d.predictors / 'raiser.py'}:4: predict() raised ValueError: no such label: 42"
-    assert raised in result["text"], "a request-time error shows with the user's file and line"
-    assert "host: CPU" in result["text"] and "No GPUs: running on the CPU." in result["text"], "the devices section"
-    assert "Rebalancing" in result["text"]
+    text = result["desktopText"]
+    assert "<script>alert(2)</script>" in text, "the error text is shown as text"
+    for name in ("alpha", "beta", "nasty", "raiser"):
+        assert name in text and name in result["phoneText"]
+    raised = f"last request error: {d.predictors / 'raiser.py'}:4: predict() raised ValueError: no such label: 42 ("
+    assert raised in text, "a request-time error shows with the user's file, line and time"
+    assert "No GPUs: running on the CPU." in text and "memory: ours" in text, "the devices, with memory bars"
+    assert "Rebalancing" in text
+    # charts: a time axis, units, one scale per metric over every API, and values on hover
     assert result["chartPointsAfter"] >= 2 and result["chartPointsAfter"] > result["chartPointsBefore"]
-    assert shot.stat().st_size > 10_000
+    assert {"-10 min", "-5 min", "now"} <= set(result["axis"]) and any("req/s" in a for a in result["axis"])
+    assert len(set(result["scales"])) == 1, "every API's requests chart has the same scale"
+    assert "requests/s" in result["hover"] and "req/s" in result["hover"], result["hover"]
+    # the detail view of an API, and the events of one API
+    assert "versions" in result["details"] and "settings" in result["details"] and "replicas" in result["details"]
+    assert result["detailCharts"] == ["batch size", "outstanding", "errors"]
+    assert result["filtered"] and set(result["filtered"]) == {"raiser"}, result["filtered"]
+    # a phone: nothing wider than the screen; an event's kind on one line (not "loa / d")
+    assert result["phoneOverflow"] <= 0, result["phoneOverflow"]
+    assert result["phoneKindLines"] and set(result["phoneKindLines"]) == {1}, result["phoneKindLines"]
+    for shot in shots:
+        assert shot.stat().st_size > 10_000
+    if os.environ.get("PREDICTORD_DOCS_SCREENSHOTS"):  # how docs/status-*.png are made
+        for shot in shots:
+            shutil.copy(shot, Path(__file__).resolve().parents[2] / "docs" / shot.name)

@@ -360,7 +360,7 @@ class Master(Arbiter):  # type: ignore[misc]
         now = time.monotonic()
         sampled = False
         with self.step("history"):
-            sampled = self.publisher.sample_due(now)
+            sampled = self.publisher.sample_due(now, self.catalog)
         with self.step("directory"):
             self.take_readings()
         with self.step("environments"):

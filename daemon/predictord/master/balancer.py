@@ -10,6 +10,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from .. import metrics
 from ..config import Config
 from ..devices import Device, GpuReader, NvmlGpus, TraceGpus, read_host
@@ -23,6 +25,21 @@ from .records import Events
 
 log = logging.getLogger("predictord.master")
 SERIES = 60  # samples of each device kept for the status page
+
+
+def tree_rss() -> int:
+    """Resident bytes of this process and all its descendants (the daemon: master, workers, probes, builds)."""
+    total = 0
+    try:
+        me = psutil.Process()
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                continue
+    except psutil.Error:
+        return 0
+    return total
 
 
 class Balancer:
@@ -47,6 +64,7 @@ class Balancer:
         self.busy_seen: dict[int, tuple[float, float]] = {}  # slot -> (when, busy seconds) at the last sample
         self.decisions: deque[dict[str, Any]] = deque(maxlen=30)
         self.device_series: dict[str, deque[tuple[float, float]]] = {}
+        self.ours = 0  # resident bytes of the daemon's processes at the last sample
         self.changed = False
 
     def configure(self, config: Config, devices: dict[int, Device]) -> None:
@@ -176,6 +194,7 @@ class Balancer:
             series.append((round(sample.at, 1), gpu.util))
         self.device_series.setdefault("host", deque(maxlen=SERIES)).append((round(sample.at, 1), sample.host.cpu))
         self.export_devices(sample)  # the status document carries the devices at the next publish
+        self.ours = tree_rss()
         if self.catalog.unplaced():
             self.catalog.needs_plan = True  # an API that fit nowhere may fit now
         if not self.config.rebalance.enabled:
@@ -273,7 +292,7 @@ class Balancer:
         self.decisions.append({"at": round(time.time(), 3), "action": d.action, "api": d.api, "device": d.device,
                                "text": d.text()})
         if d.action != "refuse":
-            self.events.add("rebalance", d.text())
+            self.events.add("rebalance", d.text(), d.api)
         self.changed = True
 
     def add_worker(self, label: str, extra: bool = True, owner: str | None = None,
@@ -340,6 +359,7 @@ class Balancer:
         busy = [round(w.busy, 2) for w in last.workers if w.device == "cpu"]
         out.append({"name": "host", "kind": "cpu", "state": "ok", "util": host.cpu,
                     "memory_available": host.memory_available, "memory_total": host.memory_total,
+                    "memory_ours": self.ours,
                     "workers": workers.get("cpu", 0),
                     "text": f"CPU {host.cpu:.0f}%, {host.memory_available / 2**30:.1f} of "
                             f"{host.memory_total / 2**30:.1f} GiB available, {workers.get('cpu', 0)} CPU worker(s), "

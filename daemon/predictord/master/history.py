@@ -22,12 +22,15 @@ class Snapshot:
     at: float
     requests: dict[str, dict[str, float]] = field(default_factory=dict)  # api -> code -> count
     buckets: dict[str, list[float]] = field(default_factory=dict)  # api -> cumulative latency bucket counts
+    batches: dict[str, tuple[float, float]] = field(default_factory=dict)  # api -> (sum of batch sizes, calls)
+    queued: dict[str, int] = field(default_factory=dict)  # api -> requests outstanding at that moment
 
 
-def read_snapshot(now: float | None = None) -> Snapshot:
-    """The merged metrics of every process, reduced to what status needs."""
+def read_snapshot(now: float | None = None, queued: dict[str, int] | None = None) -> Snapshot:
+    """The merged metrics of every process, reduced to what status needs (``queued``: each API's outstanding
+    requests now, from the scoreboard)."""
     registry = collected()
-    snap = Snapshot(time.time() if now is None else now)
+    snap = Snapshot(time.time() if now is None else now, queued=dict(queued or {}))
     bounds = [*LATENCY, float("inf")]
     for family in registry.collect():
         for s in family.samples:
@@ -41,6 +44,9 @@ def read_snapshot(now: float | None = None) -> Snapshot:
                 le = float(s.labels["le"])
                 row = snap.buckets.setdefault(api, [0.0] * len(bounds))
                 row[bounds.index(le)] += s.value
+            elif s.name in ("predictord_batch_size_sum", "predictord_batch_size_count"):
+                total, calls = snap.batches.get(api, (0.0, 0.0))
+                snap.batches[api] = (total + s.value, calls) if s.name.endswith("_sum") else (total, calls + s.value)
     return snap
 
 
@@ -101,13 +107,26 @@ class History:
         }
 
     def series(self, api: str) -> list[list[float | None]]:
-        """[time, requests/s, p99 ms] between consecutive snapshots, for the charts."""
+        """Between consecutive snapshots, for the charts: [time, requests/s, p99 ms, p50 ms, 5xx/s, mean batch size,
+        requests outstanding] (SERIES names the columns; None where there was nothing to measure)."""
         points: list[list[float | None]] = []
         snaps = list(self.snapshots)
         for a, b in zip(snaps, snaps[1:], strict=False):
             span = max(b.at - a.at, 1e-9)
-            count = sum(b.requests.get(api, {}).values()) - sum(a.requests.get(api, {}).values())
+            before, after = a.requests.get(api, {}), b.requests.get(api, {})
+            count = sum(after.values()) - sum(before.values())
+            errors = sum(n - before.get(c, 0) for c, n in after.items() if c.startswith("5"))
             ab, bb = a.buckets.get(api), b.buckets.get(api)
-            p99 = quantile(0.99, [y - (ab[i] if ab else 0) for i, y in enumerate(bb)]) if bb else None
-            points.append([round(b.at, 1), round(count / span, 2), round(p99 * 1000, 2) if p99 is not None else None])
+            window = [y - (ab[i] if ab else 0) for i, y in enumerate(bb)] if bb else []
+            p99, p50 = quantile(0.99, window), quantile(0.5, window)
+            (s0, n0), (s1, n1) = a.batches.get(api, (0.0, 0.0)), b.batches.get(api, (0.0, 0.0))
+            points.append([round(b.at, 1), round(count / span, 2), _ms(p99), _ms(p50), round(errors / span, 2),
+                           round((s1 - s0) / (n1 - n0), 2) if n1 > n0 else None, b.queued.get(api)])
         return points
+
+
+SERIES = ("time", "requests_per_s", "p99_ms", "p50_ms", "errors_per_s", "batch_size", "outstanding")
+
+
+def _ms(seconds: float | None) -> float | None:
+    return round(seconds * 1000, 2) if seconds is not None else None

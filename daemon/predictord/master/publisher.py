@@ -56,12 +56,14 @@ class Publisher:
         self.routes = RoutingTable()
         self.exported: set[str] = set()  # APIs whose gauges were set
 
-    def sample_due(self, now: float) -> bool:
-        """Every SAMPLE_EVERY seconds: take a snapshot of the merged metrics for the recent figures."""
+    def sample_due(self, now: float, catalog: Catalog) -> bool:
+        """Every SAMPLE_EVERY seconds: take a snapshot of the merged metrics (and each API's outstanding requests)
+        for the recent figures and the charts."""
         if now < self.next_sample:
             return False
         self.next_sample = now + SAMPLE_EVERY
-        self.history.add(read_snapshot())
+        queued = {name: self.scoreboard.api_outstanding(r.slot) for name, r in catalog.apis.items() if r.slot >= 0}
+        self.history.add(read_snapshot(queued=queued))
         return True
 
     def publish(self, catalog: Catalog, fleet: Fleet, balancer: Balancer, events: Events, info: DaemonInfo) -> None:

@@ -4,6 +4,7 @@ the recent events a person looking at `predictord status` wants to see."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -194,6 +195,9 @@ class Events:
         self.recent: deque[dict[str, Any]] = deque(maxlen=keep)
         self.changed = False
 
-    def add(self, kind: str, text: str) -> None:
-        self.recent.append({"at": round(time.time(), 3), "kind": kind, "text": text})
+    def add(self, kind: str, text: str, api: str | None = None) -> None:
+        """An event; ``api``: the API it is about (by default, the one a text that starts "API NAME" names)."""
+        if api is None and (named := re.match(r"API (\S+)", text)):
+            api = named.group(1)
+        self.recent.append({"at": round(time.time(), 3), "kind": kind, "text": text, "api": api})
         self.changed = True
