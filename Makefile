@@ -14,7 +14,7 @@ SERVICE_USER ?= predictord
 # The service user must be able to run it: the system's Python, not one under a home directory (pyenv).
 INSTALL_PYTHON ?= /usr/bin/python3
 
-.PHONY: run test unit integration stress lint clean bench soak faults hostile browser-deps balancer-deps ray-test install install-venv install-files install-user uninstall
+.PHONY: run test unit integration stress lint clean bench soak faults hostile browser-deps balancer-deps ray-test gpu-check install install-venv install-files install-user uninstall
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,13 @@ browser-deps:
 	command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
 	mkdir -p .browser && cp tests/browser/package.json .browser/
 	cd .browser && npm install --no-audit --no-fund --silent
+
+# Every GPU path on a real NVIDIA GPU, in one go (at most 8 minutes; the report goes to docs/gpu-check.md, the
+# NVML trace to tests/unit/traces/nvml_foreign.jsonl). Without a GPU it says so and exits 2. It needs no venv: on a
+# GPU machine with no network, the system's Python and the wheels of ../shared/tools/gpu-wheels (README, "GPUs").
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:
+	$(GPU_PYTHON) bench/gpu_check.py
 
 # `predictord ray` on a real two-node Ray cluster on loopback (tests/ray): its own venv with the ray extra, so that
 # the daemon's venv never holds ray (about 5 minutes; .ci/run runs it).

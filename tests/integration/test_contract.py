@@ -297,7 +297,8 @@ def test_api_status_document(daemon: Daemon) -> None:
     assert s["replicas"][0]["device"] == "cpu"
     assert s["signature"]["predict"] == ["payload", "query_params", "headers"]
     assert s["serving"] == {"device": "any", "replicas": 1, "max_replicas": 0, "timeout": 60.0, "queue_limit": 128,
-                            "threads": 1, "max_batch_size": 1, "batch_wait_ms": 5.0, "isolation": "shared"}
+                            "threads": 1, "max_batch_size": 1, "batch_wait_ms": 5.0, "isolation": "shared",
+                            "health_interval": 10.0, "health_failures": 3, "warmup": []}
     assert s["rebalance"]["replicas"] is None and s["rebalance"]["note"] is None
     assert s["rebalance"]["footprint"] >= 32 * 2**20, "the memory its load took (its 32 MiB), measured in the worker"
     assert s["error"] is None
