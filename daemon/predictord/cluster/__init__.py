@@ -13,5 +13,5 @@ from ..config import is_loopback
 def before_ray(address: str | None) -> None:
     """Call before anything imports ray. Ray turns a loopback address into the machine's own before it connects
     (and decides so when it is imported); a cluster on loopback (a laptop's, the tests') is reached only as itself."""
-    if address is None or is_loopback(address.rpartition(":")[0] or address):
+    if address is not None and is_loopback(address.rpartition(":")[0] or address):  # not "auto" on a real head
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

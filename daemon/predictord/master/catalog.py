@@ -227,6 +227,8 @@ class Catalog:
             record.envs[record.version] = None
             return True, None
         key = record.envs[record.version] = self.envs.key_of(declared)
+        keep = {record.version, record.good[0] if record.good else ""}
+        record.envs = {v: k for v, k in record.envs.items() if v in keep}  # older versions' keys: never asked again
         info = self.envs.get(key)
         if info is not None:
             return True, info
