@@ -14,7 +14,7 @@ SERVICE_USER ?= predictord
 # The service user must be able to run it: the system's Python, not one under a home directory (pyenv).
 INSTALL_PYTHON ?= /usr/bin/python3
 
-.PHONY: run test unit integration stress lint clean bench soak faults hostile browser-deps balancer-deps ray-test gpu-check install install-venv install-files install-user uninstall
+.PHONY: run test unit integration stress lint clean bench soak faults hostile browser-deps balancer-deps balancer-test ray-test gpu-check install install-venv install-files install-user uninstall
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -66,9 +66,13 @@ $(RAY_VENV)/.installed: setup.py
 ray-test: $(RAY_VENV)/.installed
 	$(RAY_VENV)/bin/python -m pytest -q -s -W ignore::DeprecationWarning tests/ray
 
-# The balancer test drives Debian's haproxy in front of two daemons; without it, it is skipped.
+# Two daemons behind Debian's haproxy (tests/balancer, about 1.5 minutes; .ci/run runs it): its own target, since it
+# needs haproxy (balancer-deps installs it; without it the suite is skipped).
 balancer-deps:
 	command -v haproxy >/dev/null || { apt-get update -qq && apt-get install -y -qq haproxy; }
+
+balancer-test: $(STAMP)
+	$(BIN)/python -m pytest -q tests/balancer
 
 lint: $(STAMP)
 	$(BIN)/ruff check daemon tests bench
