@@ -74,7 +74,6 @@ def test_an_unhealthy_replica_leaves_the_routes_and_is_loaded_again(make_daemon:
     pids = sorted(r["pid"] for r in status["apis"]["h"]["replicas"])
     assert len(pids) == 2
     sick, well = pids
-    before = {d.post("/h", json={}, headers={"Connection": "close"}).json()["instance"] for _ in range(30)}
     (d.predictors / "h" / f"sick-{sick}").touch()
     out = wait_until(lambda: (a := d.get("/h").json())["unhealthy"] and a, 30, "the sick replica marked")
     assert out["unhealthy"][0]["pid"] == sick and out["unhealthy"][0]["problem"]["message"] == "health() returned False"
@@ -83,11 +82,13 @@ def test_an_unhealthy_replica_leaves_the_routes_and_is_loaded_again(make_daemon:
     assert answers == {well}, "no request goes to the unhealthy replica"
     d.wait_for_log(r"API h version \w+: health check failed \(3 in a row\): health\(\) returned False; loading it "
                    r"again", 30)
+    loads = rf"model worker cpu \(pid {sick}\): API h version \w+ loaded in"
+    wait_until(lambda: len(re.findall(loads, d.logs())) >= 2, 30, "the sick replica loaded again in its worker")
     (d.predictors / "h" / f"sick-{sick}").unlink()
-    wait_until(lambda: not d.get("/h").json()["unhealthy"], 30, "healthy again")
-    after = wait_until(lambda: {d.post("/h", json={}, headers={"Connection": "close"}).json()["instance"]
-                                for _ in range(30)} - before, 30, "the reloaded instance answering")
-    assert len(after) == 1, "the sick replica was loaded again (a new instance); the well one kept its own"
+    back = wait_until(lambda: not (a := d.get("/h").json())["unhealthy"] and a, 30, "healthy again")
+    assert sorted(r["pid"] for r in back["replicas"]) == pids, "both replicas in the routes again"
+    assert len(re.findall(rf"model worker cpu \(pid {well}\): API h version \w+ loaded in", d.logs())) == 1, \
+        "the well replica was never loaded again"
     events = [e["text"] for e in d.status()["events"] if e["kind"] == "unhealthy"]
     assert any("loading it again" in e for e in events), events
 
