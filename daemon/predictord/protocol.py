@@ -290,15 +290,23 @@ class FrameReader:
 
 
 class FrameProtocol(asyncio.Protocol):
-    """An asyncio protocol speaking frames; subclasses implement ``frame_received``."""
+    """An asyncio protocol speaking frames; subclasses implement ``frame_received``.
+
+    Frames sent within one turn of the loop leave together, in one ``writelines`` at its end: under load a turn
+    answers (or sends) several jobs, and one system call for all of them, on each side, is what the hop costs least
+    (echo at 64 clients: see BENCHMARKS.md). A frame is held for the rest of its turn, never longer.
+    """
 
     transport: asyncio.Transport
 
     def __init__(self) -> None:
         self._reader = FrameReader(self.frame_received)
+        self._held: list[bytes] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport
+        self._loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
@@ -307,4 +315,23 @@ class FrameProtocol(asyncio.Protocol):
         raise NotImplementedError
 
     def send(self, kind: int, job_id: int, *parts: bytes) -> None:
-        self.transport.writelines(frame(kind, job_id, *parts))
+        held = self._held
+        if not held:
+            assert self._loop is not None
+            self._loop.call_soon(self.flush)
+        held.append(PREFIX.pack(9 + sum(len(p) for p in parts), kind, job_id))
+        held.extend(parts)
+
+    def holding(self) -> bool:
+        """Frames are waiting for the end of this loop turn (not yet in the transport)."""
+        return bool(self._held)
+
+    def flush(self) -> None:
+        """Write the frames held in this turn (called at its end)."""
+        held, self._held = self._held, []
+        if held and not self.transport.is_closing():
+            self.transport.writelines(held)
+        self.flushed()
+
+    def flushed(self) -> None:
+        """Called after each flush; a subclass may act once its frames are in the transport."""

@@ -8,6 +8,9 @@ Each cell has one writer, so no lock is needed (aligned 8-byte stores are atomic
 - Model worker ``m`` stamps ``beat[m]`` (milliseconds) while it is healthy; the master replaces it when it stops.
 - Model worker ``m`` keeps the moving average of its service time for API ``a`` in ``svc[m][a]`` (microseconds), so
   dispatch can send a job where it will finish first (shortest expected delay), not merely where fewest wait.
+- Model worker ``m`` publishes, per API ``a``, the line ``fixed + n * per_job`` through what its predict() calls of n
+  jobs took, measured per batch size (``cost[m][a]``, nanoseconds; costs.py): dispatch's estimate of when a job
+  sent there would finish, batches ahead included.
 - Model worker ``m`` adds the time its jobs spent running to ``busy[m]`` (microseconds, cumulative), which the
   rebalancer's sampler turns into a busy fraction.
 - Model worker process ``g`` (rows by spawn generation, so a replacement in the same slot writes a fresh row and
@@ -57,7 +60,8 @@ class Scoreboard:
         self._svc = _API + MAX_HTTP * apis
         self._busy = self._svc + MAX_MODEL * apis
         self._run = self._busy + MAX_MODEL
-        size = (self._run + RUN_ROWS * RUN_CELLS) * 8
+        self._cost = self._run + RUN_ROWS * RUN_CELLS  # [model][api]: (fixed, per job) nanoseconds (costs.py)
+        size = (self._cost + MAX_MODEL * apis * 2) * 8
         if fd is None:  # a memfd, not an anonymous mapping: a worker started by exec (not fork) maps it by its fd
             fd = os.memfd_create("predictord-scoreboard", os.MFD_CLOEXEC)
             os.ftruncate(fd, size)
@@ -107,6 +111,17 @@ class Scoreboard:
     def service(self, model_slot: int, api_slot: int) -> float:
         """Seconds a job of this API takes on this model worker (moving average; 0 until it has run one)."""
         return self.cells[self._svc + model_slot * self.apis + api_slot] / 1e6
+
+    def set_cost(self, model_slot: int, api_slot: int, fixed: float, per_job: float) -> None:
+        """The line through what a predict() of n jobs of this API costs on this model worker (costs.py)."""
+        i = self._cost + (model_slot * self.apis + api_slot) * 2
+        self.cells[i] = int(fixed * 1e9)
+        self.cells[i + 1] = int(per_job * 1e9)
+
+    def cost(self, model_slot: int, api_slot: int) -> tuple[float, float]:
+        """(fixed, per job) seconds of a predict() of this API here; (0, 0) until it has run one."""
+        i = self._cost + (model_slot * self.apis + api_slot) * 2
+        return self.cells[i] / 1e9, self.cells[i + 1] / 1e9
 
     def add_busy(self, model_slot: int, seconds: float) -> None:
         self.cells[self._busy + model_slot] += int(seconds * 1e6)

@@ -24,6 +24,20 @@ class PythonPredictor:
         return [{"x": p["x"] * 2, "batch": len(payload), "q": q.get("q")} for p, q in zip(payload, query_params)]
 '''
 
+CPU_LIKE = '''
+import os
+import time
+
+
+class PythonPredictor:
+    def __init__(self, config):
+        pass
+
+    def predict(self, payload):
+        time.sleep(0.04 * len(payload))  # a batch of n costs n of 1, as on a CPU
+        return [{"pid": os.getpid(), "batch": len(payload)} for _ in payload]
+'''
+
 THREADED = '''
 import threading
 import time
@@ -87,3 +101,18 @@ def test_threads_run_predicts_at_once(make_daemon: Callable[..., Daemon]) -> Non
     assert [r.status_code for r in rs] == [200] * 4
     assert max(r.json()["most_at_once"] for r in rs) >= 2
     assert d.get("/t").json()["serving"]["threads"] == 4
+
+
+def test_every_replica_works_while_requests_queue(make_daemon: Callable[..., Daemon]) -> None:
+    # Two replicas of a batching API whose batch of n costs n of 1: a batch is no cheaper than its jobs one at a time,
+    # so the queue must be split between the replicas, not piled on one of them as if a batch were free.
+    d = make_daemon({"c.py": CPU_LIKE, "c.toml": "[serving]\nreplicas = 2\nmax_batch_size = 8\nbatch_wait_ms = 20\n"},
+                    "[workers]\ncpu = 2\n[rebalance]\nenabled = false\n")
+    d.wait_settled()
+    for _ in range(4):  # each replica measures what its batches cost
+        burst(d, "/c", [{}] * 4)
+    rs = burst(d, "/c", [{}] * 16)
+    assert [r.status_code for r in rs] == [200] * 16
+    pids = [r.json()["pid"] for r in rs]
+    assert len(set(pids)) == 2, f"one replica took every request of the burst: {pids}"
+    assert min(pids.count(p) for p in set(pids)) >= 4, f"the burst was not shared out: {pids}"

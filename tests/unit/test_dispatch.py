@@ -37,8 +37,8 @@ def test_one_replica_is_chosen_without_looking() -> None:
 def test_the_replica_that_finishes_first_is_chosen() -> None:
     board = Scoreboard()
     slow, fast = ReplicaRow(0, "/run/m0.sock", 1, "v1"), ReplicaRow(1, "/run/m1.sock", 1, "v1")
-    board.set_service(0, 5, 0.010)
-    board.set_service(1, 5, 0.001)
+    board.set_cost(0, 5, 0.0, 0.010)
+    board.set_cost(1, 5, 0.0, 0.001)
     dispatcher = Dispatcher(board, 0)
     assert {dispatcher.choose((slow, fast), 5) for _ in range(4)} == {fast}
     board.add(0, 1, 5, +20)  # 20 jobs ahead on the fast one: 21 ms there, 10 ms on the slow one
@@ -53,6 +53,28 @@ def test_lanes_divide_the_jobs_ahead_and_a_batch_is_one_lane() -> None:
     assert Dispatcher(board, 0).choose((one, four), 0) is four
     batching = ReplicaRow(1, "/b", 8, "v1", lanes=1)  # batches of 8 on one lane: 4 ahead is 4 jobs' time
     assert Dispatcher(board, 0).choose((one, batching), 0) is one
+
+
+def test_a_batch_is_priced_at_what_a_batch_of_that_size_costs_there() -> None:
+    board = Scoreboard()
+    gpu = ReplicaRow(0, "/g", 8, "v1", lanes=1)  # batches of 8: 10 ms a call, 0.1 ms more a job
+    cpu = ReplicaRow(1, "/c", 1, "v1", lanes=1)  # one at a time, 12 ms each
+    board.set_cost(0, 2, 0.010, 0.0001)
+    board.set_cost(1, 2, 0.0, 0.012)
+    board.add(0, 0, 2, +6)  # 6 ahead on the GPU: the new job rides in their batch (10.7 ms) rather than 12 ms
+    assert Dispatcher(board, 0).choose((gpu, cpu), 2) is gpu
+    board.add(0, 0, 2, +2)  # 8 ahead: a full batch, then the new one's (20.9 ms)
+    assert Dispatcher(board, 0).choose((gpu, cpu), 2) is cpu
+
+
+def test_a_replica_that_has_not_run_yet_is_priced_as_the_cheapest() -> None:
+    board = Scoreboard()
+    known, fresh = ReplicaRow(0, "/a", 1, "v1"), ReplicaRow(1, "/b", 1, "v1")
+    board.set_cost(0, 3, 0.0, 0.005)
+    board.add(0, 0, 3, +1)
+    assert Dispatcher(board, 0).choose((known, fresh), 3) is fresh  # 1 ahead there, none on the fresh one
+    board.add(0, 1, 3, +2)
+    assert Dispatcher(board, 0).choose((known, fresh), 3) is known
 
 
 def test_queued_is_outstanding_beyond_capacity() -> None:

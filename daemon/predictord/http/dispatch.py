@@ -16,6 +16,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ..costs import expected_finish
 from ..protocol import (
     ABORT,
     CANCEL,
@@ -177,25 +178,28 @@ class Dispatcher:
         return link
 
     def choose(self, replicas: Sequence[ReplicaRow], api_slot: int) -> ReplicaRow:
-        """The replica where a new job should finish first: (jobs ahead per lane + 1) x its service time per job,
-        over all HTTP workers (shortest expected delay); ties go round-robin. A lane is a predict() at once: a
-        batch is one lane, its measured time per job tells how much batching saves there (a CPU batch of 8 costs
-        about 8 of 1; a GPU batch, about 1)."""
+        """The replica where a new job should finish first (shortest expected delay, over all HTTP workers): the
+        jobs ahead of it there, in batches at what a batch of that size costs on that replica (measured per batch
+        size, costs.py; a CPU batch of 8 costs about 8 of 1, a GPU batch about 1), then its own batch. Ties go to
+        the fewest jobs ahead per lane, then round-robin. A replica that has not run a job yet is priced as the
+        cheapest one that has."""
         if len(replicas) == 1:
             return replicas[0]
         board = self.scoreboard
-        times = [board.service(r.worker, api_slot) for r in replicas]
-        known = [t for t in times if t > 0]
-        default = min(known) if known else 1.0  # a replica that has not run a job yet counts as the fastest
+        lines = [board.cost(r.worker, api_slot) for r in replicas]
+        known = [line for line in lines if line[0] or line[1]]
+        default = min(known, key=sum) if known else (0.0, 1.0)
         self.turn += 1
         n = len(replicas)
-        best, best_delay = replicas[0], float("inf")
+        best, best_key = replicas[0], (float("inf"), float("inf"))
         for i in range(n):
             k = (self.turn + i) % n
             r = replicas[k]
-            delay = (board.outstanding(r.worker) / r.lanes + 1) * (times[k] or default)
-            if delay < best_delay:
-                best, best_delay = r, delay
+            fixed, per_job = lines[k] if (lines[k][0] or lines[k][1]) else default
+            ahead = board.outstanding(r.worker)
+            key = (expected_finish(ahead, r.lanes, r.threads // max(1, r.lanes), fixed, per_job), ahead / r.lanes)
+            if key < best_key:
+                best, best_key = r, key
         return best
 
     def queued(self, route: Route) -> int:

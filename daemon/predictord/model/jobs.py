@@ -64,6 +64,10 @@ class JobConnection(FrameProtocol):
         if not self.closed:
             self.send(REPLY, job_id, *with_header(ReplyHeader(status, headers, version), body))
 
+    def flushed(self) -> None:
+        if self.runner.unflushed:  # the replies of this turn are in the transport now: their jobs may be unmarked
+            self.runner.flush_marks()
+
 def _wake(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
@@ -73,7 +77,7 @@ class JobRunner:
     """Queues, runners and replies for the APIs loaded in one model worker."""
 
     def __init__(self, apis: dict[str, LoadedApi], loop: asyncio.AbstractEventLoop,
-                 publish: Callable[[LoadedApi, float], None], marks: RunMarks,
+                 publish: Callable[[LoadedApi, float, int], None], marks: RunMarks,
                  report: Callable[[LoadedApi, Problem], None]) -> None:
         self.apis = apis
         self.loop = loop
@@ -81,7 +85,7 @@ class JobRunner:
         self.marks = marks
         self.board, self.row = marks.board, marks.row
         self.report = report
-        self.unflushed: list[Job] = []  # answered jobs whose reply is still in this process's write buffer
+        self.unflushed: list[Job] = []  # answered jobs whose reply has not left this process (held, or buffered)
 
     def connection(self) -> Callable[[], JobConnection]:
         return lambda: JobConnection(self)
@@ -157,7 +161,7 @@ class JobRunner:
                     metrics.tally.observe(batch_size, len(batch))
                     per_job = took / len(batch)
                     api.service = per_job if api.service == 0 else api.service + (per_job - api.service) * 0.2
-                    self.publish(api, took)
+                    self.publish(api, took, len(batch))
                 if not api.queue or api.runners > api.threads:  # threads lowered by a reload: this one stops
                     return
                 batch = [api.queue.popleft()]
@@ -182,14 +186,16 @@ class JobRunner:
     def _unmark(self, job: Job) -> None:
         """A job is done once its reply is out of this process (in the socket, a dead worker's reply still arrives);
         until then it stays marked, so an HTTP worker never sends a job again that may have run."""
-        transport = getattr(job.conn, "transport", None)
-        if job.conn.closed or transport is None or not transport.get_write_buffer_size():
+        conn = job.conn
+        transport = getattr(conn, "transport", None)
+        if conn.closed or transport is None or not (conn.holding() or transport.get_write_buffer_size()):
             self.marks.end(job.mark)
         else:
             self.unflushed.append(job)
 
     def flush_marks(self) -> None:
-        """Unmark the answered jobs whose replies have left since (called with every heartbeat)."""
+        """Unmark the answered jobs whose replies have left since (after each flush of held replies, and with every
+        heartbeat for those the socket's buffer held)."""
         pending, self.unflushed = self.unflushed, []
         for job in pending:
             self._unmark(job)

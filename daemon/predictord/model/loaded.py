@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import metrics
 from .. import payload as pl
+from ..costs import BatchCosts
 from ..loader import Signature, user_frame
 from ..namespace import Namespace
 from ..protocol import JobHeader, Problem
@@ -73,7 +74,8 @@ class LoadedApi:
     max_batch_size: int = 1
     batch_wait: float = 0.0  # seconds
     slot: int = 0  # its column in the scoreboard
-    service: float = 0.0  # moving average of a job's time here, start to reply (published for dispatch)
+    service: float = 0.0  # moving average of a job's time here, start to reply (published for the rebalancer)
+    costs: BatchCosts = field(default_factory=BatchCosts)  # a predict() of n jobs here (published for dispatch)
     queue: deque[Job] = field(default_factory=deque)
     running: set[Job] = field(default_factory=set)  # (Job hashes by identity: id() is an audited call, ~1 us each)
     runners: int = 0

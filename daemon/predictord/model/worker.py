@@ -204,9 +204,12 @@ class ModelWorker:
                 self._tell_master(Failed(name, api.version if api else problem.version or "", problem, count))
                 self.reported[name] = (now, 0, None)
 
-    def _publish_service(self, api: LoadedApi, took: float) -> None:
+    def _publish_service(self, api: LoadedApi, took: float, jobs: int) -> None:
+        """A predict() of ``jobs`` jobs took ``took`` seconds: the figures dispatch and the rebalancer read."""
         self.scoreboard.set_service(self.slot, api.slot, api.service)
         self.scoreboard.add_busy(self.slot, took)
+        if api.costs.observe(jobs, took):
+            self.scoreboard.set_cost(self.slot, api.slot, *api.costs.line)
 
     def _begin_stop(self) -> None:
         self.stopping = True
