@@ -1,10 +1,11 @@
 """A/B of the request path: this tree's predictord against another commit's, same machine, same wrk load.
 
-    .venv/bin/python bench/ab.py --base REV [--case echo|mlp] [--seconds 6] [--reps 2]
+    .venv/bin/python bench/ab.py --base REV [--case echo|mlp|encoder] [--seconds 6] [--reps 2]
 
 The other commit's daemon/ is taken with `git archive` into a temp folder and put first on PYTHONPATH of its daemon
 (same venv, same dependencies). Each run: one API (``echo``, or ``mlp``: predictors/mlp with its batching), 2 s of
-warm-up, then `wrk -t2` (echo at 8 and 64 connections, mlp at 64). Prints one Markdown table with the server's CPU
+warm-up, then `wrk -t2` (echo at 8 and 64 connections, mlp at 64; encoder, bench/apps/encoder.py batching 8 / 5 ms on
+two replicas as in `make bench`, at 8 and 64). Prints one Markdown table with the server's CPU
 per request; runs alternate between the two trees so that drift in the machine hits both.
 """
 
@@ -29,7 +30,12 @@ ECHO = "class PythonPredictor:\n    def __init__(self, config):\n        pass\n\
 CASES = {  # name: (body, connections)
     "echo": (json.dumps({"x": [1, 2, 3], "text": "hello"}), (8, 64)),
     "mlp": (json.dumps({"x": [round(i / 256, 4) for i in range(256)]}), (64,)),
+    "encoder": (json.dumps({"tokens": list(range(1, 17))}), (8, 64)),
 }
+# The encoder as `make bench` runs it with batching: two CPU model workers of one torch thread, two replicas.
+ENCODER_TOML = "[serving]\nreplicas = 2\ntimeout = 120\nqueue_limit = 1024\nmax_batch_size = 8\nbatch_wait_ms = 5\n" \
+               "[config]\nbatched = true\n"
+TWO_WORKERS = "[workers]\ncpu = 2\ntorch_threads = 1\n"
 
 
 def warm(url: str, script: Path, connections: int) -> None:
@@ -72,9 +78,13 @@ def main() -> None:
     try:
         for rep in range(1, args.reps + 1):
             for name, env in trees.items():
-                d = Daemon(work / f"{len(list(work.iterdir()))}", "", env=env)
+                d = Daemon(work / f"{len(list(work.iterdir()))}", TWO_WORKERS if args.case == "encoder" else "",
+                           env=env)
                 if args.case == "echo":
                     d.write("echo.py", ECHO)
+                elif args.case == "encoder":
+                    d.write("encoder/predictor.py", (REPO / "bench" / "apps" / "encoder.py").read_text())
+                    d.write("encoder/predictor.toml", ENCODER_TOML)
                 else:
                     for part in ("predictor.py", "predictor.toml"):
                         d.write(f"mlp/{part}", (REPO / "predictors" / "mlp" / part).read_text())

@@ -46,7 +46,10 @@ class DrainingServer(Server):
 class HttpWorker(UvicornWorker):  # type: ignore[misc]
     """A gunicorn worker running the ASGI front under uvicorn."""
 
-    CONFIG_KWARGS: dict[str, Any] = {"loop": "auto", "http": "auto", "lifespan": "on", "server_header": False}
+    # proxy_headers off: nothing here reads the client's address, and a forwarded header should not rewrite it
+    # (uvicorn's middleware cost a call per request for it).
+    CONFIG_KWARGS: dict[str, Any] = {"loop": "auto", "http": "auto", "lifespan": "on", "server_header": False,
+                                     "proxy_headers": False}
 
     async def _serve(self) -> None:
         self.config.app = self.wsgi
