@@ -49,7 +49,9 @@ defaults
     # is sent on it would lose that request, and retrying it is not safe.
     option http-server-close
     # Checked every second; 2 failures take a host out, 2 successes bring it back (a host that starts is ready
-    # only once its APIs have loaded).
+    # only once its APIs have loaded). Give each host [server] drain_delay = 3 (fall x inter + 1 s): on SIGTERM it
+    # answers /readyz 503 and keeps serving until these checks have taken it out, so nothing is left in its accept
+    # queue when it closes its listener (a connection accepted there but never read would be reset, a 502 here).
     default-server inter 1s fall 2 rise 2
 
 frontend predictord

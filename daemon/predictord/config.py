@@ -92,6 +92,9 @@ class ServerConfig:
     http_workers: int = opt(2, "HTTP worker processes (they parse and route; they hold no models).", _in_range(1, 32))
     max_body_bytes: int = opt(100 * 1024 * 1024, "Largest request body accepted; larger gets 413.", _in_range(1))
     graceful_timeout: float = opt(30.0, "Seconds in-flight requests get to finish on shutdown.", _in_range(0))
+    drain_delay: float = opt(0.0, "Seconds from SIGTERM to closing the listener, while /readyz answers 503 and "
+                             "requests are still served, so that a load balancer takes this host out of rotation "
+                             "first (HAProxy: fall x inter + 1 s, e.g. 3). 0: close it at once.", _in_range(0, 60))
     log_level: str = opt("info", "Log level: " + ", ".join(LOG_LEVELS) + ".", _one_of(LOG_LEVELS))
     log_format: str = opt("text", "Log lines as text, or json (one object per line) for log shippers.",
                           _one_of(("text", "json")))

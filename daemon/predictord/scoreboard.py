@@ -35,7 +35,8 @@ MAX_MODEL = 128
 _ROUTES = 0
 _STATUS = 1
 _MASTER = 2  # the master's loop stamps it every tick (milliseconds): /healthz reads it
-_BEAT = 3
+_DRAINING = 3  # 1 from SIGTERM on, while [server] drain_delay runs: /readyz answers 503, requests are still served
+_BEAT = 4
 _SENT = _BEAT + MAX_MODEL
 _TOWARD = _SENT + MAX_HTTP * MAX_MODEL  # [http][process row]: jobs sent to that process, ever (monotonic)
 _TAKEN = _TOWARD + MAX_HTTP * 2 * MAX_MODEL  # [process row]: jobs that process has taken off its sockets, ever
@@ -76,6 +77,14 @@ class Scoreboard:
     def master_beat(self) -> float:
         """When the master's loop last ticked (wall clock seconds; 0 before its first tick)."""
         return self.cells[_MASTER] / 1000.0
+
+    def set_draining(self) -> None:
+        self.cells[_DRAINING] = 1
+
+    @property
+    def draining(self) -> bool:
+        """The master got SIGTERM and is about to stop: balancers should take this host out (see /readyz)."""
+        return bool(self.cells[_DRAINING])
 
     @property
     def routes_version(self) -> int:

@@ -100,7 +100,8 @@ class Hosts:
                  root: Path) -> None:
         self.daemons: dict[str, Daemon] = {}
         for name, files in predictors.items():
-            d = make_daemon(files, f"[server]\nport = {free_port()}\n[predictors]\ndebounce = 0.3\n", start=False)
+            d = make_daemon(files, f"[server]\nport = {free_port()}\ndrain_delay = 3\n[predictors]\ndebounce = 0.3\n",
+                            start=False)  # drain_delay as the recipe advises (deploy/haproxy.cfg)
             d.env["HOST_NAME"] = name
             self.daemons[name] = d.start()
         for d in self.daemons.values():

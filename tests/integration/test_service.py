@@ -304,3 +304,24 @@ def test_a_second_daemon_leaves_a_live_admin_socket_alone(make_daemon: Callable[
     third = make_daemon({"third.py": OK}, shared)
     third.wait_settled()
     assert apis() == {"third"}
+
+
+def test_drain_delay_takes_the_host_out_of_rotation_before_it_stops_serving(
+        make_daemon: Callable[..., Daemon]) -> None:
+    # Behind a balancer, a host that closed its listener at once would reset the connections still in its accept
+    # queue; with drain_delay it first answers /readyz 503 (so the balancer's checks take it out) and keeps serving.
+    d = make_daemon({"ok.py": OK}, "[server]\ndrain_delay = 4\n")
+    d.wait_settled()
+    assert d.proc is not None
+    assert httpx.get(d.url("/readyz"), timeout=5).status_code == 200
+    os.kill(d.proc.pid, signal.SIGTERM)
+    seen = wait_until(lambda: (r := httpx.get(d.url("/readyz?api=ok"), timeout=5)).status_code == 503 and r, 10,
+                      "/readyz to answer 503 after SIGTERM")
+    assert seen.json() == {"ready": False, "error": "the daemon is stopping"}
+    assert d.proc.poll() is None, "the daemon still runs during its drain_delay"
+    fresh = httpx.post(d.url("/ok"), json={}, timeout=5)  # a new connection: the listener is still open
+    assert fresh.status_code == 200
+    assert d.proc.wait(30) == 0
+    logs = d.logs()
+    assert "SIGTERM: /readyz answers 503 for 4s ([server] drain_delay)" in logs
+    assert logs.index("drain_delay over") > logs.index("SIGTERM: /readyz answers 503")

@@ -130,7 +130,7 @@ def handle_readyz(site: Site, scope: Scope) -> Response:
     for a reason of its own, listed under ``failed``) and every model worker is up; 503 while it starts, loads, has
     a worker down, or drains. A failed API does not take the host out of a balancer: ``/readyz?api=NAME`` is that
     API's own check (200 when it has a ready replica here)."""
-    if site.draining:
+    if site.draining or site.scoreboard.draining:  # closing, or in [server] drain_delay before it
         return Response(503, dumps({"ready": False, "error": "the daemon is stopping"}))
     asked = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("api")
     if asked:

@@ -70,6 +70,7 @@ class Master(Arbiter):  # type: ignore[misc]
         self.balancer = Balancer(self.pconfig, app.devices, self.catalog, self.fleet, app.scoreboard, self.events)
         self.publisher = Publisher(self.runtime, app.scoreboard, notifier)
         self.stopping = False
+        self.drain_until: float | None = None  # monotonic end of [server] drain_delay, from SIGTERM on
         self.started_at = time.time()
         self.next_prune = 0.0
         self.faults = set(filter(None, os.environ.pop("PREDICTORD_TEST_FAULTS", "").split(",")))
@@ -223,15 +224,25 @@ class Master(Arbiter):  # type: ignore[misc]
 
     # -- signals ---------------------------------------------------------------------------------------------------
     def handle_term(self) -> None:
-        """SIGTERM: stop accepting, let in-flight requests finish (graceful_timeout), exit 0."""
-        self.notifier.stopping()
-        log.info("SIGTERM: draining in-flight requests, then stopping")
-        raise StopIteration
+        """SIGTERM: stop accepting, let in-flight requests finish (graceful_timeout), exit 0. With [server]
+        drain_delay, first that many seconds of /readyz 503 while requests are still served (a second SIGTERM
+        ends the delay)."""
+        self._graceful_stop("SIGTERM")
 
     def handle_int(self) -> None:
         """SIGINT (Ctrl-C in a terminal): the same graceful stop as SIGTERM."""
+        self._graceful_stop("SIGINT")
+
+    def _graceful_stop(self, signal_name: str) -> None:
         self.notifier.stopping()
-        log.info("SIGINT: draining in-flight requests, then stopping")
+        delay = self.pconfig.server.drain_delay
+        if delay > 0 and self.drain_until is None:
+            self.drain_until = time.monotonic() + delay
+            self.fleet.scoreboard.set_draining()
+            log.info("%s: /readyz answers 503 for %gs ([server] drain_delay) while requests are still served, "
+                     "then draining in-flight requests and stopping", signal_name, delay)
+            return
+        log.info("%s: draining in-flight requests, then stopping", signal_name)
         raise StopIteration
 
     def handle_quit(self) -> None:
@@ -355,6 +366,9 @@ class Master(Arbiter):  # type: ignore[misc]
         super().manage_workers()
         if self.stopping:
             return
+        if self.drain_until is not None and time.monotonic() >= self.drain_until:
+            log.info("drain_delay over: draining in-flight requests, then stopping")
+            raise StopIteration
         self.fleet.scoreboard.beat_master()
         self.notifier.watchdog()
         now = time.monotonic()
