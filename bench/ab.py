@@ -1,6 +1,6 @@
 """A/B of the request path: this tree's predictord against another commit's, same machine, same wrk load.
 
-    .venv/bin/python bench/ab.py --base REV [--case echo|mlp|encoder] [--seconds 6] [--reps 2]
+    .venv/bin/python bench/ab.py --base REV [--case echo|mlp|encoder|bytes] [--body-kb 1000] [--seconds 6] [--reps 2]
 
 The other commit's daemon/ is taken with `git archive` into a temp folder and put first on PYTHONPATH of its daemon
 (same venv, same dependencies). Each run: one API (``echo``, or ``mlp``: predictors/mlp with its batching), 2 s of
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -31,7 +32,10 @@ CASES = {  # name: (body, connections)
     "echo": (json.dumps({"x": [1, 2, 3], "text": "hello"}), (8, 64)),
     "mlp": (json.dumps({"x": [round(i / 256, 4) for i in range(256)]}), (64,)),
     "encoder": (json.dumps({"tokens": list(range(1, 17))}), (8, 64)),
+    "bytes": ("", (8, 64)),  # raw bodies of --body-kb kilobytes to a predictor that returns their length
 }
+SIZE = "class PythonPredictor:\n    def __init__(self, config):\n        pass\n\n    def predict(self, payload):\n" \
+       "        return {\"n\": len(payload)}\n"
 # The encoder as `make bench` runs it with batching: two CPU model workers of one torch thread, two replicas.
 ENCODER_TOML = "[serving]\nreplicas = 2\ntimeout = 120\nqueue_limit = 1024\nmax_batch_size = 8\nbatch_wait_ms = 5\n" \
                "[config]\nbatched = true\n"
@@ -61,6 +65,7 @@ def main() -> None:
     ap.add_argument("--case", choices=sorted(CASES), default="echo")
     ap.add_argument("--seconds", type=int, default=6)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--body-kb", type=int, default=1000, help="the bytes case's body size")
     ap.add_argument("--connections", help="comma-separated loads to run instead of the case's (e.g. 1,8,64)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="predictord-ab-"))
@@ -70,8 +75,13 @@ def main() -> None:
     body, loads = CASES[args.case]
     if args.connections:
         loads = tuple(int(c) for c in args.connections.split(","))
-    script.write_text(f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\n'
-                      'wrk.headers["Content-Type"] = "application/json"\n')
+    if args.case == "bytes":
+        (work / "body.bin").write_bytes(os.urandom(args.body_kb * 1000))
+        script.write_text(f'wrk.method = "POST"\nlocal f = io.open("{work / "body.bin"}", "rb")\n'
+                          'wrk.body = f:read("*a")\nwrk.headers["Content-Type"] = "application/octet-stream"\n')
+    else:
+        script.write_text(f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\n'
+                          'wrk.headers["Content-Type"] = "application/json"\n')
     trees = {args.base: {"PYTHONPATH": str(work / "daemon")}, "this tree": {}}
     print("| tree | load | run | req/s | p50 | non-2xx | server CPU / request |")
     print("|---|---|---|---|---|---|---|")
@@ -82,6 +92,8 @@ def main() -> None:
                            env=env)
                 if args.case == "echo":
                     d.write("echo.py", ECHO)
+                elif args.case == "bytes":
+                    d.write("bytes.py", SIZE)
                 elif args.case == "encoder":
                     d.write("encoder/predictor.py", (REPO / "bench" / "apps" / "encoder.py").read_text())
                     d.write("encoder/predictor.toml", ENCODER_TOML)

@@ -1,11 +1,12 @@
-"""CoalescingTransport: the writes of one loop turn leave as one writelines; close() sends what is held first."""
+"""CoalescingTransport: the writes of one loop turn leave as one writelines; close() sends what is held first. Chunks:
+a request body as uvicorn hands it to the app, without the copies of its bytearray."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
-from predictord.http.guard import CoalescingTransport
+from predictord.http.guard import Chunks, CoalescingTransport
 
 
 class Recorder:
@@ -49,3 +50,13 @@ def test_one_turn_of_writes_leaves_together_and_close_flushes_first() -> None:
         return below.calls
 
     assert asyncio.run(scenario()) == [[b"HTTP/1.1 200 OK\r\n\r\n", b"body"], [b"second"], "close"]
+
+
+def test_body_chunks_are_kept_as_they_came_and_joined_once() -> None:
+    chunks = Chunks()
+    assert len(chunks) == 0 and bytes(chunks) == b""
+    first = b"a" * 70_000
+    chunks += first
+    assert len(chunks) == 70_000 and bytes(chunks) is first  # a lone chunk is handed over as it is, not copied
+    chunks += b"bc"
+    assert len(chunks) == 70_002 and bytes(chunks) == first + b"bc"

@@ -74,6 +74,29 @@ class CoalescingTransport:
         return getattr(self._transport, name)
 
 
+class Chunks:
+    """A request's body chunks waiting for the app, in place of uvicorn's ``cycle.body`` bytearray: ``+=`` keeps each
+    chunk as httptools made it (the bytearray copied every chunk into itself, and its ``bytes()`` copied the whole
+    again), ``len`` is what uvicorn's flow control reads, and ``bytes()`` joins them (a lone chunk as it is)."""
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def __iadd__(self, chunk: bytes) -> Chunks:
+        self.parts.append(chunk)
+        self.size += len(chunk)
+        return self
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bytes__(self) -> bytes:
+        return self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
+
+
 ON_LOST = "predictord.on_lost"  # scope["extensions"] key: callbacks run when the client's connection closes
 
 
@@ -169,6 +192,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.in_head = False
         self.head_raw = 0
         super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        cycle = self.cycle
+        if type(cycle.body) is bytearray:  # a new request's, or uvicorn's receive() has just handed one over
+            cycle.body = Chunks()  # type: ignore[assignment]
+        super().on_body(body)
 
     def on_message_complete(self) -> None:
         self.receiving = False
