@@ -24,22 +24,23 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "integration"))
 from harness import Daemon  # noqa: E402
-from run import cpu_seconds  # noqa: E402
+from run import (  # noqa: E402
+    ECHO,
+    ECHO_BODY,
+    ENCODER_BODY,
+    ENCODER_ON,
+    MLP_BODY,
+    SIZE,
+    TWO_WORKERS,
+    cpu_seconds,
+)
 
-ECHO = "class PythonPredictor:\n    def __init__(self, config):\n        pass\n\n    def predict(self, payload):\n" \
-       "        return payload\n"
 CASES = {  # name: (body, connections)
-    "echo": (json.dumps({"x": [1, 2, 3], "text": "hello"}), (8, 64)),
-    "mlp": (json.dumps({"x": [round(i / 256, 4) for i in range(256)]}), (64,)),
-    "encoder": (json.dumps({"tokens": list(range(1, 17))}), (8, 64)),
+    "echo": (ECHO_BODY, (8, 64)),
+    "mlp": (MLP_BODY, (64,)),
+    "encoder": (ENCODER_BODY, (8, 64)),
     "bytes": ("", (8, 64)),  # raw bodies of --body-kb kilobytes to a predictor that returns their length
 }
-SIZE = "class PythonPredictor:\n    def __init__(self, config):\n        pass\n\n    def predict(self, payload):\n" \
-       "        return {\"n\": len(payload)}\n"
-# The encoder as `make bench` runs it with batching: two CPU model workers of one torch thread, two replicas.
-ENCODER_TOML = "[serving]\nreplicas = 2\ntimeout = 120\nqueue_limit = 1024\nmax_batch_size = 8\nbatch_wait_ms = 5\n" \
-               "[config]\nbatched = true\n"
-TWO_WORKERS = "[workers]\ncpu = 2\ntorch_threads = 1\n"
 
 
 def warm(url: str, script: Path, connections: int) -> None:
@@ -96,7 +97,7 @@ def main() -> None:
                     d.write("bytes.py", SIZE)
                 elif args.case == "encoder":
                     d.write("encoder/predictor.py", (REPO / "bench" / "apps" / "encoder.py").read_text())
-                    d.write("encoder/predictor.toml", ENCODER_TOML)
+                    d.write("encoder/predictor.toml", ENCODER_ON)
                 else:
                     for part in ("predictor.py", "predictor.toml"):
                         d.write(f"mlp/{part}", (REPO / "predictors" / "mlp" / part).read_text())

@@ -365,6 +365,9 @@ SIZE = ("import json\n\n\nclass PythonPredictor:\n    def predict(self, payload)
         "        if isinstance(payload, dict):\n            return {'length': len(payload['text'])}\n"
         "        return {'length': len(payload)}\n")
 ENCODER_BODY = json.dumps({"tokens": list(range(1, 17))})
+TWO_WORKERS = "[workers]\ncpu = 2\ntorch_threads = 1\n"  # two model workers: both cores, as bare's two workers
+ENCODER_OFF = "[serving]\nreplicas = 2\ntimeout = 120\nqueue_limit = 1024\n"
+ENCODER_ON = ENCODER_OFF + "max_batch_size = 8\nbatch_wait_ms = 5\n[config]\nbatched = true\n"
 
 
 def body_of(kind: str, size: int) -> str:
@@ -381,7 +384,7 @@ def main() -> None:
     only = set(args.only.split(","))
     mlp_dir = REPO / "predictors" / "mlp"
     mlp_code = (mlp_dir / "predictor.py").read_text()
-    two = "[workers]\ncpu = 2\ntorch_threads = 1\n"  # two model workers: both cores, as bare's two workers
+    two = TWO_WORKERS
     print(f"predictord bench, {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores; "
           f"`{' '.join(sys.argv)}`; {args.seconds} s per point after a 2 s warm-up; wrk -t2 on the same machine")
     if "echo" in only:
@@ -407,8 +410,7 @@ def main() -> None:
         ], args.seconds, args.reps)
     if "encoder" in only:
         encoder = (BENCH / "apps" / "encoder.py").read_text()
-        off = "[serving]\nreplicas = 2\ntimeout = 120\nqueue_limit = 1024\n"
-        on = off + "max_batch_size = 8\nbatch_wait_ms = 5\n[config]\nbatched = true\n"
+        off, on = ENCODER_OFF, ENCODER_ON
         run_wrk_cases("A transformer encoder (6 layers, width 384, 16 tokens; bench/apps/encoder.py)", [
             (bare(), "/encoder", ENCODER_BODY, [1, 8, 64]),
             (Predictord("predictord, no batching", {"encoder/predictor.py": encoder, "encoder/predictor.toml": off},

@@ -4,23 +4,36 @@ from __future__ import annotations
 
 import concurrent.futures
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
-from harness import Daemon
+from harness import Daemon, wait_until
 
-BATCHED = '''
+GATE = '''
+import os
 import time
 
 
+def held(gate):
+    """Until the test opens the gate (at most 60 s)."""
+    deadline = time.monotonic() + 60
+    while not os.path.exists(gate):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the test never opened the gate")
+        time.sleep(0.01)
+'''
+
+BATCHED = GATE + '''
+
 class PythonPredictor:
     def __init__(self, config):
-        pass
+        self.gate = config.get("gate", "")
 
     def predict(self, payload, query_params):
         if any(p.get("wrong") for p in payload):
             return []
         if any(p.get("hold") for p in payload):
-            time.sleep(0.5)  # the requests that arrive meanwhile queue, and the next batch takes them together
+            held(self.gate)  # the requests that arrive meanwhile queue, and the next batch takes them together
         return [{"x": p["x"] * 2, "batch": len(payload), "q": q.get("q")} for p, q in zip(payload, query_params)]
 '''
 
@@ -38,13 +51,13 @@ class PythonPredictor:
         return [{"pid": os.getpid(), "batch": len(payload)} for _ in payload]
 '''
 
-THREADED = '''
+THREADED = GATE + '''
 import threading
-import time
 
 
 class PythonPredictor:
     def __init__(self, config):
+        self.gate = config["gate"]
         self.lock = threading.Lock()
         self.now = 0
         self.most = 0
@@ -53,7 +66,7 @@ class PythonPredictor:
         with self.lock:
             self.now += 1
             self.most = max(self.most, self.now)
-        time.sleep(payload["sleep"])
+        held(self.gate)
         with self.lock:
             self.now -= 1
             return {"most_at_once": self.most}
@@ -70,13 +83,25 @@ def burst(d: Daemon, path: str, bodies: list[object]) -> list[httpx.Response]:
         return list(pool.map(one, bodies))
 
 
+def gated_burst(d: Daemon, path: str, bodies: list[object], gate: Path) -> list[httpx.Response]:
+    """``burst``, with the predictor held at ``gate`` until every request is in the daemon, then let go."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answers = pool.submit(burst, d, path, bodies)
+        wait_until(lambda: d.get(path.split("?")[0]).json()["outstanding"] == len(bodies), 30,
+                   f"all {len(bodies)} requests in the daemon")
+        gate.touch()
+        return answers.result(60)
+
+
 def test_batches_form_across_connections_and_each_request_gets_its_own_result(
-        make_daemon: Callable[..., Daemon]) -> None:
-    d = make_daemon({"b.py": BATCHED, "b.toml": "[serving]\nmax_batch_size = 16\nbatch_wait_ms = 200\n"})
+        make_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    d = make_daemon({"b.py": BATCHED, "b.toml": f"[serving]\nmax_batch_size = 16\nbatch_wait_ms = 200\n"
+                                                 f"[config]\ngate = '{gate}'\n"})
     d.wait_settled()
-    # A batch waits only for jobs already on their way, so a burst that trickles in could run one by one: each
-    # batch holds the worker half a second, and what arrives meanwhile is batched.
-    rs = burst(d, "/b?q=z", [{"x": i, "hold": True} for i in range(12)])
+    # A batch waits only for jobs already on their way, so a burst that trickles in could run one by one: the first
+    # batch is held until every request has arrived, and what queued meanwhile is batched.
+    rs = gated_burst(d, "/b?q=z", [{"x": i, "hold": True} for i in range(12)], gate)
     assert [r.status_code for r in rs] == [200] * 12
     assert [r.json()["x"] for r in rs] == [i * 2 for i in range(12)]
     assert all(r.json()["q"] == "z" for r in rs)
@@ -94,10 +119,11 @@ def test_wrong_length_fails_the_batch_clearly(make_daemon: Callable[..., Daemon]
     assert bad.status_code == 400, "a bad payload fails alone, before the batch"
 
 
-def test_threads_run_predicts_at_once(make_daemon: Callable[..., Daemon]) -> None:
-    d = make_daemon({"t.py": THREADED, "t.toml": "[serving]\nthreads = 4\n"})
+def test_threads_run_predicts_at_once(make_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    d = make_daemon({"t.py": THREADED, "t.toml": f"[serving]\nthreads = 4\n[config]\ngate = '{gate}'\n"})
     d.wait_settled()
-    rs = burst(d, "/t", [{"sleep": 1.0}] * 4)
+    rs = gated_burst(d, "/t", [{}] * 4, gate)  # the four are let go once all are in: at once if threads allow
     assert [r.status_code for r in rs] == [200] * 4
     assert max(r.json()["most_at_once"] for r in rs) >= 2
     assert d.get("/t").json()["serving"]["threads"] == 4
