@@ -1,11 +1,13 @@
 """A/B of the request path: this tree's predictord against another commit's, same machine, same wrk load.
 
-    .venv/bin/python bench/ab.py --base REV [--case echo|mlp|encoder|bytes] [--body-kb 1000] [--seconds 6] [--reps 2]
+    .venv/bin/python bench/ab.py --base REV [--case echo|shared|mlp|encoder|bytes] [--body-kb 1000] [--seconds 6]
+                                [--reps 2]
 
 The other commit's daemon/ is taken with `git archive` into a temp folder and put first on PYTHONPATH of its daemon
 (same venv, same dependencies). Each run: one API (``echo``, or ``mlp``: predictors/mlp with its batching), 2 s of
 warm-up, then `wrk -t2` (echo at 8 and 64 connections, mlp at 64; encoder, bench/apps/encoder.py batching 8 / 5 ms on
-two replicas as in `make bench`, at 8 and 64). Prints one Markdown table with the server's CPU
+two replicas as in `make bench`, at 8 and 64; shared, the echo beside an idle second API in its model worker, at 1, 8
+and 64). Prints one Markdown table with the server's CPU
 per request; runs alternate between the two trees so that drift in the machine hits both.
 """
 
@@ -40,6 +42,7 @@ CASES = {  # name: (body, connections)
     "mlp": (MLP_BODY, (64,)),
     "encoder": (ENCODER_BODY, (8, 64)),
     "bytes": ("", (8, 64)),  # raw bodies of --body-kb kilobytes to a predictor that returns their length
+    "shared": (ECHO_BODY, (1, 8, 64)),  # the echo beside an idle second API in its model worker
 }
 
 
@@ -91,8 +94,10 @@ def main() -> None:
             for name, env in trees.items():
                 d = Daemon(work / f"{len(list(work.iterdir()))}", TWO_WORKERS if args.case == "encoder" else "",
                            env=env)
-                if args.case == "echo":
+                if args.case in ("echo", "shared"):
                     d.write("echo.py", ECHO)
+                    if args.case == "shared":
+                        d.write("other.py", ECHO)
                 elif args.case == "bytes":
                     d.write("bytes.py", SIZE)
                 elif args.case == "encoder":
@@ -105,10 +110,11 @@ def main() -> None:
                 try:
                     d.wait_settled()
                     assert d.proc is not None
+                    url = d.url("/echo" if args.case == "shared" else f"/{args.case}")
                     for connections in loads:
-                        warm(d.url(f"/{args.case}"), script, connections)
+                        warm(url, script, connections)
                         before = cpu_seconds(d.proc.pid)
-                        rps, p50, errors, requests = wrk(d.url(f"/{args.case}"), script, connections, args.seconds)
+                        rps, p50, errors, requests = wrk(url, script, connections, args.seconds)
                         cpu = (cpu_seconds(d.proc.pid) - before) * 1000 / max(1, requests)
                         print(f"| {name} | c={connections} | {rep} | {rps:,.0f} | {p50} | {errors} | {cpu:.3f} ms |",
                               flush=True)

@@ -242,7 +242,7 @@ class JobRunner:
             elif api.inline:
                 result, reply = self._predict_sync(api, job, payload)
             else:
-                result, reply = await self.loop.run_in_executor(api.executor, self._predict_sync, api, job, payload)
+                result, reply = await api.lanes.run(self._predict_sync, api, job, payload)
         except (Exception, SystemExit) as e:  # noqa: BLE001 - user code: every failure becomes a clear reply
             reply = self._failed(api, job, e)
         if reply.stream is None:
@@ -250,7 +250,7 @@ class JobRunner:
         else:
             await self._stream(api, job, reply)
         if api.signature.post_predict_args is not None and reply.status < 500:
-            self.loop.run_in_executor(api.executor, self._post_predict, api, job, payload, result)
+            api.lanes.run(self._post_predict, api, job, payload, result)
 
     def _predict_sync(self, api: LoadedApi, job: Job, payload: Any) -> tuple[Any, pl.Reply]:
         CURRENT.set(api)
@@ -290,7 +290,7 @@ class JobRunner:
             else:
                 done = object()
                 while not (conn.closed or job.cancelled):
-                    part = await self.loop.run_in_executor(api.executor, next_part, api, stream, done)
+                    part = await api.lanes.run(next_part, api, stream, done)
                     if part is done:
                         finished = True
                         break
@@ -318,7 +318,7 @@ class JobRunner:
             if hasattr(stream, "aclose"):
                 await stream.aclose()
             elif hasattr(stream, "close"):
-                await self.loop.run_in_executor(api.executor, in_api, api, stream.close)
+                await api.lanes.run(in_api, api, stream.close)
         except Exception:  # noqa: BLE001 - user code; the response is over already
             log.exception("API %s: closing a stream raised", api.name)
 
@@ -344,8 +344,7 @@ class JobRunner:
                 if api.inline:  # short batches, alone on the worker: on the loop (see LoadedApi.observe_batch)
                     results = api.instance.predict(**args)
                 else:
-                    results = await self.loop.run_in_executor(api.executor, in_api, api,
-                                                              lambda: api.instance.predict(**args))
+                    results = await api.lanes.run(in_api, api, lambda: api.instance.predict(**args))
                 api.observe_batch(time.perf_counter() - started)
             if not isinstance(results, (list, tuple)) or len(results) != len(good):
                 got = f"{len(results)} results" if isinstance(results, (list, tuple)) else type(results).__name__
@@ -360,7 +359,7 @@ class JobRunner:
                 reply = error_reply(500, "a batched predict() cannot stream its results", job, api=api.name)
             self._send(api, job, reply)
         if api.signature.post_predict_args is not None and results is not None:
-            self.loop.run_in_executor(api.executor, self._post_predict_batch, api, good, payloads, list(results))
+            api.lanes.run(self._post_predict_batch, api, good, payloads, list(results))
 
     def _post_predict_batch(self, api: LoadedApi, jobs: list[Job], payloads: list[Any], results: list[Any]) -> None:
         """post_predict of a batching predictor gets lists, like its predict."""

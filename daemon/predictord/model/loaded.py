@@ -10,7 +10,6 @@ import contextvars
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +22,7 @@ from ..protocol import JobHeader, Problem
 
 if TYPE_CHECKING:
     from .jobs import JobConnection
+    from .lanes import Lanes
 
 INLINE_BELOW = 0.0005  # seconds: a sync predict this short runs on the loop (a thread hop costs ~50-100 us)
 INLINE_BATCH_BELOW = 0.002  # seconds: a batch this short runs on the loop of a worker that serves its API alone
@@ -70,7 +70,7 @@ class LoadedApi:
     signature: Signature
     threads: int
     timeout: float
-    executor: ThreadPoolExecutor
+    lanes: Lanes  # its threads for predictor code
     max_batch_size: int = 1
     batch_wait: float = 0.0  # seconds
     slot: int = 0  # its column in the scoreboard
@@ -141,6 +141,6 @@ def next_part(api: LoadedApi, iterator: Any, default: object) -> Any:
 
 
 def in_api(api: LoadedApi, fn: Callable[..., Any], *args: Any) -> Any:
-    """Run predictor code in an executor thread, noting whose it is (see CURRENT)."""
+    """Run predictor code in one of its API's threads, noting whose it is (see CURRENT)."""
     CURRENT.set(api)
     return fn(*args)

@@ -45,6 +45,7 @@ from ..protocol import (
 from ..scoreboard import RunMarks, Scoreboard
 from .children import Children
 from .jobs import JobRunner
+from .lanes import Lanes
 from .loaded import LOADING, LoadedApi, in_api, request_problem
 from .process import prepare_process
 
@@ -325,7 +326,7 @@ class ModelWorker:
         threads = serving["threads"]
         interval = float(serving.get("health_interval", 0)) if imported.signature.has_health else 0.0
         return LoadedApi(source.name, m.version, instance, imported.signature, threads, serving["timeout"],
-                         ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"predict-{source.name}"),
+                         Lanes(self.loop, threads, f"predict-{source.name}"),
                          max_batch_size=serving["max_batch_size"], batch_wait=serving["batch_wait_ms"] / 1000,
                          slot=m.api_slot, namespace=imported.namespace, load=m, health_interval=interval,
                          health_limit=int(serving.get("health_failures", 3)),
@@ -364,7 +365,7 @@ class ModelWorker:
                           api.version, CLOSE_TIMEOUT)
             except Exception:  # noqa: BLE001 - user code at unload: say so and go on
                 log.exception("API %s version %s: close() raised", api.name, api.version)
-        api.executor.shutdown(wait=False)
+        api.lanes.shutdown()
         api.instance = None
         if api.namespace is not None:
             owner = api.namespace.name
