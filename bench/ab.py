@@ -1,14 +1,15 @@
 """A/B of the request path: this tree's predictord against another commit's, same machine, same wrk load.
 
-    .venv/bin/python bench/ab.py --base REV [--case echo|shared|mlp|encoder|bytes] [--body-kb 1000] [--seconds 6]
+    .venv/bin/python bench/ab.py --base REV [--case echo|shared|mlp|encoder|bytes|json] [--body-kb 1000] [--seconds 6]
                                 [--reps 2]
 
 The other commit's daemon/ is taken with `git archive` into a temp folder and put first on PYTHONPATH of its daemon
 (same venv, same dependencies). Each run: one API (``echo``, or ``mlp``: predictors/mlp with its batching), 2 s of
 warm-up, then `wrk -t2` (echo at 8 and 64 connections, mlp at 64; encoder, bench/apps/encoder.py batching 8 / 5 ms on
 two replicas as in `make bench`, at 8 and 64; shared, the echo beside an idle second API in its model worker, at 1, 8
-and 64). Prints one Markdown table with the server's CPU
-per request; runs alternate between the two trees so that drift in the machine hits both.
+and 64; bytes and json, bodies of --body-kb to a predictor that returns their length, at 8 and 64). Prints one
+Markdown table with the server's CPU per request and the peak RSS of its processes (summed, sampled every 50 ms);
+runs alternate between the two trees so that drift in the machine hits both.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from run import (  # noqa: E402
     MLP_BODY,
     SIZE,
     TWO_WORKERS,
+    Peak,
+    body_of,
     cpu_seconds,
 )
 
@@ -43,6 +46,7 @@ CASES = {  # name: (body, connections)
     "encoder": (ENCODER_BODY, (8, 64)),
     "bytes": ("", (8, 64)),  # raw bodies of --body-kb kilobytes to a predictor that returns their length
     "shared": (ECHO_BODY, (1, 8, 64)),  # the echo beside an idle second API in its model worker
+    "json": ("", (8, 64)),  # JSON text of --body-kb kilobytes ({"text": "xx..."}) to the same predictor
 }
 
 
@@ -83,12 +87,16 @@ def main() -> None:
         (work / "body.bin").write_bytes(os.urandom(args.body_kb * 1000))
         script.write_text(f'wrk.method = "POST"\nlocal f = io.open("{work / "body.bin"}", "rb")\n'
                           'wrk.body = f:read("*a")\nwrk.headers["Content-Type"] = "application/octet-stream"\n')
+    elif args.case == "json":
+        (work / "body.json").write_text(body_of("json", args.body_kb * 1000))
+        script.write_text(f'wrk.method = "POST"\nlocal f = io.open("{work / "body.json"}", "rb")\n'
+                          'wrk.body = f:read("*a")\nwrk.headers["Content-Type"] = "application/json"\n')
     else:
         script.write_text(f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\n'
                           'wrk.headers["Content-Type"] = "application/json"\n')
     trees = {args.base: {"PYTHONPATH": str(work / "daemon")}, "this tree": {}}
-    print("| tree | load | run | req/s | p50 | non-2xx | server CPU / request |")
-    print("|---|---|---|---|---|---|---|")
+    print("| tree | load | run | req/s | p50 | non-2xx | server CPU / request | peak RSS |")
+    print("|---|---|---|---|---|---|---|---|")
     try:
         for rep in range(1, args.reps + 1):
             for name, env in trees.items():
@@ -98,8 +106,8 @@ def main() -> None:
                     d.write("echo.py", ECHO)
                     if args.case == "shared":
                         d.write("other.py", ECHO)
-                elif args.case == "bytes":
-                    d.write("bytes.py", SIZE)
+                elif args.case in ("bytes", "json"):
+                    d.write(f"{args.case}.py", SIZE)
                 elif args.case == "encoder":
                     d.write("encoder/predictor.py", (REPO / "bench" / "apps" / "encoder.py").read_text())
                     d.write("encoder/predictor.toml", ENCODER_ON)
@@ -113,11 +121,11 @@ def main() -> None:
                     url = d.url("/echo" if args.case == "shared" else f"/{args.case}")
                     for connections in loads:
                         warm(url, script, connections)
-                        before = cpu_seconds(d.proc.pid)
+                        before, peak = cpu_seconds(d.proc.pid), Peak(d.proc.pid)
                         rps, p50, errors, requests = wrk(url, script, connections, args.seconds)
                         cpu = (cpu_seconds(d.proc.pid) - before) * 1000 / max(1, requests)
-                        print(f"| {name} | c={connections} | {rep} | {rps:,.0f} | {p50} | {errors} | {cpu:.3f} ms |",
-                              flush=True)
+                        print(f"| {name} | c={connections} | {rep} | {rps:,.0f} | {p50} | {errors} | {cpu:.3f} ms | "
+                              f"{peak.stop():,.0f} MiB |", flush=True)
                 finally:
                     d.stop()
     finally:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +57,19 @@ def test_large_bodies_arrive_exact_and_leave_nothing_behind(make_daemon: Any) ->
     broken = b'{"text": "' + b"x" * 2_000_000
     r = d.post("/size", content=broken, headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["error"].startswith("malformed JSON: Unterminated string")
+    # Past PARSE_IN_THREAD (4 MiB), parsed in a thread, one at a time per HTTP worker: three at once, each exact.
+    huge = ["é" * 2_200_000, "ü" * 2_300_000, "x" * 4_500_000]
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda t: d.post("/size", content=json.dumps({"text": t}, ensure_ascii=False).encode(),
+                                                 headers={"Content-Type": "application/json"}), huge))
+    assert [a.json() for a in answers] == [{"length": len(t), "sha": hashlib.sha256(t.encode()).hexdigest()}
+                                           for t in huge]
+    r = d.post("/size", content=b'{"text": "' + b"x" * 4_500_000, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"].startswith("malformed JSON: Unterminated string")
+    assert d.post("/size", content=json.dumps({"text": huge[2]}), headers={"Content-Type": "application/json"}).json() \
+        == {"length": len(huge[2]), "sha": hashlib.sha256(huge[2].encode()).hexdigest()}  # the 400 freed its turn
     master = d.proc.pid
-    assert len(shm_files(master)) <= 4, "only the HTTP workers' few reusable files"
+    assert len(shm_files(master)) <= 8, "only the HTTP workers' few reusable files"
     assert d.stop() == 0
     wait_until(lambda: not shm_files(master), 10, "no shared body left after the daemon stops")
 

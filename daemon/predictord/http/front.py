@@ -118,6 +118,7 @@ class Front:
         self._flusher: asyncio.TimerHandle | None = None
         self.share_bodies = bodies.available()  # large bodies through /dev/shm (bodies.py)
         self._pool: bodies.Pool | None = None  # made in the worker process (after the fork)
+        self._huge: asyncio.Semaphore | None = None  # one huge JSON parse at a time (made in the worker process)
 
     @property
     def dispatcher(self) -> Dispatcher:
@@ -245,6 +246,38 @@ class Front:
         json_body = pl.is_json(content_type)
         if length >= SHARED_FROM and self.share_bodies and not json_body:
             shared.append(self._shared_body())
+        parts, size = await self._receive(receive, shared)
+        headers = scope["headers"] if route.wants_headers else None
+        query = scope["query_string"]
+        large = size >= SHARED_FROM
+        sent_type: str | None = content_type
+        if json_body:
+            if size >= PARSE_IN_THREAD:
+                body = await self._parse_huge(parts, shared)
+            else:
+                body = b"".join(parts)
+                try:
+                    payload = pl.parse_json(body)
+                except pl.BadPayload as e:
+                    raise Refused(400, str(e)) from None
+                if large and self.share_bodies:
+                    shared.append(self._shared_body())
+                    shared[0].dump(payload)
+                else:
+                    body = pl.pack(payload)
+            sent_type = None  # the model worker's sign: the body is a parsed payload (pl.load)
+        elif large and self.share_bodies and not shared:  # chunked, no Content-Length: share it now
+            shared.append(self._shared_body())
+            for chunk in parts:
+                shared[0].write(chunk)
+        if shared:
+            return JobHeader(name, sent_type, query, headers, request_id, route.timeout, shared[0].ref), b""
+        return JobHeader(name, sent_type, query, headers, request_id, route.timeout), body if json_body else \
+            b"".join(parts)
+
+    async def _receive(self, receive: Receive, shared: list[SharedBody]) -> tuple[list[bytes], int]:
+        """The body's chunks (written into the shared file instead, if there is one) and its size; 413 past
+        max_body_bytes."""
         parts: list[bytes] = []
         size = 0
         while True:
@@ -260,35 +293,28 @@ class Front:
             else:
                 parts.append(chunk)
             if not message.get("more_body"):
-                break
-        headers = scope["headers"] if route.wants_headers else None
-        query = scope["query_string"]
-        large = size >= SHARED_FROM
-        sent_type: str | None = content_type
-        if json_body:
-            body = b"".join(parts)
-            huge = size >= PARSE_IN_THREAD  # parsed in a thread: this worker's loop keeps its other connections
+                return parts, size
+
+    async def _parse_huge(self, parts: list[bytes], shared: list[SharedBody]) -> bytes:
+        """A huge JSON body (its chunks, taken from ``parts``), parsed and pickled in a thread so that this worker's
+        loop keeps its other connections; one at a time per HTTP worker: the GIL runs one parse at a time anyway, and
+        one being parsed and pickled holds about three times its size, so the others wait holding only their text.
+        The text is let go once parsed. Returns the pickled payload, or b"" once it is in a shared file."""
+        if self._huge is None:
+            self._huge = asyncio.Semaphore(1)
+        async with self._huge:
+            text = b"".join(parts)
+            parts.clear()
             try:
-                payload = pl.parse_json(body) if not huge else await asyncio.to_thread(pl.parse_json, body)
+                payload = await asyncio.to_thread(pl.parse_json, text)
             except pl.BadPayload as e:
                 raise Refused(400, str(e)) from None
-            if large and self.share_bodies:
-                shared.append(self._shared_body())
-                if huge:
-                    await asyncio.to_thread(shared[0].dump, payload)
-                else:
-                    shared[0].dump(payload)
-            else:
-                body = pl.pack(payload)
-            sent_type = None  # the model worker's sign: the body is a parsed payload (pl.load)
-        elif large and self.share_bodies and not shared:  # chunked, no Content-Length: share it now
+            del text
+            if not self.share_bodies:
+                return pl.pack(payload)
             shared.append(self._shared_body())
-            for chunk in parts:
-                shared[0].write(chunk)
-        if shared:
-            return JobHeader(name, sent_type, query, headers, request_id, route.timeout, shared[0].ref), b""
-        return JobHeader(name, sent_type, query, headers, request_id, route.timeout), body if json_body else \
-            b"".join(parts)
+            await asyncio.to_thread(shared[0].dump, payload)
+            return b""
 
     def _shared_body(self) -> SharedBody:
         if self._pool is None:
