@@ -1,10 +1,10 @@
 """An API's own threads for its predictor code, handed work more cheaply than ``loop.run_in_executor``.
 
 ``run_in_executor`` costs a concurrent Future with its condition, a chained asyncio Future and one write to the
-loop's self-pipe per call: about 90 us of CPU a call at one caller and 30 us at eight on this kind of machine
+loop's self-pipe per call: about 100 us of CPU a call at one caller and 40 us at eight on the development VM
 (``bench/hand_off.py``). Here a call is an asyncio Future and a ``SimpleQueue.put``; a thread that finishes puts its
 result on a list and wakes the loop only when no wake is pending, so results that finish close together come back
-in one loop callback (66-78 and 8-12 us a call). Threads are daemons, so a predict that never returns does not
+in one loop callback (71-75 and 12 us a call). Threads are daemons, so a predict that never returns does not
 hold up the worker's exit (the master replaces a worker whose job hangs).
 """
 
