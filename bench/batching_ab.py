@@ -1,24 +1,33 @@
 """Batching on against off for one predictor, alternating daemons so that drift in the machine hits both.
 
-    .venv/bin/python bench/batching_ab.py [--case mlp|encoder] [--connections 1,8] [--seconds 5] [--reps 3]
+    .venv/bin/python bench/batching_ab.py [--case mlp|encoder] [--connections 1,8] [--seconds 5] [--reps 3] [--bare]
 
 Each run starts a daemon as `make bench` does (2 CPU model workers, torch_threads = 1, 2 replicas; the MLP with
 batching 32 / 2 ms or none, the encoder with 8 / 5 ms or none), warms it for 2 s, then runs `wrk` (bench/run.py's)
 and prints requests/s, p50, the server's CPU per request and that CPU by process (microseconds; the busiest first).
+``--bare`` adds bare starlette (bench/apps/bare.py, as `make bench` runs it) to each round, for the ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "integration"))
-from harness import Daemon  # noqa: E402
 from per_process import cpu_by_process  # noqa: E402
-from run import ENCODER_BODY, ENCODER_OFF, ENCODER_ON, MLP_BODY, TWO_WORKERS, wrk  # noqa: E402
+from run import (  # noqa: E402
+    ENCODER_BODY,
+    ENCODER_OFF,
+    ENCODER_ON,
+    MLP_BODY,
+    TWO_WORKERS,
+    Predictord,
+    Server,
+    bare,
+    wrk,
+)
 
 
 def layouts(case: str) -> dict[str, dict[str, str]]:
@@ -36,38 +45,41 @@ def layouts(case: str) -> dict[str, dict[str, str]]:
                    "mlp.toml": "[serving]\nmax_batch_size = 32\nbatch_wait_ms = 2\nreplicas = 2\n"}}
 
 
+def servers(case: str, with_bare: bool) -> list[Server]:
+    """Fresh servers for one round: predictord with batching off and on (and bare starlette)."""
+    out: list[Server] = [Predictord(f"predictord, batching {setting}", files, TWO_WORKERS)
+                         for setting, files in layouts(case).items()]
+    return [*out, bare()] if with_bare else out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--case", choices=("mlp", "encoder"), default="mlp")
     ap.add_argument("--connections", default="1,8")
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--bare", action="store_true", help="bare starlette too, in the same rounds (ratios to it)")
     args = ap.parse_args()
     body = ENCODER_BODY if args.case == "encoder" else MLP_BODY
-    print("| batching | load | run | req/s | p50 | server CPU / request | by process (us) |")
+    print("| server | load | run | req/s | p50 | server CPU / request | by process (us) |")
     print("|---|---|---|---|---|---|---|")
     for rep in range(1, args.reps + 1):
-        for setting, files in layouts(args.case).items():
-            d = Daemon(Path(tempfile.mkdtemp(prefix="predictord-batching-ab-")), TWO_WORKERS)
-            for name, text in files.items():
-                d.write(name, text)
-            d.start()
+        for server in servers(args.case, args.bare):
+            server.start()
             try:
-                d.wait_settled()
-                assert d.proc is not None
                 for c in (int(x) for x in args.connections.split(",")):
-                    url = d.url(f"/{args.case}")
+                    url = server.url + f"/{args.case}"
                     wrk(url, body, c, 2)  # warm-up
-                    before = cpu_by_process(d.proc.pid)
+                    before = cpu_by_process(server.pid)
                     r = wrk(url, body, c, args.seconds)
-                    after = cpu_by_process(d.proc.pid)
+                    after = cpu_by_process(server.pid)
                     used = sorted(((after[pid] - before.get(pid, 0.0)) * 1e6 / r["requests"] for pid in after),
                                   reverse=True)
                     busy = " + ".join(f"{us:.0f}" for us in used if us >= 1)
-                    print(f"| {setting} | c={c} | {rep} | {r['rps']:,.0f} | {r['p50']:.2f} ms | "
+                    print(f"| {server.name} | c={c} | {rep} | {r['rps']:,.0f} | {r['p50']:.2f} ms | "
                           f"{sum(used) / 1000:.3f} ms | {busy} |", flush=True)
             finally:
-                d.stop()
+                server.stop()
 
 
 if __name__ == "__main__":
