@@ -5,19 +5,16 @@
 
 The other commit's daemon/ is taken with `git archive` into a temp folder and put first on PYTHONPATH of its daemon
 (same venv, same dependencies). Each run: one API (``echo``, or ``mlp``: predictors/mlp with its batching), 2 s of
-warm-up, then `wrk -t2` (echo at 8 and 64 connections, mlp at 64; encoder, bench/apps/encoder.py batching 8 / 5 ms on
-two replicas as in `make bench`, at 8 and 64; shared, the echo beside an idle second API in its model worker, at 1, 8
-and 64; bytes and json, bodies of --body-kb to a predictor that returns their length, at 8 and 64). Prints one
-Markdown table with the server's CPU per request and the peak RSS of its processes (summed, sampled every 50 ms);
-runs alternate between the two trees so that drift in the machine hits both.
+warm-up, then bench/run.py's `wrk` (echo at 8 and 64 connections, mlp at 64; encoder, bench/apps/encoder.py batching
+8 / 5 ms on two replicas as in `make bench`, at 8 and 64; shared, the echo beside an idle second API in its model
+worker, at 1, 8 and 64; bytes and json, bodies of --body-kb to a predictor that returns their length, at 8 and 64).
+Prints one Markdown table with the server's CPU per request and the peak RSS of its processes (summed, sampled every
+50 ms); runs alternate between the two trees so that drift in the machine hits both.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import re
 import shutil
 import subprocess
 import sys
@@ -38,33 +35,17 @@ from run import (  # noqa: E402
     Peak,
     body_of,
     cpu_seconds,
+    wrk,
 )
 
 CASES = {  # name: (body, connections)
     "echo": (ECHO_BODY, (8, 64)),
     "mlp": (MLP_BODY, (64,)),
     "encoder": (ENCODER_BODY, (8, 64)),
-    "bytes": ("", (8, 64)),  # raw bodies of --body-kb kilobytes to a predictor that returns their length
+    "bytes": ("", (8, 64)),  # raw bodies of --body-kb kilobytes (bench/run.py's body_of) to a predictor of their length
     "shared": (ECHO_BODY, (1, 8, 64)),  # the echo beside an idle second API in its model worker
     "json": ("", (8, 64)),  # JSON text of --body-kb kilobytes ({"text": "xx..."}) to the same predictor
 }
-
-
-def warm(url: str, script: Path, connections: int) -> None:
-    subprocess.run(["wrk", f"-t{min(2, connections)}", f"-c{connections}", "-d2s", "-s", str(script), url],
-                   capture_output=True, check=True)
-
-
-def wrk(url: str, script: Path, connections: int, seconds: int) -> tuple[float, str, str, int]:
-    """Requests/s, p50, non-2xx answers and requests of one wrk run."""
-    out = subprocess.run(["wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{seconds}s", "--latency", "-s",
-                          str(script), url], capture_output=True, text=True, check=True).stdout
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    p50 = re.search(r"50%\s+([\d.]+\w+)", out)
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    requests = re.search(r"(\d+) requests in", out)
-    assert rps and p50 and requests, out
-    return float(rps.group(1)), p50.group(1), errors.group(1) if errors else "0", int(requests.group(1))
 
 
 def main() -> None:
@@ -79,23 +60,14 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="predictord-ab-"))
     archive = subprocess.run(["git", "-C", str(REPO), "archive", args.base, "daemon"], capture_output=True, check=True)
     subprocess.run(["tar", "-x", "-C", str(work)], input=archive.stdout, check=True)
-    script = work / "post.lua"
     body, loads = CASES[args.case]
     if args.connections:
         loads = tuple(int(c) for c in args.connections.split(","))
-    if args.case == "bytes":
-        (work / "body.bin").write_bytes(os.urandom(args.body_kb * 1000))
-        script.write_text(f'wrk.method = "POST"\nlocal f = io.open("{work / "body.bin"}", "rb")\n'
-                          'wrk.body = f:read("*a")\nwrk.headers["Content-Type"] = "application/octet-stream"\n')
-    elif args.case == "json":
-        (work / "body.json").write_text(body_of("json", args.body_kb * 1000))
-        script.write_text(f'wrk.method = "POST"\nlocal f = io.open("{work / "body.json"}", "rb")\n'
-                          'wrk.body = f:read("*a")\nwrk.headers["Content-Type"] = "application/json"\n')
-    else:
-        script.write_text(f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\n'
-                          'wrk.headers["Content-Type"] = "application/json"\n')
+    kind = "raw" if args.case == "bytes" else "json"
+    if args.case in ("bytes", "json"):
+        body = body_of(kind, args.body_kb * 1000)
     trees = {args.base: {"PYTHONPATH": str(work / "daemon")}, "this tree": {}}
-    print("| tree | load | run | req/s | p50 | non-2xx | server CPU / request | peak RSS |")
+    print("| tree | load | run | req/s | p50 | errors | server CPU / request | peak RSS |")
     print("|---|---|---|---|---|---|---|---|")
     try:
         for rep in range(1, args.reps + 1):
@@ -120,12 +92,12 @@ def main() -> None:
                     assert d.proc is not None
                     url = d.url("/echo" if args.case == "shared" else f"/{args.case}")
                     for connections in loads:
-                        warm(url, script, connections)
+                        wrk(url, body, connections, 2, kind)  # warm-up
                         before, peak = cpu_seconds(d.proc.pid), Peak(d.proc.pid)
-                        rps, p50, errors, requests = wrk(url, script, connections, args.seconds)
-                        cpu = (cpu_seconds(d.proc.pid) - before) * 1000 / max(1, requests)
-                        print(f"| {name} | c={connections} | {rep} | {rps:,.0f} | {p50} | {errors} | {cpu:.3f} ms | "
-                              f"{peak.stop():,.0f} MiB |", flush=True)
+                        r = wrk(url, body, connections, args.seconds, kind)
+                        cpu = (cpu_seconds(d.proc.pid) - before) * 1000 / max(1, r["requests"])
+                        print(f"| {name} | c={connections} | {rep} | {r['rps']:,.0f} | {r['p50']:.2f} ms | "
+                              f"{r['errors']} | {cpu:.3f} ms | {peak.stop():,.0f} MiB |", flush=True)
                 finally:
                     d.stop()
     finally:

@@ -11,11 +11,8 @@ at ``isolation = "process"``. One daemon per run, on loopback, wrk on the same m
 from __future__ import annotations
 
 import argparse
-import re
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import psutil
@@ -23,7 +20,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "integration"))
 from harness import Daemon  # noqa: E402
-from run import ECHO, ECHO_BODY  # noqa: E402
+from run import ECHO, ECHO_BODY, wrk  # noqa: E402
 
 LAYOUTS = {
     "alone": {"echo.py": ECHO},
@@ -57,28 +54,19 @@ def main() -> None:
         status = d.wait_settled()
         assert d.proc is not None
         model = {w["pid"]: f"model {w['slot']} ({', '.join(sorted(w['apis'])) or 'no API'})" for w in status["workers"]}
-        script = d.root / "post.lua"
-        script.write_text(f'wrk.method = "POST"\nwrk.body = {ECHO_BODY!r}\n'
-                          'wrk.headers["Content-Type"] = "application/json"\n')
         print("| layout | load | req/s | master | HTTP workers | model workers (us of CPU a request) |")
         print("|---|---|---|---|---|---|")
         for c in (int(x) for x in args.connections.split(",")):
-            wrk = ["wrk", f"-t{min(2, c)}", f"-c{c}", "-s", str(script), d.url("/echo")]
-            subprocess.run([*wrk[:3], "-d2s", *wrk[3:]], capture_output=True, check=True)  # warm-up
-            before, started = cpu_by_process(d.proc.pid), time.monotonic()
-            out = subprocess.run([*wrk[:3], f"-d{args.seconds}s", *wrk[3:]], capture_output=True, text=True,
-                                 check=True).stdout
+            wrk(d.url("/echo"), ECHO_BODY, c, 2)  # warm-up
+            before = cpu_by_process(d.proc.pid)
+            r = wrk(d.url("/echo"), ECHO_BODY, c, args.seconds)
             after = cpu_by_process(d.proc.pid)
-            found = re.search(r"(\d+) requests in", out)
-            assert found, out
-            requests = int(found.group(1))
-            used = {pid: (after[pid] - before.get(pid, 0.0)) * 1e6 / requests for pid in after}
+            used = {pid: (after[pid] - before.get(pid, 0.0)) * 1e6 / r["requests"] for pid in after}
             master = used.pop(d.proc.pid, 0.0)
             models = [f"{model[pid]}: {us:.0f}" for pid, us in used.items() if pid in model]
             http = [f"{us:.0f}" for pid, us in used.items() if pid not in model and us >= 1]
-            rate = requests / (time.monotonic() - started)
-            print(f"| {args.layout} | c={c} | {rate:,.0f} | {master:.0f} | {' + '.join(http)} | {'; '.join(models)} |",
-                  flush=True)
+            print(f"| {args.layout} | c={c} | {r['rps']:,.0f} | {master:.0f} | {' + '.join(http)} | "
+                  f"{'; '.join(models)} |", flush=True)
     finally:
         d.stop()
 

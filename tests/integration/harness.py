@@ -18,6 +18,21 @@ from typing import Any
 import httpx
 import psutil
 
+# Predictor code that waits on a test's gate file: prepend it to a predictor, call held(path) where it should wait.
+HELD = '''
+import os
+import time
+
+
+def held(gate, until_exists=True):
+    """Until the test opens the gate: creates the file (until_exists=False: removes it); at most 60 s."""
+    deadline = time.monotonic() + 60
+    while os.path.exists(gate) != until_exists:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the test never opened the gate")
+        time.sleep(0.01)
+'''
+
 
 def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
     """Poll ``predicate`` until it returns something truthy; fail with ``what`` at the deadline."""

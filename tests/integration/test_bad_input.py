@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from broken import SLOW
-from harness import Daemon, exchange, process_figures, wait_until
+from harness import HELD, Daemon, exchange, process_figures, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 ECHO = '''
@@ -34,21 +34,14 @@ class PythonPredictor:
     def predict(self, payload):
         return [{"type": type(p).__name__} for p in payload]
 '''
-GATED = '''
-import os
-import time
-
+GATED = HELD + '''
 
 class PythonPredictor:
     def __init__(self, config):
         self.gate = config["gate"]
 
     def predict(self, payload):
-        deadline = time.monotonic() + 60
-        while not os.path.exists(self.gate):  # held until the test opens the gate
-            if time.monotonic() > deadline:
-                raise TimeoutError("the test never opened the gate")
-            time.sleep(0.01)
+        held(self.gate)  # until the test opens the gate
         return {"passed": True}
 '''
 LIMITS = "[server]\nhttp_workers = 1\nmax_body_bytes = 100000\nmax_header_bytes = 8192\nread_timeout = 2\n"

@@ -7,23 +7,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-from harness import Daemon, wait_until
+from harness import HELD, Daemon, wait_until
 
-GATE = '''
-import os
-import time
-
-
-def held(gate):
-    """Until the test opens the gate (at most 60 s)."""
-    deadline = time.monotonic() + 60
-    while not os.path.exists(gate):
-        if time.monotonic() > deadline:
-            raise TimeoutError("the test never opened the gate")
-        time.sleep(0.01)
-'''
-
-BATCHED = GATE + '''
+BATCHED = HELD + '''
 
 class PythonPredictor:
     def __init__(self, config):
@@ -51,7 +37,7 @@ class PythonPredictor:
         return [{"pid": os.getpid(), "batch": len(payload)} for _ in payload]
 '''
 
-THREADED = GATE + '''
+THREADED = HELD + '''
 import threading
 
 

@@ -18,7 +18,7 @@ import httpx
 import psutil
 import pytest
 from broken import OK
-from harness import HOSTILE_REASONS, Daemon, Load, plant_hostile, wait_until
+from harness import HELD, HOSTILE_REASONS, Daemon, Load, plant_hostile, wait_until
 
 PID = '''
 import os
@@ -32,10 +32,8 @@ class PythonPredictor:
         return {"pid": os.getpid(), "generation": self.generation}
 '''
 
-GATED = '''
-import os
+GATED = HELD + '''
 import threading
-import time
 
 
 class PythonPredictor:
@@ -45,9 +43,8 @@ class PythonPredictor:
     def predict(self, payload):
         if payload.get("hang"):
             threading.Event().wait()  # never set: a predict() that never returns
-        deadline = time.monotonic() + 60
-        while payload.get("slow") and os.path.exists(self.gate) and time.monotonic() < deadline:
-            time.sleep(0.01)  # held until the test removes the gate (at most 60 s)
+        if payload.get("slow"):
+            held(self.gate, until_exists=False)  # until the test removes the gate
         return {"done": True}
 '''
 
@@ -243,13 +240,8 @@ def test_probes_run_at_most_max_probes_at_once(make_daemon: Any) -> None:
     d.wait_for_log(r"API p\d version \w+ passed its checks")
 
 
-GATED_IMPORT = '''
-import os
-import time
-
-deadline = time.monotonic() + 60
-while os.path.exists(GATE) and time.monotonic() < deadline:
-    time.sleep(0.01)  # importing it takes until the test removes the gate (at most 60 s)
+GATED_IMPORT = HELD + '''
+held(GATE, until_exists=False)  # importing it takes until the test removes the gate
 ''' + OK
 
 

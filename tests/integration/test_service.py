@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 from broken import OK, SLOW
-from harness import Daemon, free_port, wait_until
+from harness import HELD, Daemon, free_port, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 ANALYZE = shutil.which("systemd-analyze")
@@ -106,18 +106,11 @@ def notify(tmp_path: Path) -> Iterator[NotifySocket]:
     n.close()
 
 
-SLOW_INIT = '''
-import os
-import time
-
+SLOW_INIT = HELD + '''
 
 class PythonPredictor:
-    def __init__(self, config):  # loads until the test opens the gate
-        deadline = time.monotonic() + 60
-        while not os.path.exists(config["gate"]):
-            if time.monotonic() > deadline:
-                raise TimeoutError("the test never opened the gate")
-            time.sleep(0.01)
+    def __init__(self, config):
+        held(config["gate"])  # loads until the test opens the gate
 
     def predict(self, payload):
         return {"ready": True}

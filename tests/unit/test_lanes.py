@@ -5,19 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from typing import Any
 
 import pytest
+from harness import wait_until
 
 from predictord.model.lanes import Lanes
-
-
-def wait_until(check: Any, seconds: float = 5.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.001)
 
 
 def test_results_and_failures_come_back_in_order() -> None:
@@ -61,7 +54,8 @@ def test_calls_that_finish_together_wake_the_loop_once() -> None:
         loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
         futures = [lanes.run(lambda i=i: (gate.wait(5), i)[1]) for i in range(5)]
         gate.set()
-        wait_until(lambda: len(lanes.done) == 5)  # the loop is held here, so all five finish before it turns
+        # The loop is held here, so all five finish before it turns.
+        wait_until(lambda: len(lanes.done) == 5, 5, "five calls to finish", interval=0.001)
         results = await asyncio.gather(*futures)
         lanes.shutdown()
         return results, wakes
@@ -101,7 +95,8 @@ def test_shutdown_ends_the_threads_after_the_calls_queued_before_it() -> None:
 
     asyncio.run(main())
     assert sorted(ran) == [1, 2]
-    wait_until(lambda: not [t for t in threading.enumerate() if t.name.startswith("predict-t-")])
+    wait_until(lambda: not [t for t in threading.enumerate() if t.name.startswith("predict-t-")], 5,
+               "the threads to end")
 
 
 def test_a_caller_that_gave_up_does_not_break_the_next_calls() -> None:
