@@ -1,1 +1,1 @@
-from daemons import make_daemon  # noqa: F401 - the fixture every integration test uses
+from daemons import make_daemon, pytest_runtest_makereport  # noqa: F401 - the fixture and its hook

@@ -10,10 +10,21 @@ from typing import Any
 import pytest
 from harness import Daemon
 
+LOG_TAIL = 12_000  # characters of each daemon's log a failed test prints: CI keeps only the test's output
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Keep each phase's report on the test, so that the fixture can tell at teardown whether the test failed."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
 
 @pytest.fixture
-def make_daemon(tmp_path: Path) -> Iterator[Any]:
-    """Build daemons in a temp directory; every one started is stopped at the end of the test."""
+def make_daemon(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
+    """Build daemons in a temp directory; every one started is stopped at the end of the test, and a failed test
+    prints the end of each one's log (a hang or a race seen once in CI is explained by it, not guessed at)."""
     started: list[Daemon] = []
 
     def make(predictors: dict[str, str], config: str = "", start: bool = True) -> Daemon:
@@ -26,3 +37,8 @@ def make_daemon(tmp_path: Path) -> Iterator[Any]:
     yield make
     for d in started:
         d.stop()
+    report = getattr(request.node, "report_call", None)
+    if report is not None and report.failed:
+        for d in started:
+            if d.log_path.exists():
+                print(f"--- the last {LOG_TAIL} characters of {d.log_path} ---\n{d.logs()[-LOG_TAIL:]}")

@@ -18,6 +18,10 @@ from typing import Any
 import httpx
 import psutil
 
+# Past the daemon's longest bounded wait (front.WAIT_AT_MOST, 30 s for a load or a reroute): a request the daemon
+# gave up on shows as its 503, and only one it lost shows as a client timeout.
+CLIENT_TIMEOUT = 40.0
+
 # Predictor code that waits on a test's gate file: prepend it to a predictor, call held(path) where it should wait.
 HELD = '''
 import os
@@ -100,7 +104,7 @@ class Daemon:
         self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
-        self.client = httpx.Client(timeout=30)
+        self.client = httpx.Client(timeout=CLIENT_TIMEOUT)
 
     def write(self, relpath: str, text: str) -> Path:
         path = self.predictors / relpath
@@ -247,7 +251,7 @@ class Load:
 
     def _client(self, index: int, api: str, body: dict[str, Any]) -> None:
         headers = {} if self.keepalive else {"Connection": "close"}
-        with httpx.Client(timeout=30, headers=headers) as client:
+        with httpx.Client(timeout=CLIENT_TIMEOUT, headers=headers) as client:
             for _ in range(self.cap):
                 if self.stop.is_set() or time.monotonic() > self.stop_at:
                     return

@@ -8,4 +8,4 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 
-from daemons import make_daemon  # noqa: E402,F401 - the fixture
+from daemons import make_daemon, pytest_runtest_makereport  # noqa: E402,F401 - the fixture and its hook

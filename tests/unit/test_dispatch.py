@@ -157,3 +157,36 @@ def test_a_worker_that_closes_fails_its_jobs(tmp_path: Path) -> None:
 
     got, _, outstanding = asyncio.run(exchange(tmp_path, answer))
     assert isinstance(got, WorkerLost) and "model worker 0 exited" in str(got) and outstanding == 0
+
+
+def test_a_worker_that_closes_before_the_job_is_added_fails_it_at_once(tmp_path: Path) -> None:
+    """The connection can close in the loop turns between the connect and the job's send (a worker dying as it
+    accepts): the job must not go on a link whose connection_lost has already run, or it waits for its deadline."""
+
+    class Closing(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            transport.close()
+
+    async def run() -> object:
+        path = str(tmp_path / "m0.sock")
+        server = await asyncio.get_running_loop().create_unix_server(Closing, path)
+        dispatcher = Dispatcher(Scoreboard(), 0)
+        connect = dispatcher.link
+
+        async def link_seen_closing(slot: int, path: str, row: int = -1) -> object:
+            link = await connect(slot, path, row)
+            deadline = time.monotonic() + 10
+            while not link.lost and time.monotonic() < deadline:  # the window, held open until it has closed
+                await asyncio.sleep(0.01)
+            return link
+
+        dispatcher.link = link_seen_closing  # type: ignore[method-assign,assignment]
+        try:
+            return await dispatcher.submit(ReplicaRow(0, path, 1, "v1", row=2), 4, HEADER, b"body", 30.0)
+        except WorkerLost as e:
+            return e
+        finally:
+            server.close()
+
+    got = asyncio.run(asyncio.wait_for(run(), 10))
+    assert isinstance(got, WorkerLost) and not got.started, "never sent: safe to send elsewhere"

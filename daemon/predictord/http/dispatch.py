@@ -213,6 +213,8 @@ class Dispatcher:
         link = self.links.get(replica.worker)
         if link is None or link.lost or link.path != replica.socket:
             link = await self.link(replica.worker, replica.socket, replica.row)
+            if link.lost:  # it closed between the connect and now: its connection_lost settled nothing of ours
+                raise WorkerLost(f"model worker {link.slot} closed its connection", link.slot, link.row, False)
         job_id = next(self.job_ids)
         loop = asyncio.get_running_loop()
         job = PendingJob(api_slot, loop.create_future(), link, job_id)
