@@ -194,6 +194,16 @@ class Daemon:
 
         return wait_until(check, timeout, "every API to be ready or failed")  # type: ignore[no-any-return]
 
+    def wait_replicas(self, name: str, count: int, timeout: float = 60) -> dict[str, Any]:
+        """Settled, with ``count`` replicas of an API in the routes: an API is ready at its first replica, and
+        wait_settled returns then, while the others may still be loading."""
+
+        def check() -> dict[str, Any] | None:
+            s = self.wait_settled(timeout)
+            return s if len(s["apis"][name]["replicas"]) == count else None
+
+        return wait_until(check, timeout, f"{count} replicas of API {name}")  # type: ignore[no-any-return]
+
     def worker_pids(self) -> dict[int, int]:
         return {w["slot"]: w["pid"] for w in self.status()["workers"]}
 

@@ -120,7 +120,7 @@ def test_every_replica_works_while_requests_queue(make_daemon: Callable[..., Dae
     # so the queue must be split between the replicas, not piled on one of them as if a batch were free.
     d = make_daemon({"c.py": CPU_LIKE, "c.toml": "[serving]\nreplicas = 2\nmax_batch_size = 8\nbatch_wait_ms = 20\n"},
                     "[workers]\ncpu = 2\n[rebalance]\nenabled = false\n")
-    d.wait_settled()
+    d.wait_replicas("c", 2)
     for _ in range(4):  # each replica measures what its batches cost
         burst(d, "/c", [{}] * 4)
     rs = burst(d, "/c", [{}] * 16)

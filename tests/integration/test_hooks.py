@@ -70,7 +70,7 @@ class PythonPredictor:
 def test_an_unhealthy_replica_leaves_the_routes_and_is_loaded_again(make_daemon: Callable[..., Daemon]) -> None:
     d = make_daemon({"h/predictor.py": HEALTHY, "h/predictor.toml": "[serving]\nreplicas = 2\nhealth_interval = 0.3\n"
                      "health_failures = 3\n"}, "[workers]\ncpu = 2\n")
-    status = d.wait_settled()
+    status = d.wait_replicas("h", 2)
     pids = sorted(r["pid"] for r in status["apis"]["h"]["replicas"])
     assert len(pids) == 2
     sick, well = pids
@@ -111,7 +111,7 @@ def test_an_api_whose_only_replica_is_unhealthy_answers_503_and_fails_its_check(
 
 def test_user_metrics_are_merged_exactly_across_http_and_model_workers(make_daemon: Callable[..., Daemon]) -> None:
     d = make_daemon({"m.py": COUNTING, "m.toml": "[serving]\nreplicas = 2\n"}, "[workers]\ncpu = 2\n")
-    d.wait_settled()
+    d.wait_replicas("m", 2)
     pids = set()
     for i in range(40):  # a connection each: both HTTP workers, both model workers
         r = httpx.post(d.url("/m"), json={"kind": "a" if i % 4 else "b", "items": [0] * (i % 5)})
