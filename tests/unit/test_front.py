@@ -4,16 +4,19 @@ every answer, against a fake dispatcher and a routing table and status document 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import os
 import pickle
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from predictord import bodies
 from predictord.http.dispatch import Dispatcher, PendingJob, WorkerLost
 from predictord.http.front import Front
 from predictord.http.published import ROUTES_FILE, STATUS_FILE, Published
@@ -137,6 +140,49 @@ def test_other_bodies_go_as_they_came_and_headers_only_when_asked(d: Daemon) -> 
     assert header.content_type == "text/plain" and d.dispatcher.jobs[0][2] == b"raw"
     assert header.headers is not None and (b"content-type", b"text/plain") in header.headers
     assert len(header.request_id) == 32, "a request without X-Request-ID gets one"
+
+
+@pytest.fixture
+def sharing(tmp_path: Path) -> Iterator[Daemon]:
+    """A front that puts large bodies in /dev/shm; the files it made are removed after the test."""
+    if not bodies.available():
+        pytest.skip("no writable /dev/shm here")
+    daemon = Daemon(tmp_path, max_body=10**7)
+    yield daemon
+    pool = daemon.front._pool
+    for body in pool.idle if pool is not None else []:
+        body.remove()
+
+
+@pytest.mark.parametrize("room", [True, False], ids=["shared file", "no room in /dev/shm"])
+def test_a_large_body_goes_through_a_shared_file_or_else_the_frame(sharing: Daemon, room: bool,
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if not room:
+        monkeypatch.setattr(bodies.os, "posix_fallocate", full)
+    raw = bytes(range(256)) * 1000  # 256 KB: past SHARED_FROM
+    text = {"text": "x" * 200_000}
+    seen = []
+    for sent, read in [(raw, bodies.read_body), (text, bodies.unpickle_body)] * 2:
+        sharing.dispatcher.canned.append((JSON_OK, b"{}"))
+        if isinstance(sent, bytes):
+            assert sharing.request("POST", "/echo", content=sent).status_code == 200
+        else:
+            assert sharing.request("POST", "/echo", json=sent).status_code == 200
+        _, header, body, _ = sharing.dispatcher.jobs[-1]
+        if room:  # the file is read before the next body reuses it
+            assert body == b"" and read(header.body_at) == sent
+            seen.append(header.body_at.partition(":")[0])
+        else:
+            assert header.body_at == "" and body == (sent if isinstance(sent, bytes) else pickle.dumps(sent, 5))
+    if room:
+        assert len(set(seen)) == 1, "one file, reused for each body after its answer"
+    else:
+        assert not list(bodies.ROOT.glob(f"{bodies.PREFIX}{os.getppid()}-0-*")), "no file left"
+        assert caplog.text.count("no room for it in /dev/shm") == 1, "said once, not per request"
 
 
 def test_a_stream_is_relayed_part_by_part(d: Daemon) -> None:

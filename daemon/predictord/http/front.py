@@ -12,6 +12,7 @@ import asyncio
 import functools
 import itertools
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -118,6 +119,7 @@ class Front:
         self._flusher: asyncio.TimerHandle | None = None
         self.share_bodies = bodies.available()  # large bodies through /dev/shm (bodies.py)
         self._pool: bodies.Pool | None = None  # made in the worker process (after the fork)
+        self._unshared_at = -math.inf  # when a body last found no room in /dev/shm (logged once a minute)
         self._huge: asyncio.Semaphore | None = None  # one huge JSON parse at a time (made in the worker process)
 
     @property
@@ -245,7 +247,7 @@ class Front:
                     raise self._too_large()
         json_body = pl.is_json(content_type)
         if length >= SHARED_FROM and self.share_bodies and not json_body:
-            shared.append(self._shared_body())
+            self._share(shared, length)
         parts, size = await self._receive(receive, shared)
         headers = scope["headers"] if route.wants_headers else None
         query = scope["query_string"]
@@ -260,14 +262,10 @@ class Front:
                     payload = pl.parse_json(body)
                 except pl.BadPayload as e:
                     raise Refused(400, str(e)) from None
-                if large and self.share_bodies:
-                    shared.append(self._shared_body())
-                    shared[0].dump(payload)
-                else:
+                if not (large and self.share_bodies and self._share(shared, 0, payload)):
                     body = pl.pack(payload)
             sent_type = None  # the model worker's sign: the body is a parsed payload (pl.load)
-        elif large and self.share_bodies and not shared:  # chunked, no Content-Length: share it now
-            shared.append(self._shared_body())
+        elif large and self.share_bodies and not shared and self._share(shared, size):  # chunked: no length
             for chunk in parts:
                 shared[0].write(chunk)
         if shared:
@@ -289,7 +287,11 @@ class Front:
             if size > self.max_body:
                 raise self._too_large()
             if shared:
-                shared[0].write(chunk)
+                try:
+                    shared[0].write(chunk)
+                except OSError as e:  # no room after all: this body goes in the job frame
+                    parts = [shared[0].contents(), chunk]
+                    self._unshare(shared, e)
             else:
                 parts.append(chunk)
             if not message.get("more_body"):
@@ -310,16 +312,41 @@ class Front:
             except pl.BadPayload as e:
                 raise Refused(400, str(e)) from None
             del text
-            if not self.share_bodies:
-                return pl.pack(payload)
-            shared.append(self._shared_body())
-            await asyncio.to_thread(shared[0].dump, payload)
-            return b""
+            if self.share_bodies:
+                try:
+                    await asyncio.to_thread(self._take(shared).dump, payload)
+                    return b""
+                except OSError as e:
+                    self._unshare(shared, e)
+            return pl.pack(payload)
 
-    def _shared_body(self) -> SharedBody:
+    def _take(self, shared: list[SharedBody]) -> SharedBody:
         if self._pool is None:
             self._pool = bodies.Pool(os.getppid(), self.dispatcher.http_slot)
-        return self._pool.take()
+        shared.append(self._pool.take())
+        return shared[0]
+
+    def _share(self, shared: list[SharedBody], size: int, payload: object = None) -> bool:
+        """Take a shared file for this request's body, with room for ``size`` bytes, or pickle ``payload`` into it;
+        False if /dev/shm has no room (the body goes in the job frame instead: slower, never refused)."""
+        body = self._take(shared)
+        try:
+            if payload is not None:
+                body.dump(payload)
+            else:
+                body.reserve(size)
+        except OSError as e:
+            self._unshare(shared, e)
+            return False
+        return True
+
+    def _unshare(self, shared: list[SharedBody], error: OSError) -> None:
+        shared.pop().remove()
+        now = time.monotonic()
+        if now - self._unshared_at > 60:  # once a minute at most: a full /dev/shm would otherwise log every request
+            self._unshared_at = now
+            log.warning("a large request body goes through the socket: no room for it in %s (%s)", bodies.ROOT,
+                        error.strerror or error)
 
     def _too_large(self) -> Refused:
         # The rest of the body is never read: close the connection rather than drain it.
