@@ -5,14 +5,24 @@ size (``BatchCosts``), and publishes the line ``fixed + n * per_job`` through th
 Two numbers describe both ends: on a CPU a batch of 8 costs about 8 of 1 (``fixed`` near 0), on a GPU about 1
 (``per_job`` near 0). An HTTP worker reads them for each replica of an API and sends a job where
 ``expected_finish`` is soonest: the batches ahead of it on that replica, at their real cost, then its own.
+
+A replica that looks dear gets no jobs, so nothing would ever correct its figures: a first batch that paid a cold
+start (torch's first forward pass) would keep it idle for good while the other replica queues. So a line not fed for
+STALE_AFTER, while the API's other replicas hold more jobs than one batch of this one, is forgotten, and the replica
+is priced again as the cheapest one that has run (what an HTTP worker does for a replica that has not run yet): its
+next batch measures it afresh. Without a queue it is left alone: spreading a light load over more replicas pays
+each batch's fixed cost more often, and cold caches (bench/ab.py --case mlp-replicas: forgetting on idleness alone
+cost the MLP 9-14 % at 1, 8 and 64 clients on 2 cores).
 """
 
 from __future__ import annotations
 
 import math
+import time
 
 REFIT_EVERY = 16  # batches between fits of the line once its sizes are known (a fit is ~1 us a size)
 MAX_WEIGHT = 32.0  # a size's weight in the fit grows with the batches seen at that size, up to this
+STALE_AFTER = 2.0  # seconds without a call here after which the line is forgotten (the replica is probed again)
 
 
 class BatchCosts:
@@ -20,11 +30,13 @@ class BatchCosts:
 
     def __init__(self) -> None:
         self.sizes: dict[int, list[float]] = {}  # n -> [moving average seconds, weight]
-        self.line = (0.0, 0.0)  # (fixed, per_job) seconds
+        self.line = (0.0, 0.0)  # (fixed, per_job) seconds; (0, 0): not measured (dispatch prices it as the cheapest)
+        self.last = 0.0  # time.monotonic() of the last call observed
         self._since_fit = 0
 
     def observe(self, n: int, seconds: float) -> bool:
         """Note a call of ``n`` jobs that took ``seconds``; True when the line changed (then publish it)."""
+        self.last = time.monotonic()
         entry = self.sizes.get(n)
         if entry is None:
             self.sizes[n] = [seconds, 1.0]
@@ -40,6 +52,15 @@ class BatchCosts:
         changed = line != self.line
         self.line = line
         return changed
+
+    def forget_if_stale(self, now: float) -> bool:
+        """Forget the line if no call fed it for STALE_AFTER; True if it was forgotten (then publish (0, 0))."""
+        if self.line == (0.0, 0.0) or now - self.last < STALE_AFTER:
+            return False
+        self.sizes.clear()
+        self.line = (0.0, 0.0)
+        self._since_fit = 0
+        return True
 
     def cost(self, n: int) -> float:
         fixed, per_job = self.line

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from predictord.costs import REFIT_EVERY, BatchCosts, expected_finish, fit
+from predictord.costs import REFIT_EVERY, STALE_AFTER, BatchCosts, expected_finish, fit
 
 
 def test_one_size_seen_is_taken_as_proportional() -> None:
@@ -54,3 +54,15 @@ def test_expected_finish_counts_lanes_and_batches(ahead: int, lanes: int, batch:
 def test_a_fixed_cost_is_paid_once_a_batch() -> None:
     assert expected_finish(8, 1, 8, 10.0, 0.0) == pytest.approx(20.0)  # two batches
     assert expected_finish(7, 1, 8, 10.0, 0.0) == pytest.approx(10.0)  # one
+
+
+def test_a_line_no_call_fed_for_a_while_is_forgotten() -> None:
+    costs = BatchCosts()
+    assert not costs.forget_if_stale(1e9), "nothing measured: nothing to forget"
+    costs.observe(1, 1.0)  # a cold first batch
+    assert costs.line == (0.0, 1.0)
+    assert not costs.forget_if_stale(costs.last + STALE_AFTER / 2), "fed recently"
+    assert costs.forget_if_stale(costs.last + STALE_AFTER)
+    assert costs.line == (0.0, 0.0) and not costs.sizes, "priced as the cheapest again until it runs"
+    costs.observe(4, 0.004)
+    assert costs.line == (0.0, 0.001), "measured afresh: the cold batch is gone"

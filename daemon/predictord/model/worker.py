@@ -136,11 +136,17 @@ class ModelWorker:
         metrics.tally.flush()
 
     def _tend(self) -> None:
-        """With each heartbeat: look at the processes predictors started (off the loop), and the one garbage
-        collection that unloads asked for."""
+        """With each heartbeat: look at the processes predictors started (off the loop), forget the batch costs of an
+        API that no call has fed for a while although its other replicas hold more jobs than one batch of this one
+        (a queue this replica could take: costs.py), and the one garbage collection that unloads asked for."""
+        now = time.monotonic()
+        for api in self.apis.values():
+            waiting = self.scoreboard.api_outstanding(api.slot) > api.threads * api.max_batch_size
+            if waiting and api.costs.forget_if_stale(now):
+                self.scoreboard.set_cost(self.slot, api.slot, 0.0, 0.0)
         if self.looking is None or self.looking.done():
             self.looking = self.tidy.submit(self.children.look)
-        if self.collect_at is not None and time.monotonic() >= self.collect_at:
+        if self.collect_at is not None and now >= self.collect_at:
             self.collect_at = None
             gc.collect()
             torch = sys.modules.get("torch")
