@@ -137,11 +137,13 @@ class ModelWorker:
 
     def _tend(self) -> None:
         """With each heartbeat: look at the processes predictors started (off the loop), forget the batch costs of an
-        API that no call has fed for a while although its other replicas hold more jobs than one batch of this one
-        (a queue this replica could take: costs.py), and the one garbage collection that unloads asked for."""
+        API that is idle here and no call has fed for a while, although its other replicas hold more jobs than one
+        batch of this one (a queue this replica could take: costs.py), and the one garbage collection that unloads
+        asked for."""
         now = time.monotonic()
         for api in self.apis.values():
-            waiting = self.scoreboard.api_outstanding(api.slot) > api.threads * api.max_batch_size
+            idle = not api.running and not api.queue  # a long batch in progress is not a stale figure
+            waiting = idle and self.scoreboard.api_outstanding(api.slot) > api.threads * api.max_batch_size
             if waiting and api.costs.forget_if_stale(now):
                 self.scoreboard.set_cost(self.slot, api.slot, 0.0, 0.0)
         if self.looking is None or self.looking.done():
