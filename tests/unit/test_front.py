@@ -185,6 +185,15 @@ def test_a_large_body_goes_through_a_shared_file_or_else_the_frame(sharing: Daem
         assert caplog.text.count("no room for it in /dev/shm") == 1, "said once, not per request"
 
 
+def test_a_large_json_null_is_shared_as_the_payload_none(sharing: Daemon) -> None:
+    sharing.dispatcher.canned.append((JSON_OK, b"{}"))
+    text = b"null" + b" " * 70_000  # valid JSON past SHARED_FROM whose payload is None
+    assert sharing.request("POST", "/echo", content=text, headers={"content-type": "application/json"}).status_code \
+        == 200
+    header = sharing.dispatcher.jobs[-1][1]
+    assert header.body_at and bodies.unpickle_body(header.body_at) is None
+
+
 def test_a_stream_is_relayed_part_by_part(d: Daemon) -> None:
     d.dispatcher.canned.append((ReplyHeader(200, [(b"content-type", b"text/plain")], "v1"), [b"a", b"b", b"c"]))
     r = d.request("POST", "/echo", content=b"")

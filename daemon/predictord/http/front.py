@@ -247,7 +247,7 @@ class Front:
                     raise self._too_large()
         json_body = pl.is_json(content_type)
         if length >= SHARED_FROM and self.share_bodies and not json_body:
-            self._share(shared, length)
+            self._share(shared, lambda body: body.reserve(length))
         parts, size = await self._receive(receive, shared)
         headers = scope["headers"] if route.wants_headers else None
         query = scope["query_string"]
@@ -262,10 +262,11 @@ class Front:
                     payload = pl.parse_json(body)
                 except pl.BadPayload as e:
                     raise Refused(400, str(e)) from None
-                if not (large and self.share_bodies and self._share(shared, 0, payload)):
+                if not (large and self.share_bodies and self._share(shared, lambda body: body.dump(payload))):
                     body = pl.pack(payload)
             sent_type = None  # the model worker's sign: the body is a parsed payload (pl.load)
-        elif large and self.share_bodies and not shared and self._share(shared, size):  # chunked: no length
+        elif large and self.share_bodies and not shared and self._share(shared, lambda body: body.reserve(size)):
+            # chunked (no Content-Length): shared now that its size is known
             for chunk in parts:
                 shared[0].write(chunk)
         if shared:
@@ -326,15 +327,11 @@ class Front:
         shared.append(self._pool.take())
         return shared[0]
 
-    def _share(self, shared: list[SharedBody], size: int, payload: object = None) -> bool:
-        """Take a shared file for this request's body, with room for ``size`` bytes, or pickle ``payload`` into it;
+    def _share(self, shared: list[SharedBody], fill: Callable[[SharedBody], None]) -> bool:
+        """Take a shared file for this request's body and ``fill`` it (make room, or pickle the payload into it);
         False if /dev/shm has no room (the body goes in the job frame instead: slower, never refused)."""
-        body = self._take(shared)
         try:
-            if payload is not None:
-                body.dump(payload)
-            else:
-                body.reserve(size)
+            fill(self._take(shared))
         except OSError as e:
             self._unshare(shared, e)
             return False
