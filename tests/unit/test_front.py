@@ -515,3 +515,17 @@ def test_each_file_is_re_read_only_when_its_counter_moved(tmp_path: Path) -> Non
     board.bump_routes()
     assert published.routes().apis == {}
 
+
+
+def test_get_name_between_the_routes_and_the_status_document_still_has_the_error(d: Daemon) -> None:
+    """The master writes the routes, then the status document: a GET /NAME in between finds the API in the routes
+    only, and must still carry the keys a client reads (a CI run once read a refused API's status without "error")."""
+    problem = Problem("cannot read /etc/private/x.toml: is a FIFO", f"{PREDICTORS}/bad.toml", None)
+    d.publish({"echo": ECHO, "bad": Route(1, (), 2.0, 4, False, "failed", problem)})
+    body = d.request("GET", "/bad").json()
+    assert body["state"] == "failed" and body["health"] is None
+    assert body["error"] == {**problem.as_dict(), "message": f"cannot read {OUTSIDE}: is a FIFO"}
+    d.publish({"echo": ECHO, "sick": Route(2, (), 2.0, 4, False, "unhealthy",
+                                                            Problem("health check read /etc/private/x"))})
+    body = d.request("GET", "/sick").json()
+    assert body["error"] is None and body["health"]["message"] == f"health check read {OUTSIDE}", "redacted too"

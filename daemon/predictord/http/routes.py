@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from urllib.parse import parse_qs
 
 from .. import metrics
-from ..protocol import RoutingTable
+from ..protocol import Route, RoutingTable
 from ..scoreboard import Scoreboard
 from . import openapi
 from .dispatch import Dispatcher
@@ -182,12 +182,21 @@ def handle_status(site: Site, scope: Scope) -> Response:
     return ok(status_body(site.published.status(), site.published.routes().predictors_dir))
 
 
+def route_status(name: str, route: Route) -> dict[str, Any]:
+    """GET /NAME from the routing table alone, for the moment between the master's two files (the routes written,
+    the status document not yet): the same keys a client reads, so ``error`` is there whenever the API failed."""
+    problem = route.problem.as_dict() if route.problem else None
+    unhealthy = route.state == "unhealthy"
+    return {"name": name, "state": route.state, "error": None if unhealthy else problem,
+            "health": problem if unhealthy else None}
+
+
 def handle_api_status(site: Site, scope: Scope) -> Response:
     """GET /NAME: the API's status document, plus its outstanding requests over all HTTP workers."""
     name = scope["path"][1:]
     table = site.published.routes()
     route = table.apis[name]
-    status = site.published.status().get("apis", {}).get(name) or {"name": name, "state": route.state}
+    status = site.published.status().get("apis", {}).get(name) or route_status(name, route)
     live = {"outstanding": site.scoreboard.api_outstanding(route.slot) if route.slot >= 0 else 0}
     return ok({**redact_status(status, table.predictors_dir), **live})
 

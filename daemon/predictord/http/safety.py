@@ -61,7 +61,7 @@ def _without(text: str, secrets: list[str]) -> str:
 def redact_status(status: dict[str, Any], predictors_dir: str) -> dict[str, Any]:
     """An API's status document with its error messages redacted (a copy; the routes table is left alone)."""
     out = status
-    for key in ("error", "crash", "request_error"):
+    for key in ("error", "crash", "request_error", "health"):
         error = status.get(key)
         if error and isinstance(error.get("message"), str):
             out = {**out, key: {**error, "message": redact(error["message"], predictors_dir)}}
