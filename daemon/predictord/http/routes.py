@@ -188,7 +188,9 @@ def route_status(name: str, route: Route) -> dict[str, Any]:
     problem = route.problem.as_dict() if route.problem else None
     unhealthy = route.state == "unhealthy"
     return {"name": name, "state": route.state, "error": None if unhealthy else problem,
-            "health": problem if unhealthy else None}
+            "health": problem if unhealthy else None, "unhealthy": [], "replicas": [], "crash": None,
+            "request_error": None, "version": {"wanted": None, "serving": [], "loaded_at": {}}, "environment": None,
+            "note": "the status document is being rewritten; GET again for the rest"}
 
 
 def handle_api_status(site: Site, scope: Scope) -> Response:
