@@ -81,6 +81,26 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+def rss_shmem(pid: int) -> int:
+    """A process's resident pages of shared memory (its mappings of tmpfs files and shared anonymous memory)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("RssShmem:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def shm_bytes(master: int) -> int:
+    """What predictord's body files in /dev/shm hold (allocated blocks: they are allocated whole)."""
+    total = 0
+    for path in Path("/dev/shm").glob(f"predictord-{master}-*"):
+        try:
+            total += path.stat().st_blocks * 512
+        except FileNotFoundError:
+            pass
+    return total
+
+
 def pss_mib(pid: int) -> float:
     total = 0
     for p in tree(pid):
@@ -220,7 +240,9 @@ def measure(server: Server, path: str, body: str, connections: int, seconds: int
 
 
 class Peak:
-    """The largest RSS of a server's processes (summed) while a run goes on, sampled every 50 ms."""
+    """The largest memory of a server's processes while a run goes on, sampled every 50 ms: their RSS summed, with
+    the pages of shared memory (tmpfs, where predictord's large bodies travel) counted once, not once for each process
+    that maps them: each process's RSS less its RssShmem, plus what the daemon's body files in /dev/shm hold."""
 
     def __init__(self, pid: int) -> None:
         self.pid, self.peak, self.done = pid, 0, threading.Event()
@@ -229,11 +251,11 @@ class Peak:
 
     def _sample(self) -> None:
         while not self.done.wait(0.05):
-            total = 0
+            total = shm_bytes(self.pid)
             for p in tree(self.pid):
                 try:
-                    total += p.memory_info().rss
-                except psutil.Error:
+                    total += p.memory_info().rss - rss_shmem(p.pid)
+                except (psutil.Error, OSError):
                     pass
             self.peak = max(self.peak, total)
 

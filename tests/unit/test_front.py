@@ -166,7 +166,8 @@ def test_a_large_body_goes_through_a_shared_file_or_else_the_frame(sharing: Daem
     raw = bytes(range(256)) * 1000  # 256 KB: past SHARED_FROM
     text = {"text": "x" * 200_000}
     seen = []
-    for sent, read in [(raw, bodies.read_body), (text, bodies.unpickle_body)] * 2:
+    reader = bodies.Reader()
+    for sent, read in [(raw, reader.read), (text, reader.unpickle)] * 2:
         sharing.dispatcher.canned.append((JSON_OK, b"{}"))
         if isinstance(sent, bytes):
             assert sharing.request("POST", "/echo", content=sent).status_code == 200
@@ -191,7 +192,7 @@ def test_a_large_json_null_is_shared_as_the_payload_none(sharing: Daemon) -> Non
     assert sharing.request("POST", "/echo", content=text, headers={"content-type": "application/json"}).status_code \
         == 200
     header = sharing.dispatcher.jobs[-1][1]
-    assert header.body_at and bodies.unpickle_body(header.body_at) is None
+    assert header.body_at and bodies.Reader().unpickle(header.body_at) is None
 
 
 def test_a_stream_is_relayed_part_by_part(d: Daemon) -> None:

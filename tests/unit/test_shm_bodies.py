@@ -9,25 +9,26 @@ import time
 import pytest
 
 from predictord import bodies
-from predictord.bodies import Pool, read_body, remove_left, unpickle_body
+from predictord.bodies import Pool, Reader, remove_left
 
 pytestmark = pytest.mark.skipif(not bodies.available(), reason="no writable /dev/shm here")
 MASTER = 10_000_000 + os.getpid()  # a pid no daemon has: the files are this test's
 
 
 def test_a_body_written_in_chunks_reads_back_exactly_and_its_file_is_reused() -> None:
-    pool = Pool(MASTER, 3)
+    pool, reader = Pool(MASTER, 3), Reader()
     first = pool.take()
     for chunk in (b"a" * 70_000, b"b" * 30_000):
         first.write(chunk)
-    assert read_body(first.ref) == b"a" * 70_000 + b"b" * 30_000
+    assert reader.read(first.ref) == b"a" * 70_000 + b"b" * 30_000
     pool.give(first)
     second = pool.take()
     assert second is first, "an answered body's file serves the next one (no fresh pages to zero)"
     second.write(b"short")
-    assert read_body(second.ref) == b"short", "only this body's length is read, not the file's"
+    assert reader.read(second.ref) == b"short", "only this body's length is read, not the file's"
     second.dump({"text": "x" * 100_000, "n": [1, 2]})
-    assert unpickle_body(second.ref) == {"text": "x" * 100_000, "n": [1, 2]}
+    assert reader.unpickle(second.ref) == {"text": "x" * 100_000, "n": [1, 2]}
+    assert len(reader.kept) == 1, "one mapping of the file, kept from body to body"
     pool.give(second)
     pool.trim(time.monotonic() + bodies.KEEP_IDLE + 1)
     assert not pool.idle and not second.path.exists(), "idle files go"
@@ -40,10 +41,54 @@ def test_what_an_http_worker_left_is_removed_by_the_master() -> None:
     assert body.path.exists()
     assert remove_left(MASTER, 4) == 1 and not body.path.exists()
     with pytest.raises(FileNotFoundError):
-        read_body(body.ref)
+        Reader().read(body.ref)
 
 
 def test_a_reference_outside_the_daemons_files_is_refused() -> None:
     for ref in ("../etc/passwd:10", "predictord-1-1-1/../../etc/passwd:3", "other-1:5", "predictord-1-1-1:x"):
         with pytest.raises(ValueError, match="not a shared body"):
-            read_body(ref)
+            Reader().read(ref)
+
+
+def test_a_kept_mapping_follows_its_file_grown_replaced_or_removed() -> None:
+    reader = Reader()
+    pool = Pool(MASTER, 5)
+    body = pool.take()
+    body.write(b"a" * 70_000)
+    assert reader.read(body.ref) == b"a" * 70_000
+    mapped = reader.kept[body.name][1]
+    body.start()
+    body.write(b"b" * 3_000_000)  # the file grows past the mapping: mapped afresh
+    assert reader.read(body.ref) == b"b" * 3_000_000 and reader.kept[body.name][1] is not mapped
+    # A replacement HTTP worker of the same slot makes a file of the same name: never read through the old mapping.
+    body.remove()
+    again = Pool(MASTER, 5).take()
+    assert again.name == body.name
+    again.write(b"c" * 70_000)
+    assert reader.read(again.ref) == b"c" * 70_000
+    reader.sweep(time.monotonic())
+    assert list(reader.kept) == [again.name], "its file is there: kept"
+    again.remove()
+    reader.sweep(time.monotonic())
+    assert not reader.kept, "a removed file's mapping goes (it would keep the file's memory)"
+    with pytest.raises(FileNotFoundError):
+        reader.read(again.ref)
+
+
+def test_idle_mappings_go_and_few_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bodies, "KEEP_MAPPINGS", 2)
+    reader, pool = Reader(), Pool(MASTER, 6)
+    files = [pool.take() for _ in range(3)]
+    try:
+        for n, body in enumerate(files):
+            body.write(bytes([n]) * 70_000)
+            assert reader.read(body.ref) == bytes([n]) * 70_000
+        assert list(reader.kept) == [files[1].name, files[2].name], "the least recently used went"
+        reader.read(files[1].ref)
+        reader.sweep(time.monotonic())
+        assert list(reader.kept) == [files[2].name, files[1].name]
+        reader.sweep(time.monotonic() + bodies.KEEP_IDLE + 1)
+        assert not reader.kept, "idle mappings go"
+    finally:
+        for body in files:
+            body.remove()

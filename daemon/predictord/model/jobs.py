@@ -18,7 +18,7 @@ from starlette.datastructures import Headers, QueryParams
 
 from .. import metrics
 from .. import payload as pl
-from ..bodies import read_body, unpickle_body
+from ..bodies import Reader
 from ..protocol import (
     ABORT,
     CANCEL,
@@ -86,6 +86,7 @@ class JobRunner:
         self.board, self.row = marks.board, marks.row
         self.report = report
         self.unflushed: list[Job] = []  # answered jobs whose reply has not left this process (held, or buffered)
+        self.bodies = Reader()  # the HTTP workers' shared files, mapped
 
     def connection(self) -> Callable[[], JobConnection]:
         return lambda: JobConnection(self)
@@ -171,14 +172,14 @@ class JobRunner:
 
     async def _payload(self, job: Job) -> Any:
         """A job's payload, from its frame or from the shared file its HTTP worker wrote (bodies.py: raw bytes, or a
-        payload it parsed, pickled)."""
+        payload it parsed, pickled), through this worker's mapping of that file."""
         header = job.header
         if not header.body_at:
             return await pl.load(header.content_type, job.body)
         try:
             if header.content_type is None:
-                return unpickle_body(header.body_at)
-            body = read_body(header.body_at)
+                return self.bodies.unpickle(header.body_at)
+            body = self.bodies.read(header.body_at)
         except (OSError, ValueError) as e:
             raise pl.BadPayload(f"the request body is gone ({e}); its client was answered already") from None
         return await pl.load(header.content_type, body)
