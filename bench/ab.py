@@ -10,7 +10,8 @@ batching 32 / 2 ms on two replicas, at 1, 8 and 64; encoder, bench/apps/encoder.
 8 / 5 ms on two replicas as in `make bench`, at 8 and 64; shared, the echo beside an idle second API in its model
 worker, at 1, 8 and 64; bytes and json, bodies of --body-kb to a predictor that returns their length, at 8 and 64).
 Prints one Markdown table with the server's CPU per request and the peak RSS of its processes (summed, sampled every
-50 ms, shared memory counted once: run.Peak); runs alternate between the two trees so that drift in the machine hits both.
+50 ms, shared memory counted once: run.Peak); runs alternate between the two trees so that drift in the machine hits
+both.
 """
 
 from __future__ import annotations
