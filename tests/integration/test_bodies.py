@@ -1,16 +1,21 @@
 """Large bodies through the real daemon: raw bytes and JSON of megabytes arrive exact (through /dev/shm), a
-malformed large JSON body is a 400, integers past 64 bits stay exact, nothing is left in /dev/shm; and the preload
-stays shared (its objects are frozen out of the workers' garbage collection)."""
+malformed large JSON body is a 400, integers past 64 bits stay exact, nothing is left in /dev/shm, a replaced HTTP
+worker's files of the same names are read afresh; and the preload stays shared (its objects are frozen out of the
+workers' garbage collection)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import httpx
+from faults import http_worker_pids
 from harness import wait_until
 
 SIZE = '''
@@ -79,3 +84,31 @@ def test_the_preload_is_frozen_out_of_the_workers_garbage_collection(make_daemon
     d.wait_settled()
     frozen = d.post("/size", json={"frozen": True}).json()["frozen"]
     assert frozen > 50_000, f"torch's objects are frozen ({frozen}): no collection walks them or unshares their pages"
+
+
+def test_the_files_of_a_replaced_http_worker_are_read_afresh(make_daemon: Any) -> None:
+    # A replacement HTTP worker names its files as the one it replaces did, while the model worker keeps a mapping of
+    # each file it read (bodies.Reader): every body must still arrive as sent, never the dead worker's last one.
+    d = make_daemon({"size.py": SIZE})
+    d.wait_settled()
+    assert d.proc is not None
+    master, models = d.proc.pid, set(d.worker_pids().values())
+
+    def post_all(fill: bytes) -> set[str]:
+        body = fill * 200_000  # past SHARED_FROM: through a shared file
+        expected = {"length": len(body), "sha": hashlib.sha256(body).hexdigest()}
+        with ThreadPoolExecutor(4) as pool:  # new connections, so both HTTP workers take some
+            answers = list(pool.map(lambda _: httpx.post(d.url("/size"), content=body, timeout=30), range(8)))
+        assert [a.json() for a in answers] == [expected] * 8
+        return {p.name for p in shm_files(master)}
+
+    before = post_all(b"a")
+    victims = http_worker_pids(d, models)
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: len(pids := http_worker_pids(d, models)) == 2 and not set(pids) & set(victims), 30,
+               "gunicorn to replace both HTTP workers")
+    d.client.close()
+    d.client = httpx.Client(timeout=30)
+    after = post_all(b"b")
+    assert before & after, f"the replacements reused none of the names ({before} then {after}): nothing was tested"
