@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import httpx
 import psutil
-from harness import Daemon, Load, Outcome, wait_until
+from harness import Daemon, Load, Outcome, cmdline, wait_until
 
 MakeDaemon = Callable[..., Daemon]
 
@@ -106,10 +106,11 @@ def replica_pid(d: Daemon, api: str) -> int:
 
 
 def http_worker_pids(d: Daemon, models: set[int]) -> list[int]:
-    """The master's children that are neither model workers nor probes."""
+    """The master's live children that are neither model workers nor probes (a killed one not yet reaped is a
+    zombie, whose command line cannot be read: not counted)."""
     assert d.proc is not None
     master = psutil.Process(d.proc.pid)
-    return [c.pid for c in master.children() if c.pid not in models and c.cmdline() == master.cmdline()]
+    return [c.pid for c in master.children() if c.pid not in models and cmdline(c) == master.cmdline()]
 
 
 def _two_apis(make: MakeDaemon, config: str, extra: dict[str, str] | None = None) -> Daemon:

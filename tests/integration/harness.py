@@ -50,6 +50,14 @@ def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.05
         time.sleep(interval)
 
 
+def cmdline(p: psutil.Process) -> list[str]:
+    """A process's command line; empty once it has ended or is a zombie not yet reaped (a listed child may be)."""
+    try:
+        return list(p.cmdline())
+    except psutil.Error:
+        return []
+
+
 def free_port() -> int:
     """A loopback port free now (for a server that must be told its port before it starts)."""
     with socket.socket() as s:

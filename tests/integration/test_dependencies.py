@@ -13,7 +13,7 @@ from typing import Any
 
 import psutil
 import pytest
-from harness import Daemon, Load, wait_until
+from harness import Daemon, Load, cmdline, wait_until
 from wheels import make_wheel
 
 USES = '''
@@ -235,4 +235,4 @@ def test_an_install_past_its_deadline_is_killed_and_fails_that_version(
     assert "took longer than [predictors] install_timeout (3s)" in failed["error"]["message"]
     assert answer(d, "a")["version"] == "1.0", "the old version keeps serving"
     assert not [p for p in psutil.Process(d.proc.pid).children(recursive=True)  # type: ignore[union-attr]
-                if "pip" in " ".join(p.cmdline())], "the installer was killed with its builder"
+                if "pip" in " ".join(cmdline(p))], "the installer was killed with its builder"

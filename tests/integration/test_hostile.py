@@ -18,7 +18,7 @@ import httpx
 import psutil
 import pytest
 from broken import OK
-from harness import HELD, HOSTILE_REASONS, Daemon, Load, plant_hostile, wait_until
+from harness import HELD, HOSTILE_REASONS, Daemon, Load, cmdline, plant_hostile, wait_until
 
 PID = '''
 import os
@@ -343,13 +343,6 @@ def strays(d: Daemon) -> set[int]:
     master = psutil.Process(d.proc.pid)
     own = set(d.worker_pids().values()) | {c.pid for c in master.children() if cmdline(c) == master.cmdline()}
     return {c.pid for c in master.children() if c.pid not in own and alive(c.pid)}
-
-
-def cmdline(p: psutil.Process) -> list[str]:
-    try:
-        return list(p.cmdline())
-    except psutil.Error:  # gone, or a zombie not yet reaped
-        return []
 
 
 @pytest.mark.parametrize("how", ["close", "recycle"])
