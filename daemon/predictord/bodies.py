@@ -180,10 +180,6 @@ class Reader:
             if now - self.used[name] > KEEP_IDLE or _inode(name) != inode:
                 self._drop(name)
 
-    def close(self) -> None:
-        for name in list(self.kept):
-            self._drop(name)
-
     def _mapping(self, ref: str) -> tuple[mmap.mmap, int]:
         name, length = _parse(ref)
         kept = self.kept.get(name)
