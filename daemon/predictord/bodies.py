@@ -15,6 +15,7 @@ import mmap
 import os
 import pickle
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 SHARED_FROM = 64 * 1024  # bytes: smaller bodies go in the job frame (a file costs more than copying them)
@@ -160,8 +161,7 @@ class Reader:
     """
 
     def __init__(self) -> None:
-        self.kept: dict[str, tuple[int, mmap.mmap]] = {}  # name -> (inode, mapping of the whole file), oldest first
-        self.used: dict[str, float] = {}
+        self.kept: dict[str, Kept] = {}  # by file name, least recently used first
 
     def read(self, ref: str) -> bytes:
         """Raw bytes, as the payload (a copy: bytes of its own, as the payload must be)."""
@@ -176,25 +176,24 @@ class Reader:
 
     def sweep(self, now: float) -> None:
         """Let go of the mappings of files removed or replaced since, or idle for KEEP_IDLE (with each heartbeat)."""
-        for name, (inode, _) in list(self.kept.items()):
-            if now - self.used[name] > KEEP_IDLE or _inode(name) != inode:
-                self._drop(name)
+        for name, kept in list(self.kept.items()):
+            if now - kept.used > KEEP_IDLE or _inode(name) != kept.inode:
+                self.kept.pop(name).mapping.close()
 
     def _mapping(self, ref: str) -> tuple[mmap.mmap, int]:
         name, length = _parse(ref)
-        kept = self.kept.get(name)
-        if kept is not None and (len(kept[1]) < length or _inode(name) != kept[0]):
-            self._drop(name)  # grown past the mapping, or another file of that name: map it afresh
+        kept = self.kept.pop(name, None)  # put back last: most recently used
+        if kept is not None and (len(kept.mapping) < length or _inode(name) != kept.inode):
+            kept.mapping.close()  # grown past the mapping, or another file of that name: map it afresh
             kept = None
         if kept is None:
             kept = self._map(name, length)
-        else:
-            self.kept[name] = self.kept.pop(name)  # most recently used last
-        self.used[name] = time.monotonic()
-        return kept[1], length
+        kept.used = time.monotonic()
+        self.kept[name] = kept
+        return kept.mapping, length
 
-    def _map(self, name: str, length: int) -> tuple[int, mmap.mmap]:
-        fd = os.open(ROOT / name, os.O_RDONLY | os.O_CLOEXEC)
+    def _map(self, name: str, length: int) -> Kept:
+        fd = os.open(f"{ROOT}/{name}", os.O_RDONLY | os.O_CLOEXEC)
         try:
             info = os.fstat(fd)
             if info.st_size < length:
@@ -203,19 +202,22 @@ class Reader:
         finally:
             os.close(fd)
         while len(self.kept) >= KEEP_MAPPINGS:
-            self._drop(next(iter(self.kept)))
-        self.kept[name] = (info.st_ino, mapping)
-        return self.kept[name]
+            self.kept.pop(next(iter(self.kept))).mapping.close()
+        return Kept(info.st_ino, mapping)
 
-    def _drop(self, name: str) -> None:
-        _, mapping = self.kept.pop(name)
-        del self.used[name]
-        mapping.close()
+
+@dataclass(slots=True)
+class Kept:
+    """A Reader's mapping of one file, with the file's inode (to tell a new file of the same name) and last use."""
+
+    inode: int
+    mapping: mmap.mmap
+    used: float = 0.0
 
 
 def _inode(name: str) -> int:
     try:
-        return os.stat(ROOT / name).st_ino
+        return os.stat(f"{ROOT}/{name}").st_ino  # a str path: pathlib's join costs more than the stat on this path
     except FileNotFoundError:
         return -1
 

@@ -56,10 +56,10 @@ def test_a_kept_mapping_follows_its_file_grown_replaced_or_removed() -> None:
     body = pool.take()
     body.write(b"a" * 70_000)
     assert reader.read(body.ref) == b"a" * 70_000
-    mapped = reader.kept[body.name][1]
+    mapped = reader.kept[body.name].mapping
     body.start()
     body.write(b"b" * 3_000_000)  # the file grows past the mapping: mapped afresh
-    assert reader.read(body.ref) == b"b" * 3_000_000 and reader.kept[body.name][1] is not mapped
+    assert reader.read(body.ref) == b"b" * 3_000_000 and reader.kept[body.name].mapping is not mapped
     # A replacement HTTP worker of the same slot makes a file of the same name: never read through the old mapping.
     body.remove()
     again = Pool(MASTER, 5).take()
