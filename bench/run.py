@@ -3,8 +3,11 @@
     .venv/bin/python bench/run.py [--seconds 8] [--reps 2] [--only echo,mlp,balance,overload]
 
 Each system starts on loopback (an ephemeral port), is warmed, driven by wrk (or, for the balance and overload
-cases, a bounded Python client), and stopped. One Markdown table per workload goes to stdout: requests/s, p50,
-p99, errors, server CPU per request (user+system of every server process, over the run) and total PSS.
+cases, a bounded Python client), and stopped. The systems of one workload run side by side, each point measured on
+each in turn (``side_by_side``), so that the machine's drift hits both sides of a ratio. One Markdown table per
+workload goes to stdout: requests/s, p50, p99, errors, server CPU per request (user+system of every server process,
+over the run), total PSS (shared pages split among every process that maps them, those of the servers beside it
+too) and peak RSS.
 LitServe lives in its own venv (bench/.venv-litserve, made on first use); it never becomes a predictord dependency.
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -24,6 +28,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -276,15 +281,33 @@ HEADER = ("| system | load | run | req/s | p50 | p99 | errors | server CPU / req
 
 def run_wrk_cases(title: str, cases: list[tuple[Server, str, str, list[int]]], seconds: int, reps: int) -> None:
     print(f"\n### {title}\n\n{HEADER}", flush=True)
-    for server, path, body, conns in cases:
-        server.start()
-        try:
-            for c in conns:
-                for rep in range(1, reps + 1):
-                    r = measure(server, path, body, c, seconds)
-                    print(row(server.name, f"c={c}", rep, r), flush=True)
-        finally:
-            server.stop()
+    side_by_side(cases, seconds, reps, "json", lambda body, c: f"c={c}")
+
+
+def side_by_side(cases: list[tuple[Server, str, str, list[int]]], seconds: int, reps: int, kind: str,
+                 load: Callable[[str, int], str]) -> None:
+    """Measure every case, its servers running side by side: all are started first (an idle one costs under 1 % of
+    a core), then each point (a body, a concurrency, a run) is measured on every server in turn, so that this VM's
+    drift (bare starlette's echo gave 16,003 and 22,588 req/s in two runs an hour apart) hits both sides of a ratio
+    alike. Rows are printed grouped by case, in the order of ``cases``; each also goes to stderr as it is measured."""
+    servers = list({id(server): server for server, *_ in cases}.values())
+    sizes = list(dict.fromkeys(len(body) for _, _, body, _ in cases))
+    points = sorted({(sizes.index(len(body)), c, rep) for _, _, body, conns in cases for c in conns
+                     for rep in range(1, reps + 1)})
+    rows: list[list[str]] = [[] for _ in cases]
+    with contextlib.ExitStack() as running:
+        for server in servers:
+            server.start()
+            running.callback(server.stop)
+        for size, c, rep in points:
+            for i, (server, path, body, conns) in enumerate(cases):
+                if c in conns and len(body) == sizes[size]:
+                    r = measure(server, path, body, c, seconds, kind)
+                    rows[i].append(row(server.name, load(body, c), rep, r))
+                    print(rows[i][-1], file=sys.stderr, flush=True)
+    for case_rows in rows:
+        for line in case_rows:
+            print(line, flush=True)
 
 
 def balance(seconds: int, reps: int) -> None:
@@ -463,22 +486,9 @@ def main() -> None:
 
 def run_bodies(title: str, cases: list[tuple[Server, str, str, list[int]]], kind: str, seconds: int,
                reps: int) -> None:
-    """Like run_wrk_cases, one server start per system (not per size), and the body's Content-Type by kind."""
+    """Like run_wrk_cases, with the body's size in the load column and its Content-Type by kind."""
     print(f"\n### {title}\n\n{HEADER.replace('| load |', '| body, load |')}", flush=True)
-    started: set[int] = set()
-    for i, (server, path, body, conns) in enumerate(cases):
-        if id(server) not in started:
-            server.start()
-            started.add(id(server))
-        try:
-            for c in conns:
-                for rep in range(1, reps + 1):
-                    r = measure(server, path, body, c, seconds, kind)
-                    print(row(server.name, f"{len(body) / 1e6:g} MB, c={c}", rep, r), flush=True)
-        finally:
-            last = i + 1 == len(cases) or cases[i + 1][0] is not server
-            if last:
-                server.stop()
+    side_by_side(cases, seconds, reps, kind, lambda body, c: f"{len(body) / 1e6:g} MB, c={c}")
 
 
 if __name__ == "__main__":
