@@ -51,6 +51,7 @@ class JobHeader(NamedTuple):
     request_id: str
     timeout: float
     body_at: str = ""  # the body is in this shared file (bodies.py), not in the frame
+    counted: bool = False  # counted among the jobs on their way to a batching replica (Scoreboard.toward); last
 
 
 class ReplyHeader(NamedTuple):

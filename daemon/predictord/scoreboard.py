@@ -38,8 +38,8 @@ _MASTER = 2  # the master's loop stamps it every tick (milliseconds): /healthz r
 _DRAINING = 3  # 1 from SIGTERM on, while [server] drain_delay runs: /readyz answers 503, requests are still served
 _BEAT = 4
 _SENT = _BEAT + MAX_MODEL
-_TOWARD = _SENT + MAX_HTTP * MAX_MODEL  # [http][process row]: jobs sent to that process, ever (monotonic)
-_TAKEN = _TOWARD + MAX_HTTP * 2 * MAX_MODEL  # [process row]: jobs that process has taken off its sockets, ever
+_TOWARD = _SENT + MAX_HTTP * MAX_MODEL  # [http][process row]: jobs of batching APIs sent there, ever
+_TAKEN = _TOWARD + MAX_HTTP * 2 * MAX_MODEL  # [process row]: those the process took off its sockets, ever
 _API = _TAKEN + 2 * MAX_MODEL  # the API-sized regions follow, at offsets each Scoreboard computes
 RUN_ROWS = 2 * MAX_MODEL
 RUN_CELLS = 256  # per row: 3 cells of facts about the process, then one per job it runs at once
@@ -156,15 +156,16 @@ class Scoreboard:
 
     # -- jobs on their way to a model worker process (batching: is waiting for more any use?) -----------------------
     def toward(self, http_slot: int, row: int) -> None:
-        """HTTP worker ``http_slot`` sends a job to the process of ``row`` (counted before the send)."""
+        """HTTP worker ``http_slot`` sends a job of a batching API to the process of ``row`` (counted before the
+        send; the job's header says so, for the process to count it as taken)."""
         self.cells[_TOWARD + http_slot * RUN_ROWS + row] += 1
 
     def taken(self, row: int, n: int = 1) -> None:
-        """The process of ``row`` took ``n`` jobs off its sockets."""
+        """The process of ``row`` took ``n`` jobs of batching APIs off its sockets."""
         self.cells[_TAKEN + row] += n
 
     def in_transit(self, row: int) -> int:
-        """Jobs sent to the process of ``row`` that it has not taken yet, over all HTTP workers."""
+        """Jobs of batching APIs sent to the process of ``row`` that it has not taken yet, over all HTTP workers."""
         sent = sum(self.cells[_TOWARD + row : _TOWARD + self.http_slots * RUN_ROWS : RUN_ROWS])
         return int(sent - self.cells[_TAKEN + row])
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -166,3 +167,47 @@ def test_a_replica_whose_first_batch_was_slow_is_measured_again_and_used(make_da
         return served == {cold, warm}
 
     wait_until(both_serve, 30, "the replica with the cold start to serve again")
+
+
+ECHO = """
+class PythonPredictor:
+    def __init__(self, config):
+        pass
+
+    def predict(self, payload):
+        return payload
+"""
+
+
+def test_a_batch_waits_only_for_its_own_kind_of_job(make_daemon: Callable[..., Daemon]) -> None:
+    # One model worker serves b, whose batches may wait 10 s for jobs on their way to the worker but must answer
+    # within 8 s, beside two APIs under steady load: e without batching, then c with it. A batch that counted e's
+    # jobs as on their way, or that kept waiting once c's had arrived (they are not its own), would answer 504.
+    d = make_daemon({"b.py": BATCHED, "b.toml": "[serving]\nmax_batch_size = 8\nbatch_wait_ms = 10000\ntimeout = 8\n",
+                     "e.py": ECHO, "c.py": BATCHED, "c.toml": "[serving]\nmax_batch_size = 8\nbatch_wait_ms = 2\n"})
+    d.wait_settled()
+    assert len({w["pid"] for w in d.status()["workers"] if w["apis"]}) == 1, "the three APIs share one worker"
+
+    def load(busy: str, stop: threading.Event, answered: list[int]) -> None:
+        with httpx.Client(timeout=30) as client:
+            for _ in range(20_000):  # bounded; stopped long before
+                if stop.is_set():
+                    return
+                assert client.post(d.url(busy), json={"x": 1}).status_code == 200
+                answered[0] += 1  # a lower bound is enough (four threads, no lock)
+
+    for busy in ("/e", "/c"):
+        stop = threading.Event()
+        answered = [0]
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            clients = [pool.submit(load, busy, stop, answered) for _ in range(4)]
+            try:
+                wait_until(lambda: answered[0] > 100, 30, f"{busy} under load")  # noqa: B023 - read at once
+                for i in range(20):
+                    r = d.post("/b", json={"x": i})
+                    assert r.status_code == 200, f"beside {busy} under load, request {i} of b: {r.text}"
+                    assert r.json()["batch"] == 1
+            finally:
+                stop.set()
+            for c in clients:
+                c.result(60)

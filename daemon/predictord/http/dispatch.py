@@ -220,9 +220,11 @@ class Dispatcher:
         job = PendingJob(api_slot, loop.create_future(), link, job_id)
         link.jobs[job_id] = job
         self.scoreboard.add(self.http_slot, link.slot, api_slot, +1)
-        if link.row >= 0:
-            self.scoreboard.toward(self.http_slot, link.row)  # a batching replica waits only for what is on its way
-        link.send(JOB, job_id, *with_header(header, body))
+        if link.row >= 0 and replica.threads > replica.lanes:  # a batching replica waits only for what is on its way
+            self.scoreboard.toward(self.http_slot, link.row)
+            link.send(JOB, job_id, *with_header((*header[:-1], True), body))  # counted: its worker counts it taken
+        else:
+            link.send(JOB, job_id, *with_header(header, body))
         # A plain timer rather than wait_for(shield(...)): two fewer tasks and futures on every request.
         timer = loop.call_later(max(timeout, 0.0), _expire, job.future)
         gone = functools.partial(_client_gone, job.future)

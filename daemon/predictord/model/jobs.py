@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from starlette.datastructures import Headers, QueryParams
@@ -51,8 +51,10 @@ class JobConnection(FrameProtocol):
     def frame_received(self, kind: int, job_id: int, payload: memoryview) -> None:
         if kind == JOB:
             header, body = split_header(payload)
-            self.runner.board.taken(self.runner.row)
-            self.runner.submit(Job(self, job_id, JobHeader._make(header), body))
+            job = Job(self, job_id, JobHeader._make(header), body)
+            if job.header.counted:
+                self.runner.board.taken(self.runner.row)
+            self.runner.submit(job)
         elif kind == CANCEL:
             self.runner.cancel(self, job_id)
 
@@ -93,16 +95,25 @@ class JobRunner:
 
     def submit(self, job: Job) -> None:
         api = self.apis.get(job.header.api)
+        if job.header.counted:  # one fewer on its way here: every waiting batch looks again (it may be theirs)
+            self.recheck(self.apis.values())
         if api is None:
             reply = error_reply(503, f"API {job.header.api!r} is not loaded on this worker; retry", job)
             job.conn.reply(job.job_id, reply.status, reply.headers + [(b"retry-after", b"1")], reply.body)
             return
         job.arrived = api.last_job = time.monotonic()
         api.queue.append(job)
-        waiter = api.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if not job.header.counted:
+            self.recheck((api,))
         self.start_runners(api)
+
+    @staticmethod
+    def recheck(apis: Iterable[LoadedApi]) -> None:
+        """Wake the batches of these APIs that wait for more jobs: each takes what queued and decides again."""
+        for api in apis:
+            waiter = api.waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
 
     def cancel(self, conn: JobConnection, job_id: int) -> None:
         """The HTTP worker gave up on a job (deadline, or its client left): drop it if it has not started; a
@@ -214,7 +225,10 @@ class JobRunner:
     async def _fill(self, api: LoadedApi, batch: list[Job]) -> None:
         """Take more queued jobs into the batch, and wait for more (at most batch_wait) only while some are on their
         way to this worker: when none is, waiting cannot help, and the batch runs now (so batching never makes a
-        light load wait: batch_wait is a bound, not a delay)."""
+        light load wait: batch_wait is a bound, not a delay). Only the jobs of batching APIs count as on their way
+        (``JobHeader.counted``), so a busy API without batching beside this one never makes its batches wait; each
+        one that arrives wakes every waiting batch, so a batch stops waiting once what was on its way turns out to
+        be another batching API's."""
         deadline = time.monotonic() + api.batch_wait
         while len(batch) < api.max_batch_size:
             while api.queue and len(batch) < api.max_batch_size:
