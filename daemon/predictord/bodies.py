@@ -51,12 +51,13 @@ class SharedBody:
         self.capacity = 0  # the file's size, all of it allocated and mapped
         self.idle_since = 0.0
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self.inode = os.fstat(self._fd).st_ino  # a file of this name made later (by a replacement) has another
         self._map: mmap.mmap | None = None
 
     @property
     def ref(self) -> str:
-        """What the job header carries: the file's name and the body's length."""
-        return f"{self.name}:{self.size}"
+        """What the job header carries: the file's name, the body's length and the file's inode."""
+        return f"{self.name}:{self.size}:{self.inode}"
 
     def reserve(self, size: int) -> None:
         """Room for a body of ``size`` bytes (OSError if /dev/shm has none): the file grows to at least twice what
@@ -140,11 +141,13 @@ class Pool:
         self.idle = keep
 
 
-def _parse(ref: str) -> tuple[str, int]:
-    name, _, length = ref.rpartition(":")
-    if "/" in name or not name.startswith(PREFIX) or not length.isdigit():
+def _parse(ref: str) -> tuple[str, int, int]:
+    """A reference's file name, body length and inode (``SharedBody.ref``)."""
+    parts = ref.split(":")
+    if len(parts) != 3 or "/" in parts[0] or not parts[0].startswith(PREFIX) or not parts[1].isdigit() \
+            or not parts[2].isdigit():
         raise ValueError(f"not a shared body: {ref!r}")
-    return name, int(length)
+    return parts[0], int(parts[1]), int(parts[2])
 
 
 class Reader:
@@ -153,11 +156,12 @@ class Reader:
     already in this process's page tables: 30 us for 1 MB against 77 for ``os.pread`` (which looks up each tmpfs page
     on every call) and 130 for a fresh mapping; 8 MB: 290 against 1,900 and 1,350 (``bench/shm_copy.py``).
 
-    A kept mapping is used only while the name still leads to the same file (one ``stat`` a body: a replacement HTTP
-    worker makes files of the same names). Files only grow, so a mapping never reaches past the end of its file (no
-    SIGBUS); a body longer than the mapping maps the file again. ``sweep`` lets go of the mappings whose file was
-    removed or replaced (a mapping keeps a removed file's memory) and those idle for KEEP_IDLE; at most KEEP_MAPPINGS
-    are kept. One thread uses a Reader (the worker's loop).
+    A kept mapping is used only for the file it maps: the reference names the file's inode, and a replacement HTTP
+    worker's file of the same name has another (the old inode lives on while this process maps it, so its number
+    is not given again), so no ``stat`` is needed per body. Files only grow, so a mapping never reaches past the end
+    of its file (no SIGBUS); a body longer than the mapping maps the file again. ``sweep`` lets go of the mappings
+    whose file was removed or replaced (a mapping keeps a removed file's memory) and those idle for KEEP_IDLE; at
+    most KEEP_MAPPINGS are kept. One thread uses a Reader (the worker's loop).
     """
 
     def __init__(self) -> None:
@@ -181,21 +185,23 @@ class Reader:
                 self.kept.pop(name).mapping.close()
 
     def _mapping(self, ref: str) -> tuple[mmap.mmap, int]:
-        name, length = _parse(ref)
+        name, length, inode = _parse(ref)
         kept = self.kept.pop(name, None)  # put back last: most recently used
-        if kept is not None and (len(kept.mapping) < length or _inode(name) != kept.inode):
+        if kept is not None and (len(kept.mapping) < length or kept.inode != inode):
             kept.mapping.close()  # grown past the mapping, or another file of that name: map it afresh
             kept = None
         if kept is None:
-            kept = self._map(name, length)
+            kept = self._map(name, length, inode)
         kept.used = time.monotonic()
         self.kept[name] = kept
         return kept.mapping, length
 
-    def _map(self, name: str, length: int) -> Kept:
+    def _map(self, name: str, length: int, inode: int) -> Kept:
         fd = os.open(f"{ROOT}/{name}", os.O_RDONLY | os.O_CLOEXEC)
         try:
             info = os.fstat(fd)
+            if info.st_ino != inode:
+                raise ValueError("its file was replaced")
             if info.st_size < length:
                 raise ValueError(f"a shared body came short: {info.st_size} of {length} bytes")
             mapping = mmap.mmap(fd, info.st_size, prot=mmap.PROT_READ, flags=mmap.MAP_SHARED | MAP_POPULATE)

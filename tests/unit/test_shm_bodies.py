@@ -45,7 +45,8 @@ def test_what_an_http_worker_left_is_removed_by_the_master() -> None:
 
 
 def test_a_reference_outside_the_daemons_files_is_refused() -> None:
-    for ref in ("../etc/passwd:10", "predictord-1-1-1/../../etc/passwd:3", "other-1:5", "predictord-1-1-1:x"):
+    for ref in ("../etc/passwd:10:1", "predictord-1-1-1/../../etc/passwd:3:1", "other-1:5:1", "predictord-1-1-1:x:1",
+                "predictord-1-1-1:3", "predictord-1-1-1:3:x", "predictord-1-1-1:3:1:1"):
         with pytest.raises(ValueError, match="not a shared body"):
             Reader().read(ref)
 
@@ -60,11 +61,17 @@ def test_a_kept_mapping_follows_its_file_grown_replaced_or_removed() -> None:
     body.start()
     body.write(b"b" * 3_000_000)  # the file grows past the mapping: mapped afresh
     assert reader.read(body.ref) == b"b" * 3_000_000 and reader.kept[body.name].mapping is not mapped
-    # A replacement HTTP worker of the same slot makes a file of the same name: never read through the old mapping.
+    # A replacement HTTP worker of the same slot makes a file of the same name: never read through the old mapping
+    # (the reference names the file's inode), and a reference to the old file is refused, not read from the new one.
+    stale = body.ref
     body.remove()
     again = Pool(MASTER, 5).take()
-    assert again.name == body.name
+    assert again.name == body.name and again.inode != body.inode
     again.write(b"c" * 70_000)
+    assert reader.read(again.ref) == b"c" * 70_000
+    for fresh in (reader, Reader()):
+        with pytest.raises(ValueError, match="replaced"):
+            fresh.read(stale)
     assert reader.read(again.ref) == b"c" * 70_000
     reader.sweep(time.monotonic())
     assert list(reader.kept) == [again.name], "its file is there: kept"
