@@ -15,6 +15,7 @@ import itertools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ..costs import expected_finish
 from ..protocol import (
@@ -220,11 +221,11 @@ class Dispatcher:
         job = PendingJob(api_slot, loop.create_future(), link, job_id)
         link.jobs[job_id] = job
         self.scoreboard.add(self.http_slot, link.slot, api_slot, +1)
+        sent: tuple[Any, ...] = header
         if link.row >= 0 and replica.threads > replica.lanes:  # a batching replica waits only for what is on its way
             self.scoreboard.toward(self.http_slot, link.row)
-            link.send(JOB, job_id, *with_header((*header[:-1], True), body))  # counted: its worker counts it taken
-        else:
-            link.send(JOB, job_id, *with_header(header, body))
+            sent = (*header[:-1], True)  # JobHeader.counted (its last field): its worker counts it as taken
+        link.send(JOB, job_id, *with_header(sent, body))
         # A plain timer rather than wait_for(shield(...)): two fewer tasks and futures on every request.
         timer = loop.call_later(max(timeout, 0.0), _expire, job.future)
         gone = functools.partial(_client_gone, job.future)
