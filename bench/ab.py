@@ -1,12 +1,13 @@
 """A/B of the request path: this tree's predictord against another commit's, same machine, same wrk load.
 
-    .venv/bin/python bench/ab.py --base REV [--case echo|shared|mlp|mlp-replicas|encoder|bytes|json]
+    .venv/bin/python bench/ab.py --base REV [--case echo|shared|mlp|mlp-replicas|mlp-warm|encoder|bytes|json]
                                 [--body-kb 1000] [--seconds 6] [--reps 2] [--connections 1,8,64]
 
 The other commit's daemon/ is taken with `git archive` into a temp folder and put first on PYTHONPATH of its daemon
 (same venv, same dependencies). Each run: one API (``echo``, or ``mlp``: predictors/mlp with its batching), 2 s of
 warm-up, then bench/run.py's `wrk` (echo at 8 and 64 connections, mlp at 64; mlp-replicas, make bench's MLP with
-batching 32 / 2 ms on two replicas, at 1, 8 and 64; encoder, bench/apps/encoder.py batching
+batching 32 / 2 ms on two replicas, at 1, 8 and 64; mlp-warm, the same with its request body as a warm-up
+sample, at 8 and 64; encoder, bench/apps/encoder.py batching
 8 / 5 ms on two replicas as in `make bench`, at 8 and 64; shared, the echo beside an idle second API in its model
 worker, at 1, 8 and 64; bytes and json, bodies of --body-kb to a predictor that returns their length, at 8 and 64).
 Prints one Markdown table with the server's CPU per request and the peak RSS of its processes (summed, sampled every
@@ -45,6 +46,7 @@ CASES = {  # name: (body, connections)
     "echo": (ECHO_BODY, (8, 64)),
     "mlp": (MLP_BODY, (64,)),
     "mlp-replicas": (MLP_BODY, (1, 8, 64)),  # make bench's "batching 32 / 2 ms" MLP: 2 replicas on 2 CPU workers
+    "mlp-warm": (MLP_BODY, (8, 64)),  # the same with a warm-up sample (its request body)
     "encoder": (ENCODER_BODY, (8, 64)),
     "bytes": ("", (8, 64)),  # raw bodies of --body-kb kilobytes (bench/run.py's body_of) to a predictor of their length
     "shared": (ECHO_BODY, (1, 8, 64)),  # the echo beside an idle second API in its model worker
@@ -87,6 +89,11 @@ def main() -> None:
                 elif args.case == "mlp-replicas":
                     for file, text in layouts("mlp")["on"].items():
                         d.write(file, text)
+                elif args.case == "mlp-warm":
+                    code, toml = layouts("mlp")["on"].values()
+                    d.write("mlp/predictor.py", code)
+                    d.write("mlp/predictor.toml", toml + 'warmup = ["sample.json"]\n')
+                    d.write("mlp/sample.json", MLP_BODY)
                 elif args.case == "encoder":
                     d.write("encoder/predictor.py", (REPO / "bench" / "apps" / "encoder.py").read_text())
                     d.write("encoder/predictor.toml", ENCODER_ON)
@@ -97,7 +104,8 @@ def main() -> None:
                 try:
                     d.wait_settled()
                     assert d.proc is not None
-                    url = d.url({"shared": "/echo", "mlp-replicas": "/mlp"}.get(args.case, f"/{args.case}"))
+                    paths = {"shared": "/echo", "mlp-replicas": "/mlp", "mlp-warm": "/mlp"}
+                    url = d.url(paths.get(args.case, f"/{args.case}"))
                     for connections in loads:
                         wrk(url, body, connections, 2, kind)  # warm-up
                         before, peak = cpu_seconds(d.proc.pid), Peak(d.proc.pid)

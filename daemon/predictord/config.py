@@ -299,7 +299,8 @@ class ServingConfig:
                                "after which the replica is loaded again.", _in_range(1, 1000))
     warmup: tuple[str, ...] = opt((), "Sample requests run through predict() before a replica counts as ready: files "
                                   "in the predictor's folder (.json parsed, .txt text, others bytes); one that fails "
-                                  "fails the load.", _sample_list)
+                                  "fails the load. With batching, each runs as a batch of one, then batches of 2, 4, "
+                                  "... and max_batch_size.", _sample_list)
 
 
 @dataclass(frozen=True)

@@ -202,41 +202,74 @@ def instantiate(imported: Imported, config: dict[str, Any], device: str) -> Any:
 MAX_SAMPLE = 64 * 2**20  # bytes of one warm-up sample
 
 
-def warm_up(imported: Imported, instance: Any, samples: tuple[str, ...], batching: bool) -> None:
+def warm_up(imported: Imported, instance: Any, samples: tuple[str, ...], max_batch_size: int = 1) -> None:
     """Run each warm-up sample (a file in the predictor's folder: .json parsed, .txt text, anything else bytes)
-    through predict() as a request would (a batch of one for a batching predictor); raise LoadError naming the
-    sample that fails."""
+    through predict() as a request would; raise LoadError naming the sample that fails. A batching predictor
+    (``max_batch_size`` > 1) gets each sample as a batch of one, then batches of 2, 4, 8, ... and of
+    ``max_batch_size``, filled with the samples in turn: a first batch of a new size is dear (torch picks kernels
+    per shape; bench/first_batch.py), and a replica whose first batches are dear looks dear to dispatch (costs.py);
+    a batch as large as it will run also finds out now, not under load, whether the device has the memory for it."""
     source = imported.namespace.source
+    batching = max_batch_size > 1
+    payloads: list[Any] = []
     for name in samples:
-        path = source.assets / name
-        doing = f"warm-up sample {name}"
-        try:
-            if path.stat().st_size > MAX_SAMPLE:
-                raise LoadError(f"{doing}: larger than {MAX_SAMPLE >> 20} MiB", str(path))
-            data = path.read_bytes()
-        except OSError as e:
-            raise LoadError(f"{doing}: cannot read {path} ({e.strerror})", str(path)) from None
-        try:
-            payload = pl.parse_body("application/json" if name.endswith(".json") else
-                                    "text/plain" if name.endswith(".txt") else "", data)
-        except pl.BadPayload as e:
-            raise LoadError(f"{doing}: {e}", str(path)) from None
-        kwargs = pl.offer(imported.signature.predict_args, payload, b"", [])
-        if batching:
-            kwargs = {k: [v] for k, v in kwargs.items()}
-        try:
-            result = instance.predict(**kwargs)
-            if inspect.isawaitable(result):
-                result = asyncio.run(_awaited(result))
-            if batching and (not isinstance(result, (list, tuple)) or len(result) != 1):
-                raise TypeError(f"predict() returned {type(result).__name__} for a batch of 1; a batching "
-                                "predictor returns a list")
-            reply = pl.to_reply(result[0] if batching else result)
+        payload = _sample(source, name)
+        payloads.append(payload)
+        _warm_call(imported, instance, [payload] if batching else payload, batching, f"warm-up sample {name}")
+    if batching and payloads:
+        for n in batch_sizes(max_batch_size):
+            batch = [payloads[i % len(payloads)] for i in range(n)]
+            _warm_call(imported, instance, batch, batching, f"warm-up batch of {n} (the samples in turn)")
+
+
+def batch_sizes(max_batch_size: int) -> list[int]:
+    """The batch sizes a warm-up runs past 1: the powers of two below ``max_batch_size``, and it."""
+    sizes: list[int] = []
+    n = 2
+    while n < max_batch_size:
+        sizes.append(n)
+        n *= 2
+    return [*sizes, max_batch_size] if max_batch_size > 1 else []
+
+
+def _sample(source: ApiSource, name: str) -> Any:
+    """A warm-up sample's payload, as a request with it as its body would carry."""
+    path = source.assets / name
+    doing = f"warm-up sample {name}"
+    try:
+        if path.stat().st_size > MAX_SAMPLE:
+            raise LoadError(f"{doing}: larger than {MAX_SAMPLE >> 20} MiB", str(path))
+        data = path.read_bytes()
+    except OSError as e:
+        raise LoadError(f"{doing}: cannot read {path} ({e.strerror})", str(path)) from None
+    try:
+        return pl.parse_body("application/json" if name.endswith(".json") else
+                             "text/plain" if name.endswith(".txt") else "", data)
+    except pl.BadPayload as e:
+        raise LoadError(f"{doing}: {e}", str(path)) from None
+
+
+def _warm_call(imported: Imported, instance: Any, payload: Any, batching: bool, doing: str) -> None:
+    """One warm-up predict() (of a list of payloads when batching), checked as a request's would be."""
+    kwargs = pl.offer(imported.signature.predict_args, payload, b"", [])
+    n = len(payload) if batching else 1
+    if batching:
+        kwargs = {k: (v if k == "payload" else [v] * n) for k, v in kwargs.items()}
+    try:
+        result = instance.predict(**kwargs)
+        if inspect.isawaitable(result):
+            result = asyncio.run(_awaited(result))
+        if batching and (not isinstance(result, (list, tuple)) or len(result) != n):
+            got = f"{len(result)} results" if isinstance(result, (list, tuple)) else type(result).__name__
+            raise TypeError(f"predict() returned {got} for a batch of {n}; a batching predictor returns a list with "
+                            "one result per payload")
+        for one in result if batching else [result]:
+            reply = pl.to_reply(one)
             if isinstance(reply.stream, Iterator):
                 for _ in reply.stream:
                     pass  # a sync stream runs to its end (an async one is left)
-        except BaseException as e:  # noqa: BLE001 - user code: every failure is this sample's
-            raise error_from_exception(e, source, f"{doing}: predict()") from None
+    except BaseException as e:  # noqa: BLE001 - user code: every failure is this sample's
+        raise error_from_exception(e, imported.namespace.source, f"{doing}: predict()") from None
 
 
 async def _awaited(result: Any) -> Any:

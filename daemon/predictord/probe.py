@@ -48,7 +48,7 @@ def _probe(path: Path, init: bool, home: Path | None) -> dict[str, Any]:
         if init:
             serving = settings.serving
             warm_up(imported, instantiate(imported, dict(settings.config), "cpu"), serving.warmup,
-                    serving.max_batch_size > 1)
+                    serving.max_batch_size)
     except LoadError as e:
         return {"ok": False, "name": source.name, "error": e.as_dict()}
     return {"ok": True, "name": source.name, "signature": imported.signature.as_dict(),

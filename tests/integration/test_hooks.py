@@ -66,6 +66,18 @@ class PythonPredictor:
         return {"seen": len(self.seen), "first": self.seen[0]}
 '''
 
+WARMED_BATCHES = '''
+class PythonPredictor:
+    def __init__(self, config):
+        self.sizes = []
+
+    def predict(self, payload):
+        if len(payload) > 4:
+            raise MemoryError(f"no room for a batch of {len(payload)}")
+        self.sizes.append(len(payload))
+        return [self.sizes for _ in payload]
+'''
+
 
 def test_an_unhealthy_replica_leaves_the_routes_and_is_loaded_again(make_daemon: Callable[..., Daemon]) -> None:
     d = make_daemon({"h/predictor.py": HEALTHY, "h/predictor.toml": "[serving]\nreplicas = 2\nhealth_interval = 0.3\n"
@@ -140,7 +152,11 @@ def test_warm_up_samples_run_before_ready_and_a_failing_one_fails_the_load(
                      '"samples/hello.txt"]\n', "w/samples/cat.json": '{"animal": "cat"}',
                      "w/samples/hello.txt": "hello",
                      "b/predictor.py": WARMED, "b/predictor.toml": '[serving]\nwarmup = ["samples/ok.json", '
-                     '"samples/bad.json"]\n', "b/samples/ok.json": "{}", "b/samples/bad.json": '{"bad": true}'})
+                     '"samples/bad.json"]\n', "b/samples/ok.json": "{}", "b/samples/bad.json": '{"bad": true}',
+                     "k/predictor.py": WARMED_BATCHES, "k/predictor.toml": '[serving]\nmax_batch_size = 4\n'
+                     'warmup = ["s.json"]\n', "k/s.json": "{}",
+                     "m/predictor.py": WARMED_BATCHES, "m/predictor.toml": '[serving]\nmax_batch_size = 6\n'
+                     'warmup = ["s.json"]\n', "m/s.json": "{}"})
     status = d.wait_settled()
     assert d.post("/w", json={"animal": "dog"}).json() == {"seen": 3, "first": {"animal": "cat"}}, \
         "both samples ran through predict() before the first request"
@@ -149,3 +165,7 @@ def test_warm_up_samples_run_before_ready_and_a_failing_one_fails_the_load(
     assert error["message"].startswith("warm-up sample samples/bad.json: predict() raised ValueError: a sample it "
                                        "cannot take"), error
     assert error["file"] == str(d.predictors / "b" / "predictor.py") and error["line"] == 8, error
+    assert d.post("/k", json={}).json() == [1, 2, 4, 1], "a batch of 1 a sample, then each size up to the largest"
+    assert status["apis"]["m"]["state"] == "failed", "a batch as large as it may run fails at load, not under load"
+    assert status["apis"]["m"]["error"]["message"].startswith(
+        "warm-up batch of 6 (the samples in turn): predict() raised MemoryError: no room for a batch of 6"), status

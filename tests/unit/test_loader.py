@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from predictord import sources
-from predictord.loader import LoadError, inspect_class, load_class
+from predictord.loader import LoadError, batch_sizes, inspect_class, instantiate, load_class, warm_up
 from predictord.sources import (
     MAX_CODE_BYTES,
     Unreadable,
@@ -194,3 +194,49 @@ def test_snapshot_copies_code_not_assets_and_maps_paths_back(tmp_path: Path) -> 
     single = snapshot(source_for(src(tmp_path, "a = 1", "one.py")), tmp_path / "snap1")
     assert single.code.read_text() == "a = 1" and single.assets == tmp_path
     assert single.original(str(single.code)) == str(tmp_path / "one.py")
+
+
+def test_batch_sizes_a_warm_up_runs() -> None:
+    assert [batch_sizes(n) for n in (1, 2, 3, 8, 12, 32)] == [[], [2], [2, 3], [2, 4, 8], [2, 4, 8, 12],
+                                                                 [2, 4, 8, 16, 32]]
+
+
+WARMED_BATCHES = '''
+class PythonPredictor:
+    def __init__(self, config):
+        self.seen = []
+        self.fail_from = config.get("fail_from", 0)
+
+    def predict(self, payload, query_params):
+        if isinstance(payload, dict):  # no batching: the payload itself
+            self.seen.append(payload["n"])
+            return payload["n"]
+        assert len(query_params) == len(payload)
+        if self.fail_from and len(payload) >= self.fail_from:
+            raise MemoryError(f"no room for a batch of {len(payload)}")
+        self.seen.append([p["n"] for p in payload])
+        return [p["n"] for p in payload]
+'''
+
+
+def test_a_batching_warm_up_runs_each_sample_then_each_batch_size_up_to_the_largest(tmp_path: Path) -> None:
+    folder = tmp_path / "b"
+    (folder / "s").mkdir(parents=True)
+    (folder / "predictor.py").write_text(WARMED_BATCHES)
+    (folder / "s" / "one.json").write_text('{"n": 1}')
+    (folder / "s" / "two.json").write_text('{"n": 2}')
+    imported = load_class(source_for(folder), "v1")
+    predictor = instantiate(imported, {}, "cpu")
+    warm_up(imported, predictor, ("s/one.json", "s/two.json"), 6)
+    assert predictor.seen == [[1], [2], [1, 2], [1, 2, 1, 2], [1, 2, 1, 2, 1, 2]]
+
+    failing = instantiate(imported, {"fail_from": 4}, "cpu")
+    with pytest.raises(LoadError) as e:
+        warm_up(imported, failing, ("s/one.json",), 6)
+    problem = e.value.problem()
+    assert problem.message == "warm-up batch of 4 (the samples in turn): predict() raised MemoryError: no room for a " \
+                              "batch of 4", problem
+    assert (problem.file, problem.line) == (str(folder / "predictor.py"), 13), "the user's line that raised"
+    alone = instantiate(imported, {}, "cpu")
+    warm_up(imported, alone, ("s/one.json",), 1)
+    assert alone.seen == [1], "without batching, predict() takes each sample itself, once"

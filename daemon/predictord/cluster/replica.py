@@ -58,7 +58,7 @@ class PredictorReplica:
         imported = load_class(source, version)
         device = "cuda" if ray.get_gpu_ids() else "cpu"
         self.instance = instantiate(imported, config, device)
-        warm_up(imported, self.instance, tuple(serving.get("warmup", ())), serving["max_batch_size"] > 1)
+        warm_up(imported, self.instance, tuple(serving.get("warmup", ())), serving["max_batch_size"])
         self.signature = imported.signature
         self.timeout = float(serving["timeout"])
         self.pool = ThreadPoolExecutor(int(serving["threads"]), thread_name_prefix=f"predict-{name}")

@@ -328,7 +328,7 @@ class ModelWorker:
         instance = instantiate(imported, m.config, self.device.torch_device)
         serving = m.serving
         try:
-            warm_up(imported, instance, tuple(serving.get("warmup", ())), serving["max_batch_size"] > 1)
+            warm_up(imported, instance, tuple(serving.get("warmup", ())), serving["max_batch_size"])
         except LoadError:
             imported.namespace.unload()
             raise
