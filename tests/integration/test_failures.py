@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from broken import BROKEN, EXIT, HANG, OK, SLOW
 from harness import wait_until
@@ -70,6 +71,32 @@ def test_a_predictor_deleted_while_its_init_hangs_does_not_wedge_its_worker(make
     wait_until(lambda: d.post("/ok", json={}).status_code == 200, timeout + 30, "ok to be served")
     d.wait_for_log(rf"API hang version \w+: __init__ exceeded {timeout}s on model worker 0; killing the worker")
     assert d.get("/hang").status_code == 404
+
+
+CYCLIC = '''
+class PythonPredictor:
+    def __init__(self, config):
+        self.me = self  # a reference cycle: only a garbage collection frees it
+        self.weights = bytearray(300 * 2**20)
+        for i in range(0, len(self.weights), 4096):
+            self.weights[i] = 1  # resident
+
+    def predict(self, payload):
+        raise MemoryError("no room for this batch")
+'''
+
+
+def test_a_failed_load_gives_back_what_it_allocated(make_daemon: Any) -> None:
+    d = make_daemon({"ok.py": OK}, "[workers]\ncpu = 1\n")
+    worker = psutil.Process(d.wait_settled()["workers"][0]["pid"])
+    before = worker.memory_info().rss
+    d.write("big/s.json", "{}")
+    d.write("big/predictor.toml", '[serving]\nmax_batch_size = 4\nwarmup = ["s.json"]\n')
+    d.write("big/predictor.py", CYCLIC)
+    wait_until(lambda: d.status()["apis"].get("big", {}).get("state") == "failed", 60, "the load of big to fail")
+    assert "warm-up sample s.json: predict() raised MemoryError" in d.status()["apis"]["big"]["error"]["message"]
+    wait_until(lambda: worker.memory_info().rss < before + 100 * 2**20, 20, "its 300 MB given back by its worker")
+    assert worker.pid == d.status()["workers"][0]["pid"] and d.post("/ok", json={}).json() == {"ok": True}
 
 
 def test_predict_that_kills_its_worker_gets_502_and_worker_is_replaced(make_daemon: Any) -> None:

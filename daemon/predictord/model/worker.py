@@ -291,6 +291,9 @@ class ModelWorker:
             log.error("model worker %s: API %s version %s failed to load: %s", self.device.label, source.name,
                       m.version, e)
             self._tell_master(Loaded(source.name, m.version, e.problem()))
+            # What the failed version allocated (a warm-up batch too large for the GPU, say) is freed with it, but
+            # torch keeps freed GPU memory reserved: the collection that unloads ask for gives it back.
+            self.collect_at = time.monotonic() + COLLECT_AFTER
             return
         old = self.apis.get(api.name)
         if old is None:
