@@ -78,6 +78,18 @@ class PythonPredictor:
         time.sleep(0.05)  # slow enough that 8 clients queue: the rebalancer wants a second replica
         return {"device": str(self.block.device)}
 '''
+TOO_LARGE = '''
+import torch
+
+
+class PythonPredictor:
+    def __init__(self, config, device):
+        self.device, self.per_item = device, int(config["per_item"])
+
+    def predict(self, payload):
+        block = torch.ones(self.per_item * len(payload), dtype=torch.uint8, device=self.device)
+        return [int(block[0]) for _ in payload]
+'''
 FOREIGN = '''
 import sys, time, torch
 x = torch.randn(8192, 8192, device="cuda")
@@ -408,6 +420,37 @@ class Check:
                        f"- NVML no longer listed it after {freed}s; the replacement served after {ready}s "
                        "(polled every 20 ms)"]
 
+    # 7: a warm-up batch too large for the GPU
+    def warm_up_too_large(self, step: Step) -> None:
+        """A batching API whose warm-up batch of max_batch_size needs more than the GPU has: the load fails, named,
+        and the model worker gives back what the smaller batches left reserved in torch's cache."""
+        from harness import wait_until
+
+        d = self.main
+        worker = next(w for w in d.status()["workers"] if w["device"] == "gpu0")
+        free = int(self.nvml.nvmlDeviceGetMemoryInfo(self.nvml.nvmlDeviceGetHandleByIndex(0)).free)
+
+        def held() -> int:
+            return {p: m for p, m, _ in self.processes(0)}.get(worker["pid"], 0)
+
+        before, per_item = held(), int(free * 0.3)  # batches of 1 and 2 fit; one of 4 cannot
+        d.write("big/s.json", "{}")
+        d.write("big/predictor.py", TOO_LARGE)
+        d.write("big/predictor.toml", f'[config]\nper_item = {per_item}\n[serving]\ndevice = "gpu"\n'
+                                      'max_batch_size = 4\nwarmup = ["s.json"]\n')
+        api = wait_until(lambda: (a := d.status()["apis"].get("big")) and a["state"] == "failed" and a, 120,
+                         "the load of big to fail")
+        failed = time.monotonic()
+        peak = held()
+        after = wait_until(lambda: (h := held()) - before < free * 0.1 and h, 30, "the worker's memory given back")
+        message = (api.get("error") or {}).get("message", "")
+        step.ok = "warm-up batch of 4" in message and "OutOfMemory" in message
+        step.summary = f"failed at its warm-up batch of 4; the worker holds {after >> 20} MiB again"
+        step.lines += [f"- free on gpu0 before: {free >> 20} MiB; a batch of n takes {per_item >> 20} MiB x n",
+                       f"- the load failed: `{message[:300]}`",
+                       f"- model worker pid {worker['pid']} held {before >> 20} MiB before the load, {peak >> 20} "
+                       f"MiB when it failed, {after >> 20} MiB {time.monotonic() - failed:.1f}s later"]
+
     def processes(self, gpu: int) -> list[tuple[int, int, bool]]:
         h = self.nvml.nvmlDeviceGetHandleByIndex(gpu)
         return [(p.pid, int(p.usedGpuMemory or 0), True) for p in self.nvml.nvmlDeviceGetComputeRunningProcesses(h)]
@@ -452,7 +495,8 @@ def main() -> int:
                        check.master_cuda), ("a torch predictor on the GPU", check.torch_on_gpu),
                       ("throughput against a raw torch loop", check.throughput),
                       ("the rebalancer against real NVML", check.rebalancer),
-                      ("a GPU worker killed while it holds memory", check.killed_worker)])
+                      ("a GPU worker killed while it holds memory", check.killed_worker),
+                      ("a warm-up batch too large for the GPU", check.warm_up_too_large)])
 
 
 if __name__ == "__main__":
