@@ -427,29 +427,28 @@ class Check:
         from harness import wait_until
 
         d = self.main
-        worker = next(w for w in d.status()["workers"] if w["device"] == "gpu0")
-        free = int(self.nvml.nvmlDeviceGetMemoryInfo(self.nvml.nvmlDeviceGetHandleByIndex(0)).free)
+        h = self.nvml.nvmlDeviceGetHandleByIndex(0)
 
-        def held() -> int:
-            return {p: m for p, m, _ in self.processes(0)}.get(worker["pid"], 0)
+        def used() -> int:
+            return int(self.nvml.nvmlDeviceGetMemoryInfo(h).used)
 
-        before, per_item = held(), int(free * 0.3)  # batches of 1 and 2 fit; one of 4 cannot
+        free = int(self.nvml.nvmlDeviceGetMemoryInfo(h).free)
+        before, per_item = used(), int(free * 0.3)  # batches of 1 and 2 fit; one of 4 cannot
         d.write("big/s.json", "{}")
         d.write("big/predictor.py", TOO_LARGE)
         d.write("big/predictor.toml", f'[config]\nper_item = {per_item}\n[serving]\ndevice = "gpu"\n'
                                       'max_batch_size = 4\nwarmup = ["s.json"]\n')
         api = wait_until(lambda: (a := d.status()["apis"].get("big")) and a["state"] == "failed" and a, 120,
                          "the load of big to fail")
-        failed = time.monotonic()
-        peak = held()
-        after = wait_until(lambda: (h := held()) - before < free * 0.1 and h, 30, "the worker's memory given back")
+        failed, peak = time.monotonic(), used()
+        after = wait_until(lambda: (u := used()) - before < free * 0.1 and u, 30, "gpu0's memory given back")
         message = (api.get("error") or {}).get("message", "")
         step.ok = "warm-up batch of 4" in message and "OutOfMemory" in message
-        step.summary = f"failed at its warm-up batch of 4; the worker holds {after >> 20} MiB again"
+        step.summary = f"failed at its warm-up batch of 4; gpu0 back to {after >> 20} MiB used"
         step.lines += [f"- free on gpu0 before: {free >> 20} MiB; a batch of n takes {per_item >> 20} MiB x n",
                        f"- the load failed: `{message[:300]}`",
-                       f"- model worker pid {worker['pid']} held {before >> 20} MiB before the load, {peak >> 20} "
-                       f"MiB when it failed, {after >> 20} MiB {time.monotonic() - failed:.1f}s later"]
+                       f"- gpu0 used {before >> 20} MiB before the load, {peak >> 20} MiB when it failed, "
+                       f"{after >> 20} MiB {time.monotonic() - failed:.1f}s later (NVML)"]
 
     def processes(self, gpu: int) -> list[tuple[int, int, bool]]:
         h = self.nvml.nvmlDeviceGetHandleByIndex(gpu)
