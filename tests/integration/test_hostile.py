@@ -64,6 +64,20 @@ class PythonPredictor:
         return {"children": [AT_IMPORT.pid, self.child.pid], "generation": payload.get("g", 0)}
 '''
 
+FAILS_WITH_A_CHILD = '''
+import subprocess
+import sys
+
+
+class PythonPredictor:
+    def __init__(self, config):
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+        raise RuntimeError("the model server it started is not enough")
+
+    def predict(self, payload):
+        return {}
+'''
+
 HOARDER = '''
 import threading
 
@@ -335,6 +349,16 @@ def test_processes_a_predictor_starts_end_with_its_version(make_daemon: Any) -> 
     assert d.stop() == 0
     left = [(pid, cmdline(psutil.Process(pid))) for pid in {*third, *everything} if alive(pid)]
     assert not left, f"nothing left after the daemon stops: {left}"
+
+
+def test_processes_a_failed_load_started_end_with_it(make_daemon: Any) -> None:
+    d = make_daemon({"ok.py": "class PythonPredictor:\n    def predict(self, payload):\n        return {}\n"},
+                    "[workers]\ncpu = 1\n")
+    worker = d.wait_settled()["workers"][0]["pid"]
+    d.write("bad.py", FAILS_WITH_A_CHILD)
+    wait_until(lambda: d.status()["apis"].get("bad", {}).get("state") == "failed", 60, "the load of bad to fail")
+    wait_until(lambda: not children_of(worker), 30, "the process its __init__ started ended with the failed load")
+    assert d.status()["workers"][0]["pid"] == worker and d.post("/ok", json={}).status_code == 200
 
 
 def strays(d: Daemon) -> set[int]:

@@ -27,6 +27,7 @@ import psutil
 from .. import metrics
 from ..devices import Device
 from ..loader import LoadError, instantiate, load_class, warm_up
+from ..namespace import namespace_name
 from ..protocol import (
     CONTROL,
     Control,
@@ -292,8 +293,10 @@ class ModelWorker:
                       m.version, e)
             self._tell_master(Loaded(source.name, m.version, e.problem()))
             # What the failed version allocated (a warm-up batch too large for the GPU, say) is freed with it, but
-            # torch keeps freed GPU memory reserved: the collection that unloads ask for gives it back.
+            # torch keeps freed GPU memory reserved: the collection that unloads ask for gives it back. The
+            # processes its import or __init__ started end with it, as an unloaded version's do.
             self.collect_at = time.monotonic() + COLLECT_AFTER
+            await self.loop.run_in_executor(self.tidy, self.children.end, namespace_name(source.name, m.version))
             return
         old = self.apis.get(api.name)
         if old is None:
@@ -326,7 +329,7 @@ class ModelWorker:
 
     def _load_blocking(self, m: Load) -> LoadedApi:
         source = m.source
-        LOADING.set(f"{source.name}@{m.version}")  # what its import and __init__ print or start is its
+        LOADING.set(namespace_name(source.name, m.version))  # what its import and __init__ print or start is its
         imported = load_class(source, m.version)
         instance = instantiate(imported, m.config, self.device.torch_device)
         serving = m.serving
