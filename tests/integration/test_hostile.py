@@ -361,6 +361,43 @@ def test_processes_a_failed_load_started_end_with_it(make_daemon: Any) -> None:
     assert d.status()["workers"][0]["pid"] == worker and d.post("/ok", json={}).status_code == 200
 
 
+HOLDS_AND_FAILS = '''
+import threading
+
+
+class PythonPredictor:
+    def __init__(self, config):
+        self.block = bytearray(300 * 2**20)
+        self.block[::4096] = b"x" * len(self.block[::4096])  # resident
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.hold, daemon=True)
+        self.thread.start()  # it keeps the instance, and its 300 MB, alive until close()
+
+    def hold(self):
+        self.stop.wait(3600)
+
+    def predict(self, payload):
+        raise ValueError("this sample is not one it can take")
+
+    def close(self):
+        self.stop.set()
+        self.thread.join()
+'''
+
+
+def test_a_version_whose_warm_up_fails_is_closed_like_an_unloaded_one(make_daemon: Any) -> None:
+    d = make_daemon({"ok.py": "class PythonPredictor:\n    def predict(self, payload):\n        return {}\n"},
+                    "[workers]\ncpu = 1\n")
+    worker = d.wait_settled()["workers"][0]["pid"]
+    before = rss(worker)
+    d.write("bad/s.json", "{}")
+    d.write("bad/predictor.toml", '[serving]\nwarmup = ["s.json"]\n')
+    d.write("bad/predictor.py", HOLDS_AND_FAILS)
+    wait_until(lambda: d.status()["apis"].get("bad", {}).get("state") == "failed", 60, "the load of bad to fail")
+    wait_until(lambda: rss(worker) < before + 100 * 2**20, 20, "close() let its thread and its 300 MB go")
+    assert d.status()["workers"][0]["pid"] == worker and d.post("/ok", json={}).status_code == 200
+
+
 def strays(d: Daemon) -> set[int]:
     """The master's children that are neither its HTTP workers nor its model workers."""
     assert d.proc is not None

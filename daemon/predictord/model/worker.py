@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import dataclasses
 import gc
 import logging
@@ -17,6 +18,7 @@ import pickle
 import signal
 import socket
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -336,6 +338,8 @@ class ModelWorker:
         try:
             warm_up(imported, instance, tuple(serving.get("warmup", ())), serving["max_batch_size"])
         except LoadError:
+            if imported.signature.has_close:  # dropped like an unloaded version: what __init__ started stops
+                self._close_unready(source.name, m.version, instance.close)
             imported.namespace.unload()
             raise
         threads = serving["threads"]
@@ -346,6 +350,25 @@ class ModelWorker:
                          slot=m.api_slot, namespace=imported.namespace, load=m, health_interval=interval,
                          health_limit=int(serving.get("health_failures", 3)),
                          health_due=time.monotonic() + interval)
+
+    @staticmethod
+    def _close_unready(name: str, version: str, close: Any) -> None:
+        """close() of a version whose warm-up failed, in the loader's thread's context (what it prints or starts is
+        that version's), bounded by CLOSE_TIMEOUT as at an unload: a close() that hangs holds no later load."""
+        context = contextvars.copy_context()
+
+        def run() -> None:
+            try:
+                context.run(close)
+            except Exception:  # noqa: BLE001 - user code, and its load has failed already: say so and go on
+                log.exception("API %s version %s: close() raised after its warm-up failed", name, version)
+
+        closing = threading.Thread(target=run, name=f"close-{name}", daemon=True)
+        closing.start()
+        closing.join(CLOSE_TIMEOUT)
+        if closing.is_alive():
+            log.error("API %s version %s: close() took longer than %gs; going on without it", name, version,
+                      CLOSE_TIMEOUT)
 
     async def _unload(self, name: str) -> None:
         api = self.apis.get(name)
