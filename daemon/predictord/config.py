@@ -165,9 +165,9 @@ class WorkersConfig:
     heartbeat_timeout: float = opt(30.0, "Seconds a model worker may stay silent before it is replaced.", _in_range(1))
     max_rss_mib: int = opt(0, "Resident memory (MiB, shared pages included) past which a model worker is killed and "
                            "replaced; 0: no limit.", _in_range(0))
-    recycle_mib: int = opt(1024, "A model worker whose memory, after an unload or reload, exceeds what it started "
-                           "with plus what its APIs' loads measured by this many MiB (a leak across reloads) is "
-                           "replaced, make before break; 0: never.", _in_range(0))
+    recycle_mib: int = opt(1024, "A model worker whose memory, after an unload, reload or failed load, exceeds what "
+                           "it started with plus what its APIs' loads measured by this many MiB (a leak across "
+                           "reloads) is replaced, make before break; 0: never.", _in_range(0))
     crash_limit: int = opt(3, "An API whose code ends its model worker (os._exit, a segfault, a hang) this many times "
                            "within crash_window is quarantined until its files change; 0: never.", _in_range(0, 1000))
     crash_window: float = opt(60.0, "Seconds over which crash_limit counts an API's crashes.", _in_range(1))

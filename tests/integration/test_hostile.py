@@ -385,17 +385,26 @@ class PythonPredictor:
 '''
 
 
-def test_a_version_whose_warm_up_fails_is_closed_like_an_unloaded_one(make_daemon: Any) -> None:
+@pytest.mark.parametrize("how", ["close", "recycle"])
+def test_a_version_whose_warm_up_fails_lets_go_of_its_memory(make_daemon: Any, how: str) -> None:
+    """A version that keeps a thread (and its 300 MB) and whose warm-up fails: its close() runs, as at an unload;
+    without one, its worker is weighed as after an unload and replaced (make before break) past recycle_mib."""
+    source, config = (HOLDS_AND_FAILS, "") if how == "close" else (
+        HOLDS_AND_FAILS[:HOLDS_AND_FAILS.index("    def close")], "recycle_mib = 64\n")
     d = make_daemon({"ok.py": "class PythonPredictor:\n    def predict(self, payload):\n        return {}\n"},
-                    "[workers]\ncpu = 1\n")
+                    "[workers]\ncpu = 1\n" + config)
     worker = d.wait_settled()["workers"][0]["pid"]
     before = rss(worker)
     d.write("bad/s.json", "{}")
     d.write("bad/predictor.toml", '[serving]\nwarmup = ["s.json"]\n')
-    d.write("bad/predictor.py", HOLDS_AND_FAILS)
+    d.write("bad/predictor.py", source)
     wait_until(lambda: d.status()["apis"].get("bad", {}).get("state") == "failed", 60, "the load of bad to fail")
-    wait_until(lambda: rss(worker) < before + 100 * 2**20, 20, "close() let its thread and its 300 MB go")
-    assert d.status()["workers"][0]["pid"] == worker and d.post("/ok", json={}).status_code == 200
+    if how == "close":
+        wait_until(lambda: rss(worker) < before + 100 * 2**20, 20, "close() let its thread and its 300 MB go")
+        assert d.status()["workers"][0]["pid"] == worker
+    else:
+        wait_until(lambda: not alive(worker), 60, "the worker that kept 300 MB replaced")
+    assert d.post("/ok", json={}).status_code == 200
 
 
 def strays(d: Daemon) -> set[int]:

@@ -231,6 +231,8 @@ class Fleet:
                     handle.weigh_at = time.monotonic() + WEIGH_AFTER
                 handle.loaded[m.api] = m.version
                 handle.rss[m.api] = m.rss
+            else:  # a failed load may have kept itself alive too (a thread it started holds it)
+                handle.weigh_at = time.monotonic() + WEIGH_AFTER
         elif isinstance(m, Unloaded):
             handle.loaded.pop(m.api, None)
             handle.unhealthy.pop(m.api, None)
@@ -332,8 +334,9 @@ class Fleet:
                 self.kill(handle, signal.SIGKILL)
 
     def grown(self, limit_mib: int, now: float) -> list[tuple[ModelWorkerHandle, int]]:
-        """[workers] recycle_mib: workers whose memory, weighed a moment after an unload or reload, exceeds what
-        they started with plus what their APIs' loads measured by more than the limit (bytes over, each)."""
+        """[workers] recycle_mib: workers whose memory, weighed a moment after an unload, a reload or a failed load,
+        exceeds what they started with plus what their APIs' loads measured by more than the limit (bytes over,
+        each)."""
         out = []
         for handle in self if limit_mib else ():
             if not handle.weigh_at or now < handle.weigh_at or handle.stopping or handle.loading:
