@@ -95,7 +95,8 @@ def run(path: Path, init: bool, timeout: float, env: Path | None = None) -> dict
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        # The probe and what it started: a child holding the probe's stdout would keep communicate() waiting.
+        end_processes([proc.pid], "that a check past its deadline started")
         proc.communicate()
         doing = "__init__" if init else "importing it"
         return {"ok": False, "name": source_for(path).name,

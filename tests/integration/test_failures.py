@@ -200,6 +200,34 @@ def test_check_kills_a_hanging_init(tmp_path: Path) -> None:
     assert r.returncode == 1 and "took longer than the load deadline (3s)" in r.stderr
 
 
+HANGS_WITH_A_CHILD = '''
+import subprocess
+import sys
+import threading
+
+
+class PythonPredictor:
+    def __init__(self, config):
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+        with open(__file__ + ".pid", "w") as f:
+            f.write(str(child.pid))
+        threading.Event().wait()  # never set: it waits for a server that never answers
+
+    def predict(self, payload):
+        return 1
+'''
+
+
+def test_check_ends_what_a_hanging_init_started(tmp_path: Path) -> None:
+    path = tmp_path / "hang.py"
+    path.write_text(HANGS_WITH_A_CHILD)
+    r = _cli("check", str(path), "--timeout", "3")
+    assert r.returncode == 1 and "took longer than the load deadline (3s)" in r.stderr, r
+    child = int((tmp_path / "hang.py.pid").read_text())
+    wait_until(lambda: not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE, 10,
+               "the process its __init__ started ended with the check")
+
+
 def test_check_passes_a_good_predictor_and_prints_its_signature(tmp_path: Path) -> None:
     folder = tmp_path / "router"
     folder.mkdir()
