@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -240,3 +241,25 @@ def test_a_batching_warm_up_runs_each_sample_then_each_batch_size_up_to_the_larg
     alone = instantiate(imported, {}, "cpu")
     warm_up(imported, alone, ("s/one.json",), 1)
     assert alone.seen == [1], "without batching, predict() takes each sample itself, once"
+
+
+def test_close_of_a_version_that_failed_its_warm_up_is_bounded_and_its_failure_logged(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from predictord.model import worker
+    from predictord.model.loaded import LOADING, owner
+
+    monkeypatch.setattr(worker, "CLOSE_TIMEOUT", 0.2)
+    seen: list[str | None] = []
+    LOADING.set("n@v1")
+    worker.ModelWorker._close_unready("n", "v1", lambda: seen.append(owner()))
+    assert seen == ["n@v1"], "close() runs in the load's context: what it prints or starts is that version's"
+
+    def raising() -> None:
+        raise RuntimeError("cannot close")
+
+    hang = threading.Event()
+    worker.ModelWorker._close_unready("n", "v1", raising)
+    worker.ModelWorker._close_unready("n", "v1", hang.wait)  # returns after CLOSE_TIMEOUT, the thread left behind
+    hang.set()
+    assert "API n version v1: close() raised after its warm-up failed" in caplog.text
+    assert "API n version v1: close() took longer than 0.2s; going on without it" in caplog.text
