@@ -250,8 +250,11 @@ def test_close_of_a_version_that_failed_its_warm_up_is_bounded_and_its_failure_l
 
     monkeypatch.setattr(worker, "CLOSE_TIMEOUT", 0.2)
     seen: list[str | None] = []
-    LOADING.set("n@v1")
-    worker.ModelWorker._close_unready("n", "v1", lambda: seen.append(owner()))
+    token = LOADING.set("n@v1")
+    try:
+        worker.ModelWorker._close_unready("n", "v1", lambda: seen.append(owner()))
+    finally:
+        LOADING.reset(token)
     assert seen == ["n@v1"], "close() runs in the load's context: what it prints or starts is that version's"
 
     def raising() -> None:
