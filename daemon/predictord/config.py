@@ -119,7 +119,8 @@ class PredictorsConfig:
     """[predictors]: the watched directory and how predictors are loaded."""
 
     dir: str = opt("predictors", "Directory of predictors (NAME.py or NAME/predictor.py); relative to this file.")
-    load_timeout: float = opt(120.0, "Seconds a predictor's __init__ may take before it is killed.", _in_range(0.1))
+    load_timeout: float = opt(120.0, "Seconds a predictor's load (its import, __init__ and warm-up) may take before "
+                              "it is killed.", _in_range(0.1))
     check_permissions: bool = opt(True, "Refuse predictor files others can write (as sshd does); off for development.")
     watch: bool = opt(True, "Reload an API when its files change (else only on SIGHUP).")
     debounce: float = opt(1.0, "Seconds of quiet, with sizes and mtimes stable, before a change is loaded.",
