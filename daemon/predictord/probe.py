@@ -25,6 +25,8 @@ from .loader import LoadError, instantiate, load_class, warm_up
 from .reaping import end_processes
 from .sources import source_for
 
+CHECK_BATCH = 2  # the largest warm-up batch `predictord check` runs (on the CPU)
+
 
 def probe(path: Path, init: bool, home: Path | None = None) -> dict[str, Any]:
     """The outcome of loading a predictor, as data (loaded in a thread, as a model worker loads it)."""
@@ -47,8 +49,10 @@ def _probe(path: Path, init: bool, home: Path | None) -> dict[str, Any]:
         imported = load_class(source, "check")
         if init:
             serving = settings.serving
+            # On the CPU, not the device it will serve on: a batch of 2 checks the batching contract; the larger
+            # sizes (and whether their memory fits) are the daemon's load to find out, on that device.
             warm_up(imported, instantiate(imported, dict(settings.config), "cpu"), serving.warmup,
-                    serving.max_batch_size)
+                    min(serving.max_batch_size, CHECK_BATCH))
     except LoadError as e:
         return {"ok": False, "name": source.name, "error": e.as_dict()}
     return {"ok": True, "name": source.name, "signature": imported.signature.as_dict(),

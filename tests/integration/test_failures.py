@@ -228,6 +228,35 @@ def test_check_ends_what_a_hanging_init_started(tmp_path: Path) -> None:
                "the process its __init__ started ended with the check")
 
 
+BATCH_LIMITED = '''
+class PythonPredictor:
+    def __init__(self, config):
+        self.most = config["most"]
+
+    def predict(self, payload):
+        if len(payload) > self.most:
+            raise MemoryError(f"no room for a batch of {len(payload)}")
+        return [len(payload) for _ in payload]
+'''
+
+
+@pytest.mark.parametrize("most", [2, 1])
+def test_check_warms_batches_of_two_at_most(tmp_path: Path, most: int) -> None:
+    """`predictord check` runs on the CPU: a batch of 2 checks the batching contract; larger ones are the load's."""
+    folder = tmp_path / "b"
+    folder.mkdir()
+    (folder / "predictor.py").write_text(BATCH_LIMITED)
+    (folder / "predictor.toml").write_text(f'[config]\nmost = {most}\n[serving]\nmax_batch_size = 64\n'
+                                           'warmup = ["s.json"]\n')
+    (folder / "s.json").write_text("{}")
+    r = _cli("check", str(folder))
+    if most == 2:
+        assert r.returncode == 0 and "OK: API 'b'" in r.stdout, r
+    else:
+        assert r.returncode == 1 and "warm-up batch of 2 (the samples in turn): predict() raised MemoryError" \
+            in r.stderr, r
+
+
 def test_check_passes_a_good_predictor_and_prints_its_signature(tmp_path: Path) -> None:
     folder = tmp_path / "router"
     folder.mkdir()
