@@ -260,17 +260,43 @@ def split_header(payload: memoryview) -> tuple[Any, bytes]:
     return pickle.loads(payload[4 : 4 + n]), bytes(payload[4 + n :])
 
 
+def split_header_view(payload: memoryview) -> tuple[Any, memoryview]:
+    """``split_header`` with the body left a view of the payload, not copied: a large reply goes to its client from
+    the buffer it was read into (FrameReader gives each large frame a buffer of its own, never reused)."""
+    (n,) = HEADER_LEN.unpack_from(payload)
+    return pickle.loads(payload[4 : 4 + n]), payload[4 + n :]
+
+
 def control(message: Control) -> bytes:
     """A control message from or to the master, as one frame."""
     return b"".join(frame(CONTROL, 0, pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)))
 
 
+READ_SIZE = 256 * 1024  # bytes: a buffered reader's buffer, which the socket is read into
+BIG_FRAME = 64 * 1024  # a frame with a body this large or larger is read into a buffer of its own, of its size
+
+
 class FrameReader:
-    """Splits a byte stream into frames; feed it what the socket gave, it calls back once per whole frame."""
+    """Splits a byte stream into frames and calls back once per whole frame, with a view of its body.
+
+    Two ways in: ``feed`` it what a socket gave, or (``FrameProtocol``, an asyncio BufferedProtocol) let the socket
+    be read into ``buffer()`` and say how much came with ``filled``. The buffered way copies a small frame once,
+    out of the buffer, and reads a large one (BIG_FRAME and up) straight into a bytearray of its exact size that is
+    handed on as it is: an 8 MB reply was copied five times on its way through the HTTP worker (the socket's chunks,
+    the growing buffer, the frame's slice, its bytes, the body's bytes), each copy into fresh pages the kernel had to
+    fault in and zero (``bench/big_replies.py``). The view a frame is handed in is of bytes of its own (a small frame's,
+    copied out of the buffer) or of the large frame's own buffer, never reused, so it may be kept
+    (``split_header_view``).
+    """
 
     def __init__(self, on_frame: Callable[[int, int, memoryview], None]) -> None:
         self._buf = bytearray()
         self._on_frame = on_frame
+        self._start = 0  # buffered: what is not yet taken is self._buf[self._start:self._end]
+        self._end = 0
+        self._big: bytearray | None = None  # buffered: the large frame being read, and how much of it came
+        self._big_at = 0
+        self._big_id = (0, 0)  # its kind and job id
 
     def feed(self, data: bytes) -> None:
         buf = self._buf
@@ -278,20 +304,67 @@ class FrameReader:
         pos = 0
         end = len(buf)
         frames = []
-        while end - pos >= PREFIX.size:
-            size, kind, job_id = PREFIX.unpack_from(buf, pos)
-            if end - pos - 4 < size:
-                break
-            frames.append((kind, job_id, bytes(buf[pos + PREFIX.size : pos + 4 + size])))
-            pos += 4 + size
+        with memoryview(buf) as view:
+            while end - pos >= PREFIX.size:
+                size, kind, job_id = PREFIX.unpack_from(buf, pos)
+                if end - pos - 4 < size:
+                    break
+                frames.append((kind, job_id, bytes(view[pos + PREFIX.size : pos + 4 + size])))
+                pos += 4 + size
         if pos:
             del buf[:pos]
         for kind, job_id, body in frames:
             self._on_frame(kind, job_id, memoryview(body))
 
+    def buffer(self) -> memoryview:
+        """Where the next read goes: the rest of the large frame being read, or the free end of the buffer."""
+        if self._big is not None:
+            return memoryview(self._big)[self._big_at :]
+        if not self._buf:
+            self._buf = bytearray(READ_SIZE)
+        return memoryview(self._buf)[self._end :]
 
-class FrameProtocol(asyncio.Protocol):
-    """An asyncio protocol speaking frames; subclasses implement ``frame_received``.
+    def filled(self, n: int) -> None:
+        """``n`` bytes were read into the last ``buffer()``: call back for each frame they complete."""
+        big = self._big
+        if big is not None:
+            self._big_at += n
+            if self._big_at == len(big):
+                self._big = None
+                kind, job_id = self._big_id
+                self._on_frame(kind, job_id, memoryview(big))
+            return
+        buf = self._buf
+        start, end = self._start, self._end + n
+        frames = []
+        with memoryview(buf) as view:
+            while end - start >= PREFIX.size:
+                size, kind, job_id = PREFIX.unpack_from(buf, start)
+                if end - start - 4 >= size:  # whole: one copy out of the buffer
+                    frames.append((kind, job_id, memoryview(bytes(view[start + PREFIX.size : start + 4 + size]))))
+                    start += 4 + size
+                elif size - (PREFIX.size - 4) >= BIG_FRAME:  # large: the rest goes straight into a buffer of its own
+                    big = bytearray(size - (PREFIX.size - 4))
+                    have = end - start - PREFIX.size
+                    big[:have] = view[start + PREFIX.size : end]
+                    self._big, self._big_at, self._big_id = big, have, (kind, job_id)
+                    start = end
+                    break
+                else:
+                    break
+            if start == end:
+                start = end = 0
+            elif end == len(buf) or start > len(buf) // 2:  # a small frame's start: to the front, so it fits
+                view[: end - start] = view[start:end]
+                start, end = 0, end - start
+        self._start, self._end = start, end
+        for kind, job_id, body in frames:
+            self._on_frame(kind, job_id, body)
+
+
+class FrameProtocol(asyncio.BufferedProtocol):
+    """An asyncio protocol speaking frames; subclasses implement ``frame_received``. The socket is read into the
+    FrameReader's buffer (a BufferedProtocol): a large frame arrives in a buffer of its own, without a copy.
 
     Frames sent within one turn of the loop leave together, in one ``writelines`` at its end: under load a turn
     answers (or sends) several jobs, and one system call for all of them, on each side, is what the hop costs least
@@ -309,8 +382,11 @@ class FrameProtocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport
         self._loop = asyncio.get_running_loop()
 
-    def data_received(self, data: bytes) -> None:
-        self._reader.feed(data)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._reader.buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._reader.filled(nbytes)
 
     def frame_received(self, kind: int, job_id: int, payload: memoryview) -> None:
         raise NotImplementedError

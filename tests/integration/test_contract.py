@@ -7,9 +7,11 @@ tests/ray/test_contract_on_ray.py runs those very functions against a Ray Serve 
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -42,6 +44,8 @@ class PythonPredictor:
         return out
 ''',
     "kinds.py": '''
+import random
+
 import numpy as np
 import torch
 from starlette.exceptions import HTTPException
@@ -74,6 +78,10 @@ class PythonPredictor:
             raise ValueError("secret internal detail")
         if kind == "stream":
             return (f"part{i}\\n" for i in range(3))
+        if kind == "large":
+            return random.Random(payload["seed"]).randbytes(payload["size"])
+        if kind == "large-stream":
+            return (random.Random(payload["seed"] + i).randbytes(payload["size"]) for i in range(3))
         if kind == "nan":
             return float("nan")
         if kind == "object":
@@ -194,6 +202,30 @@ def test_generator_streams(daemon: Daemon) -> None:
         assert r.status_code == 200
         assert "content-length" not in r.headers
         assert b"".join(r.iter_bytes()) == b"part0\npart1\npart2\n"
+
+
+def test_large_answers_arrive_whole_side_by_side(daemon: Daemon) -> None:
+    """Answers of 64 KiB and up reach the HTTP worker in buffers of their own (protocol.FrameReader) and go to their
+    clients from there: eight at once, of sizes around the cut-offs and up to 9 MB, each byte as the predictor made
+    it; and a stream of large parts."""
+    sizes = [65_535, 65_536, 65_550, 262_144, 300_001, 1_000_000, 3_000_000, 9_000_000]
+
+    def fetch(seed: int) -> bool:
+        size = sizes[seed % len(sizes)]
+        with httpx.Client(timeout=60) as client:
+            r = client.post(daemon.url("/kinds"), json={"kind": "large", "size": size, "seed": seed})
+        return r.status_code == 200 and r.content == random.Random(seed).randbytes(size)
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(fetch, range(24)))
+    for size in (65_000, 65_500, 65_535):  # bodies just under SHARED_FROM go in frames; these are large frames too
+        body = random.Random(size).randbytes(size)
+        r = daemon.post("/echo", content=body, headers={"content-type": "application/octet-stream"})
+        assert r.status_code == 200 and r.json()["payload"] == {"bytes": body.hex()}
+    with daemon.client.stream("POST", daemon.url("/kinds"), json={"kind": "large-stream", "size": 2_000_000,
+                                                                 "seed": 5}) as r:
+        assert r.status_code == 200
+        assert b"".join(r.iter_bytes()) == b"".join(random.Random(5 + i).randbytes(2_000_000) for i in range(3))
 
 
 def test_async_predict_and_init_extras(daemon: Daemon) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 from ..costs import expected_finish
 from ..protocol import (
     ABORT,
+    BIG_FRAME,
     CANCEL,
     CHUNK,
     END,
@@ -32,6 +33,7 @@ from ..protocol import (
     ReplyHeader,
     Route,
     split_header,
+    split_header_view,
     with_header,
 )
 from ..scoreboard import Scoreboard, job_ids_of
@@ -39,7 +41,7 @@ from ..scoreboard import Scoreboard, job_ids_of
 log = logging.getLogger("predictord.http")
 
 
-Answer = tuple[ReplyHeader, bytes | None]  # the reply's header and its body (None: a stream follows)
+Answer = tuple[ReplyHeader, bytes | memoryview | None]  # the reply's header and its body (None: a stream follows)
 
 
 class WorkerLost(Exception):
@@ -65,7 +67,7 @@ class PendingJob:
     future: asyncio.Future[Answer]
     link: ModelLink
     job_id: int
-    stream: asyncio.Queue[bytes | BaseException | None] | None = None
+    stream: asyncio.Queue[bytes | memoryview | BaseException | None] | None = None
 
     def cancel(self) -> None:
         """Tell the model worker nobody wants this job any more: it leaves the queue, or a stream stops."""
@@ -91,16 +93,16 @@ class ModelLink(FrameProtocol):
             return
         if kind == REPLY:
             self._settle(job_id, job)
-            if not job.future.done():
-                head, body = split_header(payload)
+            if not job.future.done():  # a large body stays in the buffer it was read into (protocol.FrameReader)
+                head, body = split_header(payload) if len(payload) < BIG_FRAME else split_header_view(payload)
                 job.future.set_result((_reply_header(head), body))
         elif kind == START:
             head, _ = split_header(payload)
             job.stream = asyncio.Queue()
             if not job.future.done():
                 job.future.set_result((_reply_header(head), None))
-        elif kind == CHUNK and job.stream is not None:
-            job.stream.put_nowait(bytes(payload))
+        elif kind == CHUNK and job.stream is not None:  # a large part: as it was read (no one reuses its buffer)
+            job.stream.put_nowait(bytes(payload) if len(payload) < BIG_FRAME else payload)
         elif kind in (END, ABORT):
             self._settle(job_id, job)
             if job.stream is not None:

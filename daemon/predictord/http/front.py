@@ -86,7 +86,7 @@ def lost_message(name: str, lost: WorkerLost, board: Scoreboard, table: RoutingT
     return text + "; the worker is being replaced"
 
 
-def response_start(reply: ReplyHeader, body: bytes | None, request_id: str) -> dict[str, Any]:
+def response_start(reply: ReplyHeader, body: bytes | memoryview | None, request_id: str) -> dict[str, Any]:
     """The ASGI head of a model worker's answer: its headers, Content-Length when it has a whole body and did not
     set one, X-Request-ID, and X-Predictor-Version."""
     headers = [*reply.headers]
