@@ -1,6 +1,6 @@
 """A/B of the request path: this tree's predictord against another commit's, same machine, same wrk load.
 
-    .venv/bin/python bench/ab.py --base REV [--case echo|shared|mlp|mlp-replicas|mlp-warm|encoder|bytes|json]
+    .venv/bin/python bench/ab.py --base REV [--case echo|shared|mlp|mlp-replicas|mlp-warm|encoder|bytes|json|replies]
                                 [--body-kb 1000] [--seconds 6] [--reps 2] [--connections 1,8,64]
 
 The other commit's daemon/ is taken with `git archive` into a temp folder and put first on PYTHONPATH of its daemon
@@ -9,7 +9,8 @@ warm-up, then bench/run.py's `wrk` (echo at 8 and 64 connections, mlp at 64; mlp
 batching 32 / 2 ms on two replicas, at 1, 8 and 64; mlp-warm, the same with its request body as a warm-up
 sample, at 8 and 64; encoder, bench/apps/encoder.py batching
 8 / 5 ms on two replicas as in `make bench`, at 8 and 64; shared, the echo beside an idle second API in its model
-worker, at 1, 8 and 64; bytes and json, bodies of --body-kb to a predictor that returns their length, at 8 and 64).
+worker, at 1, 8 and 64; bytes and json, bodies of --body-kb to a predictor that returns their length, at 8 and 64;
+replies, a small JSON request and an answer of --body-kb (100, 1000 or 8000) bytes, made once, at 1 and 8).
 Prints one Markdown table with the server's CPU per request and the peak RSS of its processes (summed, sampled every
 50 ms, shared memory counted once: run.Peak); runs alternate between the two trees so that drift in the machine hits
 both.
@@ -29,11 +30,13 @@ sys.path.insert(0, str(REPO / "tests" / "integration"))
 from batching_ab import layouts  # noqa: E402
 from harness import Daemon  # noqa: E402
 from run import (  # noqa: E402
+    BLOB,
     ECHO,
     ECHO_BODY,
     ENCODER_BODY,
     ENCODER_ON,
     MLP_BODY,
+    REPLY_KB,
     SIZE,
     TWO_WORKERS,
     Peak,
@@ -51,6 +54,7 @@ CASES = {  # name: (body, connections)
     "bytes": ("", (8, 64)),  # raw bodies of --body-kb kilobytes (bench/run.py's body_of) to a predictor of their length
     "shared": (ECHO_BODY, (1, 8, 64)),  # the echo beside an idle second API in its model worker
     "json": ("", (8, 64)),  # JSON text of --body-kb kilobytes ({"text": "xx..."}) to the same predictor
+    "replies": (ECHO_BODY, (1, 8)),  # answers of --body-kb kilobytes (run.py's BLOB)
 }
 
 
@@ -63,6 +67,8 @@ def main() -> None:
     ap.add_argument("--body-kb", type=int, default=1000, help="the bytes case's body size")
     ap.add_argument("--connections", help="comma-separated loads to run instead of the case's (e.g. 1,8,64)")
     args = ap.parse_args()
+    if args.case == "replies" and args.body_kb not in REPLY_KB:
+        ap.error(f"--body-kb: the replies case answers {', '.join(map(str, REPLY_KB))} KB")
     work = Path(tempfile.mkdtemp(prefix="predictord-ab-"))
     archive = subprocess.run(["git", "-C", str(REPO), "archive", args.base, "daemon"], capture_output=True, check=True)
     subprocess.run(["tar", "-x", "-C", str(work)], input=archive.stdout, check=True)
@@ -86,6 +92,8 @@ def main() -> None:
                         d.write("other.py", ECHO)
                 elif args.case in ("bytes", "json"):
                     d.write(f"{args.case}.py", SIZE)
+                elif args.case == "replies":
+                    d.write("blob.py", BLOB)
                 elif args.case == "mlp-replicas":
                     for file, text in layouts("mlp")["on"].items():
                         d.write(file, text)
@@ -104,7 +112,8 @@ def main() -> None:
                 try:
                     d.wait_settled()
                     assert d.proc is not None
-                    paths = {"shared": "/echo", "mlp-replicas": "/mlp", "mlp-warm": "/mlp"}
+                    paths = {"shared": "/echo", "mlp-replicas": "/mlp", "mlp-warm": "/mlp",
+                             "replies": f"/blob?kb={args.body_kb}"}
                     url = d.url(paths.get(args.case, f"/{args.case}"))
                     for connections in loads:
                         wrk(url, body, connections, 2, kind)  # warm-up

@@ -284,11 +284,11 @@ HEADER = ("| system | load | run | req/s | p50 | p99 | errors | server CPU / req
 
 def run_wrk_cases(title: str, cases: list[tuple[Server, str, str, list[int]]], seconds: int, reps: int) -> None:
     print(f"\n### {title}\n\n{HEADER}", flush=True)
-    side_by_side(cases, seconds, reps, "json", lambda body, c: f"c={c}")
+    side_by_side(cases, seconds, reps, "json", lambda path, body, c: f"c={c}")
 
 
 def side_by_side(cases: list[tuple[Server, str, str, list[int]]], seconds: int, reps: int, kind: str,
-                 load: Callable[[str, int], str]) -> None:
+                 load: Callable[[str, str, int], str]) -> None:
     """Measure every case, its servers running side by side: all are started first (an idle one costs under 1 % of
     a core), then each point (a body, a concurrency, a run) is measured on every server in turn, so that this VM's
     drift (bare starlette's echo gave 16,003 and 22,588 req/s in two runs an hour apart) hits both sides of a ratio
@@ -310,7 +310,7 @@ def side_by_side(cases: list[tuple[Server, str, str, list[int]]], seconds: int, 
                     server, path, body, conns = cases[i]
                     if c in conns and len(body) == sizes[size]:
                         r = measure(server, path, body, c, seconds, kind)
-                        rows[i].append(row(server.name, load(body, c), rep, r))
+                        rows[i].append(row(server.name, load(path, body, c), rep, r))
                         print(rows[i][-1], file=sys.stderr, flush=True)
     for case_rows in rows:
         for line in case_rows:
@@ -417,6 +417,9 @@ SIZE = ("import json\n\n\nclass PythonPredictor:\n    def predict(self, payload)
         "        if isinstance(payload, dict):\n            return {'length': len(payload['text'])}\n"
         "        return {'length': len(payload)}\n")
 ENCODER_BODY = json.dumps({"tokens": list(range(1, 17))})
+REPLY_KB = (100, 1000, 8000)  # the large answers' sizes (bench/apps/bare.py makes the same)
+BLOB = (f"BLOBS = {{kb: b'x' * (kb * 1000) for kb in {REPLY_KB}}}\n\n\nclass PythonPredictor:\n"
+        "    def predict(self, query_params):\n        return BLOBS[int(query_params['kb'])]\n")
 TWO_WORKERS = "[workers]\ncpu = 2\ntorch_threads = 1\n"  # two model workers: both cores, as bare's two workers
 ENCODER_OFF = "[serving]\nreplicas = 2\ntimeout = 120\nqueue_limit = 1024\n"
 ENCODER_ON = ENCODER_OFF + "max_batch_size = 8\nbatch_wait_ms = 5\n[config]\nbatched = true\n"
@@ -431,7 +434,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=1)
-    ap.add_argument("--only", default="echo,mlp,encoder,bodies,tail,balance,overload")
+    ap.add_argument("--only", default="echo,mlp,encoder,bodies,replies,tail,balance,overload")
     args = ap.parse_args()
     only = set(args.only.split(","))
     mlp_dir = REPO / "predictors" / "mlp"
@@ -479,6 +482,8 @@ def main() -> None:
                     cases.append((server, "/size", body_of(kind, size), [8, 64]))
             run_bodies(f"Large bodies: {'JSON text' if kind == 'json' else 'raw bytes'} of 100 KB, 1 MB, 8 MB", cases,
                        kind, max(2, args.seconds // 2), args.reps)
+    if "replies" in only:
+        run_replies(max(2, args.seconds // 2), args.reps)
     if "tail" in only:
         run_wrk_cases("Tail at 256 clients (echo)", [
             (bare(), "/echo", ECHO_BODY, [256]),
@@ -495,7 +500,19 @@ def run_bodies(title: str, cases: list[tuple[Server, str, str, list[int]]], kind
                reps: int) -> None:
     """Like run_wrk_cases, with the body's size in the load column and its Content-Type by kind."""
     print(f"\n### {title}\n\n{HEADER.replace('| load |', '| body, load |')}", flush=True)
-    side_by_side(cases, seconds, reps, kind, lambda body, c: f"{len(body) / 1e6:g} MB, c={c}")
+    side_by_side(cases, seconds, reps, kind, lambda path, body, c: f"{len(body) / 1e6:g} MB, c={c}")
+
+
+def run_replies(seconds: int, reps: int) -> None:
+    """Large answers: a small JSON request, a reply of 100 KB, 1 MB or 8 MB of bytes (made once, at start)."""
+    cases: list[tuple[Server, str, str, list[int]]] = []
+    for server in (bare(), Predictord("predictord", {"blob.py": BLOB})):
+        for kb in REPLY_KB:
+            cases.append((server, f"/blob?kb={kb}", ECHO_BODY, [8]))
+    print(f"\n### Large answers: raw bytes of 100 KB, 1 MB, 8 MB\n\n{HEADER.replace('| load |', '| answer, load |')}",
+          flush=True)
+    side_by_side(cases, seconds, reps, "json",
+                 lambda path, body, c: f"{int(path.rsplit('=', 1)[1]) / 1000:g} MB, c={c}")
 
 
 if __name__ == "__main__":

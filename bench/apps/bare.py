@@ -10,7 +10,7 @@ import json
 import torch
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from bench.apps.encoder import build, encode
@@ -19,6 +19,7 @@ torch.set_num_threads(1)
 torch.manual_seed(0)
 MODEL = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 10)).eval()
 ENCODER = build()
+BLOBS = {kb: b"x" * (kb * 1000) for kb in (100, 1000, 8000)}  # bench/run.py's REPLY_KB
 
 
 async def echo(request: Request) -> JSONResponse:
@@ -45,5 +46,12 @@ async def size(request: Request) -> JSONResponse:
     return JSONResponse({"length": len(body)})
 
 
-app = Starlette(routes=[Route("/echo", echo, methods=["POST"]), Route("/mlp", mlp, methods=["POST"]),
-                        Route("/encoder", encoder, methods=["POST"]), Route("/size", size, methods=["POST"])])
+async def blob(request: Request) -> Response:
+    """A large answer, made once: ?kb=100, 1000 or 8000."""
+    await request.body()
+    return Response(BLOBS[int(request.query_params["kb"])], media_type="application/octet-stream")
+
+
+app = Starlette(routes=[Route("/blob", blob, methods=["POST"]), Route("/echo", echo, methods=["POST"]),
+                        Route("/mlp", mlp, methods=["POST"]), Route("/encoder", encoder, methods=["POST"]),
+                        Route("/size", size, methods=["POST"])])
