@@ -2,12 +2,13 @@
 of CPU (user + system, psutil) per request over a wrk run, and requests/s.
 
     .venv/bin/python bench/per_process.py [--connections 1,8,64] [--seconds 6] [--layout alone|shared|isolated]
-        [--body json|bytes --body-kb N]
+        [--body json|bytes --body-kb N] [--http-workers 2]
 
 ``alone``: the echo is its model worker's only API (a short predict runs on the worker's loop); ``shared``: an idle
 second API shares the worker (every predict runs in the API's thread); ``isolated``: the same two APIs with the echo
 at ``isolation = "process"``. ``--body``: instead of the echo, make bench's large-body predictor (it answers the
-body's length) with a body of that kind and size. One daemon per run, on loopback, wrk on the same machine.
+body's length) with a body of that kind and size. ``--http-workers``: the daemon's ``[server] http_workers``. One
+daemon per run, on loopback, wrk on the same machine.
 """
 
 from __future__ import annotations
@@ -49,8 +50,10 @@ def main() -> None:
     ap.add_argument("--layout", choices=sorted(LAYOUTS), default="alone")
     ap.add_argument("--body", choices=["json", "bytes"], help="a large body of this kind, to the size predictor")
     ap.add_argument("--body-kb", type=int, default=1000)
+    ap.add_argument("--http-workers", type=int, default=2)
     args = ap.parse_args()
-    d = Daemon(Path(tempfile.mkdtemp(prefix="predictord-per-process-")))
+    d = Daemon(Path(tempfile.mkdtemp(prefix="predictord-per-process-")),
+               f"[server]\nhttp_workers = {args.http_workers}\n")
     for name, text in LAYOUTS[args.layout].items():
         d.write(name, SIZE if args.body and name == "echo.py" else text)
     body, kind = (body_of(args.body, args.body_kb * 1000), args.body) if args.body else (ECHO_BODY, "json")
