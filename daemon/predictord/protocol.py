@@ -284,8 +284,8 @@ class FrameReader:
     out of the buffer, and reads a large one (BIG_FRAME and up) straight into a bytearray of its exact size that is
     handed on as it is: an 8 MB reply was copied five times on its way through the HTTP worker (the socket's chunks,
     the growing buffer, the frame's slice, its bytes, the body's bytes), each copy into fresh pages the kernel had to
-    fault in and zero (``bench/big_replies.py``). The view a frame is handed in is of bytes of its own (a small frame's,
-    copied out of the buffer) or of the large frame's own buffer, never reused, so it may be kept
+    fault in and zero (``bench/ab.py --case replies``). The view a frame is handed in is of bytes of its own (a small
+    frame's, copied out of the buffer) or of the large frame's own buffer, never reused, so it may be kept
     (``split_header_view``).
     """
 
