@@ -7,6 +7,11 @@ model worker makes the payload from its own mapping of the file (``Reader``), ke
 8 MB body crosses once, through memory both processes see, instead of through the socket and the frame buffers of
 each side (about five copies). The HTTP worker that made a file removes it once its request is answered; the master
 removes what a dead HTTP worker left, and everything of the daemon's when it stops.
+
+Large answers take the same road back: a model worker writes one of SHARED_FROM bytes or more into a file of its own
+pool (named ``m`` and its pid: ``JobRunner.lend``), the HTTP worker copies it out of its kept mapping and sends
+RELEASE, and the file takes the worker's next answer. An answer crossed the socket in steps of its buffer (about
+200 KB), waking both processes at each one. The master removes a dead model worker's files.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ class SharedBody:
     copied in.
     """
 
-    def __init__(self, master: int, http_slot: int, seq: int) -> None:
+    def __init__(self, master: int, http_slot: int | str, seq: int) -> None:
         self.name = f"{PREFIX}{master}-{http_slot}-{seq}"
         self.path = ROOT / self.name
         self.size = 0  # of this body; the file may be larger (left from an earlier one)
@@ -109,7 +114,7 @@ class SharedBody:
 class Pool:
     """An HTTP worker's shared files: one is taken per large body and given back once its request is answered."""
 
-    def __init__(self, master: int, http_slot: int) -> None:
+    def __init__(self, master: int, http_slot: int | str) -> None:
         self.master, self.http_slot = master, http_slot
         self.idle: list[SharedBody] = []
         self.seq = 0
@@ -228,7 +233,7 @@ def _inode(name: str) -> int:
         return -1
 
 
-def remove_left(master: int, http_slot: int | None = None) -> int:
+def remove_left(master: int, http_slot: int | str | None = None) -> int:
     """The master's cleanup: the files an HTTP worker (or, with None, any process of this daemon) left."""
     pattern = f"{PREFIX}{master}-{'' if http_slot is None else f'{http_slot}-'}*"
     removed = 0

@@ -28,6 +28,7 @@ HEADER_LEN = struct.Struct("!I")
 # HTTP worker -> model worker
 JOB = 1
 CANCEL = 2
+RELEASE = 3  # the HTTP worker has read a reply's body from the model worker's shared file: it may be reused
 # model worker -> HTTP worker
 REPLY = 10  # a whole response: header + body
 START = 11  # a streamed response begins: header
@@ -60,6 +61,7 @@ class ReplyHeader(NamedTuple):
     status: int
     headers: Headers
     version: str
+    body_at: str = ""  # the body is in this shared file of the model worker's (bodies.py), not in the frame
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import signal
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -112,3 +113,39 @@ def test_the_files_of_a_replaced_http_worker_are_read_afresh(make_daemon: Any) -
     d.client = httpx.Client(timeout=30)
     after = post_all(b"b")
     assert before & after, f"the replacements reused none of the names ({before} then {after}): nothing was tested"
+
+
+BLOB = '''
+import random
+
+
+class PythonPredictor:
+    def predict(self, query_params):
+        return random.Random(int(query_params["seed"])).randbytes(int(query_params["n"]))
+'''
+
+
+def test_large_answers_go_through_the_model_workers_files_which_it_reuses_and_the_master_removes(
+        make_daemon: Any) -> None:
+    d = make_daemon({"blob.py": BLOB})
+    d.wait_settled()
+    assert d.proc is not None
+    master, (model,) = d.proc.pid, d.worker_pids().values()
+    sizes = [65_536, 70_000, 200_000, 1_000_000, 3_000_000]
+
+    def fetch(seed: int) -> bool:
+        n = sizes[seed % len(sizes)]
+        r = httpx.post(d.url(f"/blob?n={n}&seed={seed}"), timeout=30)
+        return r.status_code == 200 and r.content == random.Random(seed).randbytes(n)
+
+    def its_files(pid: int) -> list[Path]:
+        return [p for p in shm_files(master) if p.name.startswith(f"predictord-{master}-m{pid}-")]
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(fetch, range(40)))
+    assert 1 <= len(its_files(model)) <= 4, "through the worker's files, each reused once read (four clients)"
+    os.kill(model, signal.SIGKILL)
+    wait_until(lambda: not its_files(model), 30, "the master to remove a dead model worker's answer files")
+    wait_until(lambda: d.status()["apis"]["blob"]["state"] == "ready" and model not in d.worker_pids().values(), 60,
+               "the worker's replacement to serve")
+    assert fetch(3)

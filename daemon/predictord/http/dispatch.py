@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..bodies import Reader
 from ..costs import expected_finish
 from ..protocol import (
     ABORT,
@@ -25,6 +26,7 @@ from ..protocol import (
     CHUNK,
     END,
     JOB,
+    RELEASE,
     REPLY,
     START,
     FrameProtocol,
@@ -93,9 +95,23 @@ class ModelLink(FrameProtocol):
             return
         if kind == REPLY:
             self._settle(job_id, job)
-            if not job.future.done():  # a large body stays in the buffer it was read into (protocol.FrameReader)
-                head, body = split_header(payload) if len(payload) < BIG_FRAME else split_header_view(payload)
-                job.future.set_result((_reply_header(head), body))
+            head, body = split_header(payload) if len(payload) < BIG_FRAME else split_header_view(payload)
+            reply = _reply_header(head)  # a large body stays in the buffer it was read into (protocol.FrameReader)
+            if reply.body_at:  # or it is in the model worker's shared file: copied out, and the file given back
+                if job.future.done():  # nobody waits for it (deadline, or the client left)
+                    self.send(RELEASE, job_id)
+                    return
+                try:
+                    body = self.dispatcher.answers.read(reply.body_at)
+                except (OSError, ValueError) as e:  # its worker exited and the master removed its files
+                    if not job.future.done():
+                        job.future.set_exception(WorkerLost(f"model worker {self.slot} exited while its answer "
+                                                            f"was on its way ({e})", self.slot, self.row))
+                    return
+                finally:
+                    self.send(RELEASE, job_id)
+            if not job.future.done():
+                job.future.set_result((reply, body))
         elif kind == START:
             head, _ = split_header(payload)
             job.stream = asyncio.Queue()
@@ -133,10 +149,10 @@ class ModelLink(FrameProtocol):
         self.jobs.clear()
 
 
-def _reply_header(head: ReplyHeader | tuple[int, list[tuple[bytes, bytes]], str]) -> ReplyHeader:
+def _reply_header(head: ReplyHeader | tuple[Any, ...]) -> ReplyHeader:
     """A REPLY or START header as the typed record (a model worker may send it as a plain tuple: it pickles
     several times faster than a NamedTuple)."""
-    return head if type(head) is ReplyHeader else ReplyHeader._make(head)
+    return head if type(head) is ReplyHeader else ReplyHeader(*head)  # body_at may be left out
 
 
 def _expire(future: asyncio.Future[Answer]) -> None:
@@ -158,6 +174,7 @@ class Dispatcher:
         self.links: dict[int, ModelLink] = {}
         self.connecting: dict[tuple[int, str], asyncio.Future[ModelLink]] = {}
         self.job_ids = itertools.count(job_ids_of(http_slot))  # unique over HTTP workers: the model worker marks them
+        self.answers = Reader()  # the model workers' shared files of large answers, mapped (bodies.py)
         self.turn = 0
 
     async def link(self, slot: int, path: str, row: int = -1) -> ModelLink:

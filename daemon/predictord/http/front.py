@@ -454,4 +454,6 @@ class Front:
         metrics.tally.flush()
         if self._pool is not None:
             self._pool.trim(time.monotonic())
+        if self._dispatcher is not None:
+            self._dispatcher.answers.sweep(time.monotonic())  # mappings of answer files removed since, or idle
         self._flusher = asyncio.get_running_loop().call_later(metrics.FLUSH_EVERY, self._flush)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 
-from .. import envs, logs, metrics
+from .. import bodies, envs, logs, metrics
 from ..devices import Device
 from ..model.process import crash_files
 from ..model.worker import ModelWorker
@@ -273,6 +273,7 @@ class Fleet:
             if pid:
                 del self.workers[slot]
                 handle.ctl.close()
+                bodies.remove_left(os.getpid(), f"m{handle.pid}")  # the large answers it had lent
                 try:
                     os.unlink(handle.socket_path)
                 except OSError:

@@ -10,21 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from starlette.datastructures import Headers, QueryParams
 
-from .. import metrics
+from .. import bodies, metrics
 from .. import payload as pl
-from ..bodies import Reader
+from ..bodies import SHARED_FROM, Reader, SharedBody
 from ..protocol import (
     ABORT,
     CANCEL,
     CHUNK,
     END,
     JOB,
+    RELEASE,
     REPLY,
     START,
     FrameProtocol,
@@ -57,14 +59,18 @@ class JobConnection(FrameProtocol):
             self.runner.submit(job)
         elif kind == CANCEL:
             self.runner.cancel(self, job_id)
+        elif kind == RELEASE:
+            self.runner.give_back(self, job_id)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.runner.discard(self)
 
     def reply(self, job_id: int, status: int, headers: list[pl.Header], body: bytes, version: str = "") -> None:
+        """A whole answer; one of SHARED_FROM bytes or more goes through a shared file (JobRunner.lend)."""
         if not self.closed:
-            self.send(REPLY, job_id, *with_header(ReplyHeader(status, headers, version), body))
+            ref = self.runner.lend(self, job_id, body) if len(body) >= SHARED_FROM else ""
+            self.send(REPLY, job_id, *with_header(ReplyHeader(status, headers, version, ref), b"" if ref else body))
 
     def flushed(self) -> None:
         if self.runner.unflushed:  # the replies of this turn are in the transport now: their jobs may be unmarked
@@ -89,6 +95,9 @@ class JobRunner:
         self.report = report
         self.unflushed: list[Job] = []  # answered jobs whose reply has not left this process (held, or buffered)
         self.bodies = Reader()  # the HTTP workers' shared files, mapped
+        self.answers: bodies.Pool | None = None  # this worker's shared files for large answers, made on first use
+        self.share_answers = bodies.available()
+        self.lent: dict[tuple[JobConnection, int], SharedBody] = {}  # answers an HTTP worker has yet to read
 
     def connection(self) -> Callable[[], JobConnection]:
         return lambda: JobConnection(self)
@@ -129,8 +138,41 @@ class JobRunner:
                     job.cancelled = True
                     return
 
+    def lend(self, conn: JobConnection, job_id: int, body: bytes) -> str:
+        """Put a large answer into one of this worker's shared files (bodies.py) and return its reference for the
+        reply's header, or "" to send it in the frame (no /dev/shm, or no room there). The file is the HTTP
+        worker's to read until it sends RELEASE for the job (``give_back``), or its connection closes."""
+        if not self.share_answers:
+            return ""
+        if self.answers is None:
+            self.answers = bodies.Pool(os.getppid(), f"m{os.getpid()}")  # the master removes them when we exit
+        shared = self.answers.take()
+        try:
+            shared.write(body)
+        except OSError as e:
+            shared.remove()
+            log.warning("a %d-byte answer goes through the socket: no room for it in /dev/shm (%s)", len(body), e)
+            return ""
+        self.lent[(conn, job_id)] = shared
+        return shared.ref
+
+    def give_back(self, conn: JobConnection, job_id: int) -> None:
+        """The HTTP worker has read the answer it was lent: its file may take the next one."""
+        shared = self.lent.pop((conn, job_id), None)
+        if shared is not None and self.answers is not None:
+            self.answers.give(shared)
+
+    def trim(self, now: float) -> None:
+        """With each heartbeat: let go of idle mappings of the HTTP workers' files, and of idle answer files."""
+        self.bodies.sweep(now)
+        if self.answers is not None:
+            self.answers.trim(now)
+
     def discard(self, conn: JobConnection) -> None:
-        """An HTTP worker went away (killed): its queued jobs have nobody to answer; drop them, unrun."""
+        """An HTTP worker went away (killed): its queued jobs have nobody to answer; drop them, unrun. The answers
+        it had yet to read are nobody's now."""
+        for key in [key for key in self.lent if key[0] is conn]:
+            self.give_back(*key)
         for api in self.apis.values():
             kept = [job for job in api.queue if job.conn is not conn]
             if len(kept) != len(api.queue):

@@ -125,7 +125,7 @@ class ModelWorker:
         while not self.stopping:
             self._beat()
             runner.flush_marks()
-            runner.bodies.sweep(time.monotonic())  # mappings of shared files removed since, or idle
+            runner.trim(time.monotonic())  # mappings of shared files removed since, or idle; idle answer files
             self._send_reports()
             self._tend()
             self._check_health()
