@@ -143,7 +143,9 @@ def test_large_answers_go_through_the_model_workers_files_which_it_reuses_and_th
 
     with ThreadPoolExecutor(4) as pool:
         assert all(pool.map(fetch, range(40)))
-    assert 1 <= len(its_files(model)) <= 4, "through the worker's files, each reused once read (four clients)"
+    # Through the worker's files, each reused once given back: about one per client (a RELEASE and the next job may
+    # arrive in either order from two HTTP workers), far fewer than the 40 answers.
+    assert 1 <= len(its_files(model)) <= 12, its_files(model)
     os.kill(model, signal.SIGKILL)
     wait_until(lambda: not its_files(model), 30, "the master to remove a dead model worker's answer files")
     wait_until(lambda: d.status()["apis"]["blob"]["state"] == "ready" and model not in d.worker_pids().values(), 60,
