@@ -1,6 +1,7 @@
 """The benchmark suite: predictord beside bare starlette (gunicorn + uvicorn) and LitServe, same machine, same load.
 
-    .venv/bin/python bench/run.py [--seconds 8] [--reps 2] [--only echo,mlp,balance,overload]
+    .venv/bin/python bench/run.py [--seconds 8] [--reps 2]
+        [--only echo,mlp,encoder,bodies,replies,tail,balance,overload]
 
 Each system starts on loopback (an ephemeral port), is warmed, driven by wrk (or, for the balance and overload
 cases, a bounded Python client), and stopped. The systems of one workload run side by side, each point measured on
