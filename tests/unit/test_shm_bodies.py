@@ -1,15 +1,18 @@
 """Large bodies through /dev/shm (bodies.py), in-process: written in chunks or pickled, read back exact, files
-reused after an answer, removed when idle or left behind."""
+reused after an answer, removed when idle or left behind; a model worker's large answers lent through its files."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 
 import pytest
 
 from predictord import bodies
-from predictord.bodies import Pool, Reader, remove_left
+from predictord.bodies import Pool, Reader, SharedBody, remove_left
+from predictord.model.jobs import JobConnection, JobRunner
+from predictord.scoreboard import RunMarks, Scoreboard
 
 pytestmark = pytest.mark.skipif(not bodies.available(), reason="no writable /dev/shm here")
 MASTER = 10_000_000 + os.getpid()  # a pid no daemon has: the files are this test's
@@ -99,3 +102,31 @@ def test_idle_mappings_go_and_few_are_kept(monkeypatch: pytest.MonkeyPatch) -> N
     finally:
         for body in files:
             body.remove()
+
+
+def test_a_model_worker_lends_large_answers_through_its_files_and_reuses_what_is_given_back(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = asyncio.new_event_loop()
+    runner = JobRunner({}, loop, lambda *_: None, RunMarks(Scoreboard(), 0), lambda *_: None)
+    runner.share_answers, runner.answers = True, Pool(MASTER, "m1")
+    one, two, reader = JobConnection(runner), JobConnection(runner), Reader()
+    try:
+        first = runner.lend(one, 1, b"a" * 100_000)
+        second = runner.lend(two, 2, b"b" * 70_000)
+        assert reader.read(first) == b"a" * 100_000 and reader.read(second) == b"b" * 70_000
+        assert first.split(":")[0] != second.split(":")[0], "a lent file takes no other answer"
+        runner.give_back(one, 1)
+        third = runner.lend(two, 3, b"c" * 80_000)
+        assert third.split(":")[0] == first.split(":")[0] and reader.read(third) == b"c" * 80_000, "given back: reused"
+        runner.discard(two)  # its HTTP worker went away: what it had yet to read is the worker's again
+        assert not runner.lent and len(runner.answers.idle) == 2
+
+        def no_room(self: object, chunk: bytes) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(SharedBody, "write", no_room)
+        assert runner.lend(one, 4, b"d" * 100_000) == "", "no room in /dev/shm: the answer goes in the frame"
+        assert not runner.lent
+    finally:
+        remove_left(MASTER)
+        loop.close()
