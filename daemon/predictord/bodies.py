@@ -233,6 +233,24 @@ def _inode(name: str) -> int:
         return -1
 
 
+def answers_held(master: int, worker_pid: int) -> int:
+    """Bytes in a model worker's answer files (``JobRunner.lend``): its RSS counts their pages, which are no leak of
+    its own (the master's memory limits leave them out)."""
+    prefix = f"{PREFIX}{master}-m{worker_pid}-"
+    total = 0
+    try:
+        with os.scandir(ROOT) as entries:
+            for entry in entries:
+                if entry.name.startswith(prefix):
+                    try:
+                        total += entry.stat().st_size
+                    except FileNotFoundError:
+                        pass
+    except FileNotFoundError:
+        return 0
+    return total
+
+
 def remove_left(master: int, http_slot: int | str | None = None) -> int:
     """The master's cleanup: the files an HTTP worker (or, with None, any process of this daemon) left."""
     pattern = f"{PREFIX}{master}-{'' if http_slot is None else f'{http_slot}-'}*"

@@ -164,9 +164,8 @@ class WorkersConfig:
     torch_threads: int = opt(0, "torch threads per model worker; 0: the cores divided by all worker processes.",
                              _in_range(0, 1024))
     heartbeat_timeout: float = opt(30.0, "Seconds a model worker may stay silent before it is replaced.", _in_range(1))
-    max_rss_mib: int = opt(0, "Resident memory (MiB, shared pages included: the preload, and the worker's large "
-                           "answers in /dev/shm, up to 512 MiB of them idle for 30 s) past which a model worker is "
-                           "killed and replaced; 0: no limit.", _in_range(0))
+    max_rss_mib: int = opt(0, "Resident memory (MiB, shared pages included, its large answers' files in /dev/shm "
+                           "not) past which a model worker is killed and replaced; 0: no limit.", _in_range(0))
     recycle_mib: int = opt(1024, "A model worker whose memory, after an unload, reload or failed load, exceeds what "
                            "it started with plus what its APIs' loads measured by this many MiB (a leak across "
                            "reloads) is replaced, make before break; 0: never.", _in_range(0))

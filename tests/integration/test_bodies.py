@@ -16,8 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 from faults import http_worker_pids
 from harness import wait_until
+
+from predictord import bodies
 
 SIZE = '''
 import gc
@@ -151,3 +154,40 @@ def test_large_answers_go_through_the_model_workers_files_which_it_reuses_and_th
     wait_until(lambda: d.status()["apis"]["blob"]["state"] == "ready" and model not in d.worker_pids().values(), 60,
                "the worker's replacement to serve")
     assert fetch(3)
+
+
+HELD = '''
+import random
+
+
+class PythonPredictor:
+    def __init__(self, config):
+        self.blob = random.Random(7).randbytes(40_000_000)  # made once: part of the worker's start-up memory
+
+    def predict(self, payload):
+        return self.blob
+'''
+
+
+def test_a_model_workers_answer_files_do_not_count_against_max_rss_mib(make_daemon: Any) -> None:
+    probe = make_daemon({"held.py": HELD})
+    probe.wait_settled()
+    (pid,) = probe.worker_pids().values()
+    limit = (psutil.Process(pid).memory_info().rss >> 20) + 30  # less than one 40 MB answer's file
+    probe.stop()
+    d = make_daemon({"held.py": HELD}, f"[workers]\nmax_rss_mib = {limit}\n")
+    d.wait_settled()
+    assert d.proc is not None
+    (model,) = d.worker_pids().values()
+    blob = random.Random(7).randbytes(40_000_000)
+
+    def fetch(_: int) -> bool:
+        r = httpx.post(d.url("/held"), json={}, timeout=60)
+        return r.status_code == 200 and r.content == blob
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(fetch, range(16)))
+    held = bodies.answers_held(d.proc.pid, model)
+    assert held >= 40_000_000, f"its answer files ({held} bytes) alone are past the limit's headroom"
+    assert psutil.Process(model).memory_info().rss >> 20 > limit, "its RSS counts them: the test tests something"
+    assert list(d.worker_pids().values()) == [model] and "max_rss_mib" not in d.logs(), "not killed for them"

@@ -347,7 +347,7 @@ class Fleet:
                 rss = psutil.Process(handle.pid).memory_info().rss
             except psutil.Error:
                 continue
-            over = rss - handle.base_rss - sum(handle.rss.values())
+            over = rss - bodies.answers_held(os.getpid(), handle.pid) - handle.base_rss - sum(handle.rss.values())
             if over > limit_mib << 20:
                 out.append((handle, over))
         return out
@@ -370,6 +370,8 @@ class Fleet:
                 rss = psutil.Process(handle.pid).memory_info().rss
             except psutil.Error:
                 continue  # gone already: reaping will say why
+            if rss > limit_mib * 2**20:  # its large answers' files in /dev/shm are not its own memory
+                rss -= bodies.answers_held(os.getpid(), handle.pid)
             if rss > limit_mib * 2**20 and not handle.stopping:
                 log.error("model worker %d (%s) pid %d uses %d MiB, over [workers] max_rss_mib = %d; killing it "
                           "(APIs: %s)", handle.slot, handle.device.label, handle.pid, rss >> 20, limit_mib,
