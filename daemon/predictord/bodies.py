@@ -49,8 +49,8 @@ class SharedBody:
     copied in.
     """
 
-    def __init__(self, master: int, http_slot: int | str, seq: int) -> None:
-        self.name = f"{PREFIX}{master}-{http_slot}-{seq}"
+    def __init__(self, master: int, owner: int | str, seq: int) -> None:
+        self.name = f"{PREFIX}{master}-{owner}-{seq}"
         self.path = ROOT / self.name
         self.size = 0  # of this body; the file may be larger (left from an earlier one)
         self.capacity = 0  # the file's size, all of it allocated and mapped
@@ -112,10 +112,12 @@ class SharedBody:
 
 
 class Pool:
-    """An HTTP worker's shared files: one is taken per large body and given back once its request is answered."""
+    """One process's shared files: an HTTP worker's (owner: its slot) take a large body each and are given back once
+    its request is answered; a model worker's (owner: ``answers_of(pid)``) take a large answer each and are given
+    back once an HTTP worker has read it."""
 
-    def __init__(self, master: int, http_slot: int | str) -> None:
-        self.master, self.http_slot = master, http_slot
+    def __init__(self, master: int, owner: int | str) -> None:
+        self.master, self.owner = master, owner
         self.idle: list[SharedBody] = []
         self.seq = 0
 
@@ -124,7 +126,7 @@ class Pool:
             body = self.idle.pop()
         else:
             self.seq += 1
-            body = SharedBody(self.master, self.http_slot, self.seq)
+            body = SharedBody(self.master, self.owner, self.seq)
         body.start()
         return body
 
@@ -233,29 +235,34 @@ def _inode(name: str) -> int:
         return -1
 
 
+def answers_of(pid: int) -> str:
+    """The owner part of a model worker's answer files' names (``JobRunner.lend``)."""
+    return f"m{pid}"
+
+
+def files_of(master: int, owner: int | str | None = None) -> list[Path]:
+    """The files of one process of this daemon (an HTTP worker's slot, a model worker's ``answers_of``), or with
+    None of all of them."""
+    pattern = f"{PREFIX}{master}-{'' if owner is None else f'{owner}-'}*"
+    return list(ROOT.glob(pattern)) if ROOT.is_dir() else []
+
+
 def answers_held(master: int, worker_pid: int) -> int:
-    """Bytes in a model worker's answer files (``JobRunner.lend``): its RSS counts their pages, which are no leak of
-    its own (the master's memory limits leave them out)."""
-    prefix = f"{PREFIX}{master}-m{worker_pid}-"
+    """Bytes in a model worker's answer files: its RSS counts their pages, which are no leak of its own (the
+    master's memory limits leave them out)."""
     total = 0
-    try:
-        with os.scandir(ROOT) as entries:
-            for entry in entries:
-                if entry.name.startswith(prefix):
-                    try:
-                        total += entry.stat().st_size
-                    except FileNotFoundError:
-                        pass
-    except FileNotFoundError:
-        return 0
+    for path in files_of(master, answers_of(worker_pid)):
+        try:
+            total += path.stat().st_size
+        except FileNotFoundError:
+            pass
     return total
 
 
-def remove_left(master: int, http_slot: int | str | None = None) -> int:
-    """The master's cleanup: the files an HTTP worker (or, with None, any process of this daemon) left."""
-    pattern = f"{PREFIX}{master}-{'' if http_slot is None else f'{http_slot}-'}*"
+def remove_left(master: int, owner: int | str | None = None) -> int:
+    """The master's cleanup: the files a process of this daemon (or, with None, any) left."""
     removed = 0
-    for path in ROOT.glob(pattern) if ROOT.is_dir() else ():
+    for path in files_of(master, owner):
         path.unlink(missing_ok=True)
         removed += 1
     return removed

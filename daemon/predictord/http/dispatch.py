@@ -98,16 +98,12 @@ class ModelLink(FrameProtocol):
             head, body = split_header(payload) if len(payload) < BIG_FRAME else split_header_view(payload)
             reply = _reply_header(head)  # a large body stays in the buffer it was read into (protocol.FrameReader)
             if reply.body_at:  # or it is in the model worker's shared file: copied out, and the file given back
-                if job.future.done():  # nobody waits for it (deadline, or the client left)
-                    self.send(RELEASE, job_id)
-                    return
                 try:
-                    body = self.dispatcher.answers.read(reply.body_at)
+                    if not job.future.done():  # unread if nobody waits for it (deadline, or the client left)
+                        body = self.dispatcher.answers.read(reply.body_at)
                 except (OSError, ValueError) as e:  # its worker exited and the master removed its files
-                    if not job.future.done():
-                        job.future.set_exception(WorkerLost(f"model worker {self.slot} exited while its answer "
-                                                            f"was on its way ({e})", self.slot, self.row))
-                    return
+                    job.future.set_exception(WorkerLost(f"model worker {self.slot} exited while its answer was on "
+                                                        f"its way ({e})", self.slot, self.row))
                 finally:
                     self.send(RELEASE, job_id)
             if not job.future.done():

@@ -273,7 +273,7 @@ class Fleet:
             if pid:
                 del self.workers[slot]
                 handle.ctl.close()
-                bodies.remove_left(os.getpid(), f"m{handle.pid}")  # the large answers it had lent
+                bodies.remove_left(os.getpid(), bodies.answers_of(handle.pid))  # the large answers it had lent
                 try:
                     os.unlink(handle.socket_path)
                 except OSError:

@@ -145,7 +145,7 @@ class JobRunner:
         if not self.share_answers:
             return ""
         if self.answers is None:
-            self.answers = bodies.Pool(os.getppid(), f"m{os.getpid()}")  # the master removes them when we exit
+            self.answers = bodies.Pool(os.getppid(), bodies.answers_of(os.getpid()))  # the master removes them
         shared = self.answers.take()
         try:
             shared.write(body)
