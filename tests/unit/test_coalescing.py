@@ -47,6 +47,7 @@ def test_one_turn_of_writes_leaves_together_and_close_flushes_first() -> None:
         t.write(b"late")
         await asyncio.sleep(0)  # written after close: dropped, as a closing transport drops writes
         assert t.get_extra_info("peername") == "info:peername"  # the rest is the real transport's
+        assert vars(t)["get_extra_info"] == below.get_extra_info  # kept: the next call finds it without a miss
         return below.calls
 
     assert asyncio.run(scenario()) == [[b"HTTP/1.1 200 OK\r\n\r\n", b"body"], [b"second"], "close"]
