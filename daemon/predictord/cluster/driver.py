@@ -51,6 +51,12 @@ class Api:
                 "source": str(self.origin.code) if self.origin is not None else None}
 
 
+def code_in(seen: Seen, bundle: Path) -> Path:
+    """Where a bundle holds the version's code: a folder predictor's in a folder of its name (the replica's entry,
+    and its ``predictor_dir`` with the folder's files), a file's at the top."""
+    return bundle / seen.name if seen.origin.folder is not None else bundle
+
+
 def bundle(seen: Seen, dest: Path) -> Path:
     """The version's working directory for Ray: its snapshot (the code that was checked) and, for a folder
     predictor, the folder's other files (weights, vocabularies), within Ray's size limit."""
@@ -59,11 +65,11 @@ def bundle(seen: Seen, dest: Path) -> Path:
         return dest
     partial = dest.with_name(dest.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    shutil.copytree(seen.snapshot.root, partial)
+    shutil.copytree(seen.snapshot.root, code_in(seen, partial))
     origin = seen.origin
     if origin.folder is not None:
         size = 0
-        target = partial / seen.name
+        target = code_in(seen, partial)
         code = {p.relative_to(origin.folder) for p in origin.code_files()}
         for root, dirs, files in os.walk(origin.folder):
             dirs[:] = [d for d in dirs if not is_ignored(d)]
@@ -225,7 +231,7 @@ class Driver:
         declared = requirements.declared(seen.snapshot.folder, settings.dependencies.pip, seen.snapshot.settings)
         if declared is not None:
             runtime_env["pip"] = list(declared.lines) if declared.file is None else str(
-                where / declared.file.relative_to(seen.snapshot.root))
+                code_in(seen, where) / declared.file.relative_to(seen.snapshot.root))
         entry = seen.name if seen.snapshot.folder is not None else seen.snapshot.code.name
         deployment = dict(options.deployment)
         deployment["ray_actor_options"] = {**deployment["ray_actor_options"], "runtime_env": runtime_env}
