@@ -11,19 +11,24 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import os
 import pickle
+import stat
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from starlette.background import BackgroundTask
 from starlette.datastructures import FormData, Headers, QueryParams
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import FileResponse, Response, StreamingResponse
 
 Header = tuple[bytes, bytes]
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+WHOLE_FILE_BELOW = 16 * 2**20  # a FileResponse's file smaller than this is read whole; a larger one is streamed
+FILE_PART = 2**20  # in parts of this size
 
 
 class BadPayload(Exception):
@@ -213,6 +218,7 @@ class Reply:
     headers: list[Header]
     body: bytes = b""
     stream: Iterator[Any] | AsyncIterator[Any] | None = None
+    background: BackgroundTask | None = None  # a starlette Response's: run once the answer has been sent
 
 
 def _headers(media: str, extra: list[Header] | None = None) -> list[Header]:
@@ -221,10 +227,13 @@ def _headers(media: str, extra: list[Header] | None = None) -> list[Header]:
 
 def to_reply(result: Any) -> Reply:
     """A predictor's return value as a response, following the contract (README, "Writing a predictor")."""
+    if isinstance(result, FileResponse):
+        return file_reply(result)
     if isinstance(result, StreamingResponse):
-        return Reply(result.status_code, list(result.raw_headers), stream=aiter(result.body_iterator))
+        return Reply(result.status_code, list(result.raw_headers), stream=aiter(result.body_iterator),
+                     background=result.background)
     if isinstance(result, Response):
-        return Reply(result.status_code, list(result.raw_headers), bytes(result.body))
+        return Reply(result.status_code, list(result.raw_headers), bytes(result.body), background=result.background)
     if isinstance(result, (bytes, bytearray, memoryview)):
         return Reply(200, _headers("application/octet-stream"), bytes(result))
     if isinstance(result, str):
@@ -234,6 +243,37 @@ def to_reply(result: Any) -> Reply:
     if isinstance(result, float) and not math.isfinite(result):
         raise TypeError("predict() returned NaN or infinity, which JSON cannot carry")
     return Reply(200, _headers("application/json"), to_json(result))
+
+
+def file_reply(result: FileResponse) -> Reply:
+    """A FileResponse as starlette answers a POST with it (no ranges): Content-Length, Last-Modified and ETag from the
+    file, which is read whole below WHOLE_FILE_BELOW and streamed in parts past it. A path that is not a file is a
+    RuntimeError, as in starlette: the request's 500, shown as the API's last error."""
+    path = os.fspath(result.path)
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # before open(): a FIFO would block it
+            raise RuntimeError(f"FileResponse: {path!r} is not a file")
+        file = open(path, "rb")  # noqa: SIM115 - closed here, or by the stream that reads it
+    except OSError as e:
+        raise RuntimeError(f"FileResponse: cannot open {path!r}: {e.strerror}") from None
+    try:
+        size = os.fstat(file.fileno()).st_size
+        if result.stat_result is None:
+            result.set_stat_headers(os.fstat(file.fileno()))
+        if size < WHOLE_FILE_BELOW:
+            data = file.read()  # its length is what the HTTP worker sends as Content-Length, if the file changed
+            headers = [h for h in result.raw_headers if h[0] != b"content-length"]
+            return Reply(result.status_code, headers, data, background=result.background)
+    except BaseException:
+        file.close()
+        raise
+    return Reply(result.status_code, list(result.raw_headers), stream=_file_parts(file), background=result.background)
+
+
+def _file_parts(file: Any) -> Iterator[bytes]:
+    with file:
+        while part := file.read(FILE_PART):
+            yield part
 
 
 def chunk_bytes(part: Any) -> bytes:

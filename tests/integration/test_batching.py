@@ -11,6 +11,11 @@ import httpx
 from harness import HELD, Daemon, wait_until
 
 BATCHED = HELD + '''
+from pathlib import Path
+
+from starlette.background import BackgroundTask
+from starlette.responses import FileResponse
+
 
 class PythonPredictor:
     def __init__(self, config):
@@ -19,6 +24,9 @@ class PythonPredictor:
     def predict(self, payload, query_params):
         if any(p.get("wrong") for p in payload):
             return []
+        if any(p.get("file") for p in payload):  # a file each, and a background task that marks it sent
+            return [FileResponse(p["file"], background=BackgroundTask(Path(p["file"] + ".sent").write_text, "yes"))
+                    for p in payload]
         if any(p.get("hold") for p in payload):
             held(self.gate)  # the requests that arrive meanwhile queue, and the next batch takes them together
         return [{"x": p["x"] * 2, "batch": len(payload), "q": q.get("q")} for p, q in zip(payload, query_params)]
@@ -122,6 +130,21 @@ def test_wrong_length_fails_the_batch_clearly(make_daemon: Callable[..., Daemon]
     d.wait_for_log(r"predict\(\) returned 0 results for a batch of 1; a batching predictor must return a list")
     bad = d.post("/b", content=b"{oops", headers={"Content-Type": "application/json"})
     assert bad.status_code == 400, "a bad payload fails alone, before the batch"
+
+
+def test_a_batch_of_file_responses_sends_each_file_and_runs_each_background_task(
+        make_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    d = make_daemon({"b.py": BATCHED, "b.toml": "[serving]\nmax_batch_size = 4\nbatch_wait_ms = 50\n"})
+    d.wait_settled()
+    files = [tmp_path / f"f{i}.bin" for i in range(6)]
+    for i, f in enumerate(files):
+        f.write_bytes(bytes([i]) * (i * 50_000 + 1))
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        rs = list(pool.map(lambda f: d.post("/b", json={"x": 0, "file": str(f)}), files))
+    assert [r.content for r in rs] == [f.read_bytes() for f in files]
+    for f in files:
+        sent = Path(f"{f}.sent")
+        wait_until(lambda sent=sent: sent.exists() and sent.read_text() == "yes", 10, f"{sent.name}")
 
 
 def test_threads_run_predicts_at_once(make_daemon: Callable[..., Daemon], tmp_path: Path) -> None:

@@ -102,6 +102,56 @@ class PythonPredictor:
     def post_predict(self, response, payload):
         (self.dir / f"post-{response['n']}.log").write_text(repr(payload))
 ''',
+    "files/predictor.py": '''
+import shutil
+import tempfile
+from pathlib import Path
+
+from helpers import amark, mark  # a sibling module of the folder
+from starlette.background import BackgroundTask
+from starlette.responses import FileResponse, JSONResponse
+
+
+class PythonPredictor:
+    def __init__(self, config, predictor_dir):
+        self.dir = Path(predictor_dir)
+        self.scratch = Path(tempfile.mkdtemp(prefix="files-"))  # not in the predictors directory: a new version
+        self.big = self.scratch / "big.bin"
+        with open(self.big, "wb") as f:
+            for i in range(18):
+                f.write(bytes([i]) * 2**20)
+
+    def predict(self, payload):
+        kind = payload["kind"]
+        if kind == "small":
+            return FileResponse(self.dir / "cat.txt", filename="cat.txt")
+        if kind == "big":
+            return FileResponse(self.big, media_type="application/x-big")
+        if kind == "missing":
+            return FileResponse(self.dir / "nope.bin")
+        if kind == "folder":
+            return FileResponse(self.dir)
+        if kind == "background":
+            return JSONResponse({"ok": 1}, background=BackgroundTask(mark, payload["to"], "sync"))
+        if kind == "file-background":
+            return FileResponse(self.dir / "cat.txt", background=BackgroundTask(amark, payload["to"], "async"))
+        return JSONResponse({"ok": 2}, background=BackgroundTask(lambda: 1 / 0))
+
+    def close(self):
+        shutil.rmtree(self.scratch)
+''',
+    "files/cat.txt": "meow\n",
+    "files/helpers.py": '''
+from pathlib import Path
+
+
+def mark(path, text):
+    Path(path).write_text(text)
+
+
+async def amark(path, text):
+    Path(path).write_text(text)
+''',
     "aio.py": '''
 import asyncio
 
@@ -131,7 +181,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 
 def test_every_api_ready(daemon: Daemon) -> None:
     status = daemon.status()
-    names = ["aio", "echo", "form", "kinds", "post"]
+    names = ["aio", "echo", "files", "form", "kinds", "post"]
     assert {n: a["state"] for n, a in status["apis"].items()} == dict.fromkeys(names, "ready")
     assert daemon.get("/readyz").status_code == 200
     assert daemon.get("/healthz").json()["status"] == "ok"
@@ -195,6 +245,48 @@ def test_str_bytes_and_response_returns(daemon: Daemon) -> None:
     assert r.headers["content-type"] == "application/octet-stream" and r.content == b"\x00\x01binary"
     r = daemon.post("/kinds", json={"kind": "response"})
     assert r.status_code == 418 and r.headers["x-custom"] == "yes" and r.text == "teapot"
+
+
+def last_error(daemon: Daemon, api: str) -> str:
+    """The message of the API's last request error, as GET /NAME shows it ("" if none)."""
+    return str((daemon.get(f"/{api}").json()["request_error"] or {}).get("message", ""))
+
+
+def test_a_file_response_sends_its_file_whole_or_streamed(daemon: Daemon) -> None:
+    """starlette's FileResponse, as starlette sends it: its file (read whole, or past 16 MiB streamed in parts), its
+    media type, Content-Length, ETag, Last-Modified and Content-Disposition; a path that is no file is a 500 that
+    names it, shown as the API's last error."""
+    r = daemon.post("/files", json={"kind": "small"})
+    assert (r.status_code, r.content, r.headers["content-length"]) == (200, b"meow\n", "5")
+    assert r.headers["content-type"].startswith("text/plain")
+    assert r.headers["content-disposition"] == 'attachment; filename="cat.txt"'
+    assert r.headers["etag"].startswith('"') and r.headers["last-modified"].endswith("GMT")
+    with daemon.client.stream("POST", daemon.url("/files"), json={"kind": "big"}) as r:
+        assert (r.status_code, r.headers["content-type"]) == (200, "application/x-big")
+        assert r.headers["content-length"] == str(18 * 2**20)
+        assert b"".join(r.iter_bytes()) == b"".join(bytes([i]) * 2**20 for i in range(18))
+    for kind, why in (("missing", "No such file or directory"), ("folder", "is not a file")):
+        r = daemon.post("/files", json={"kind": kind})
+        assert r.status_code == 500 and r.json()["api"] == "files", r.text
+        message = wait_until(lambda why=why: why in (m := last_error(daemon, "files")) and m, 10, f"'{why}' shown")
+        assert message.startswith("predict() raised RuntimeError: FileResponse: "), message
+
+
+def test_a_responses_background_task_runs_after_it_is_sent(daemon: Daemon, tmp_path: Path) -> None:
+    """A starlette Response's ``background`` runs once the response is out, as under starlette: a sync function (in a
+    thread) and an async one; one that raises is logged and shown as the API's last error."""
+    sync, async_ = tmp_path / "sync.txt", tmp_path / "async.txt"
+    r = daemon.post("/files", json={"kind": "background", "to": str(sync)})
+    assert r.json() == {"ok": 1}
+    r = daemon.post("/files", json={"kind": "file-background", "to": str(async_)})
+    assert r.content == b"meow\n"
+    wait_until(lambda: sync.exists() and sync.read_text() == "sync", 10, "the sync background task")
+    wait_until(lambda: async_.exists() and async_.read_text() == "async", 10, "the async background task")
+    r = daemon.post("/files", json={"kind": "raising"}, headers={"X-Request-ID": "bg-1"})
+    assert r.json() == {"ok": 2}
+    daemon.wait_for_log(r"API files request bg-1: the response's background task raised")
+    wait_until(lambda: "the response's background task raised ZeroDivisionError" in last_error(daemon, "files"), 10,
+               "the background task's error to be shown")
 
 
 def test_generator_streams(daemon: Daemon) -> None:

@@ -30,9 +30,10 @@ def reply_response(reply: pl.Reply, version: str) -> Response:
     """A ``payload.Reply`` as a starlette response (a stream as a StreamingResponse), with the version that answered."""
     headers = [*reply.headers, (b"x-predictor-version", version.encode())]
     if reply.stream is not None:
-        response: Response = StreamingResponse(_parts(reply.stream), status_code=reply.status)
+        response: Response = StreamingResponse(_parts(reply.stream), status_code=reply.status,
+                                               background=reply.background)
     else:
-        response = Response(reply.body, status_code=reply.status)
+        response = Response(reply.body, status_code=reply.status, background=reply.background)
     response.raw_headers = [h for h in response.raw_headers if h[0] not in (b"content-type",)] + headers
     return response
 

@@ -15,7 +15,9 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from starlette.background import BackgroundTask
 from starlette.datastructures import Headers, QueryParams
+from starlette.responses import FileResponse
 
 from .. import bodies, metrics
 from .. import payload as pl
@@ -98,6 +100,7 @@ class JobRunner:
         self.answers: bodies.Pool | None = None  # this worker's shared files for large answers, made on first use
         self.share_answers = bodies.available()
         self.lent: dict[tuple[JobConnection, int], SharedBody] = {}  # answers an HTTP worker has yet to read
+        self.background: set[asyncio.Task[None]] = set()  # responses' background tasks, running
 
     def connection(self) -> Callable[[], JobConnection]:
         return lambda: JobConnection(self)
@@ -295,7 +298,9 @@ class JobRunner:
             payload = await self._payload(job)
             if api.signature.is_async:
                 result = await api.instance.predict(**pl.offer(api.signature.predict_args, payload, query, headers))
-                reply = pl.to_reply(result)
+                # a FileResponse reads its file: off the loop
+                reply = await asyncio.to_thread(pl.to_reply, result) if isinstance(result, FileResponse) else \
+                    pl.to_reply(result)
             elif api.inline:
                 result, reply = self._predict_sync(api, job, payload)
             else:
@@ -306,6 +311,8 @@ class JobRunner:
             job.conn.reply(job.job_id, reply.status, reply.headers, reply.body, api.version)
         else:
             await self._stream(api, job, reply)
+        if reply.background is not None:
+            self._background(api, job, reply.background)
         if api.signature.post_predict_args is not None and reply.status < 500:
             api.lanes.run(self._post_predict, api, job, payload, result)
 
@@ -407,7 +414,10 @@ class JobRunner:
                 got = f"{len(results)} results" if isinstance(results, (list, tuple)) else type(results).__name__
                 raise TypeError(f"predict() returned {got} for a batch of {len(good)}; a batching predictor must "
                                 "return a list with one result per payload")
-            replies = [pl.to_reply(r) for r in results]
+            if any(isinstance(r, FileResponse) for r in results):  # each reads its file: off the loop
+                replies = await asyncio.to_thread(lambda: [pl.to_reply(r) for r in results])
+            else:
+                replies = [pl.to_reply(r) for r in results]
         except (Exception, SystemExit) as e:  # noqa: BLE001 - the whole batch failed: each gets the clear reply
             replies = [self._failed(api, job, e) for job in good]
             results = None
@@ -441,3 +451,21 @@ class JobRunner:
 
     def _send(self, api: LoadedApi, job: Job, reply: pl.Reply) -> None:
         job.conn.reply(job.job_id, reply.status, reply.headers, reply.body, api.version)
+        if reply.background is not None:
+            self._background(api, job, reply.background)
+
+    def _background(self, api: LoadedApi, job: Job, task: BackgroundTask) -> None:
+        """A starlette Response's background task, as starlette runs it once the response is sent: on this loop (a
+        sync function in starlette's thread pool), after the reply leaves in this turn's flush. A failure is logged
+        and shown as the API's last error, as post_predict()'s is."""
+        async def run() -> None:
+            CURRENT.set(api)
+            try:
+                await task()
+            except (Exception, SystemExit) as e:  # noqa: BLE001 - user code; the response is gone already
+                log.exception("API %s request %s: the response's background task raised", api.name, job.request_id)
+                self.report(api, request_problem(api, e, "the response's background task"))
+
+        running = self.loop.create_task(run())
+        self.background.add(running)  # the loop keeps only a weak reference to a task
+        running.add_done_callback(self.background.discard)
