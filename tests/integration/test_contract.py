@@ -49,7 +49,12 @@ import random
 import numpy as np
 import torch
 from starlette.exceptions import HTTPException
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
+
+
+async def events(n):
+    for i in range(n):
+        yield f"data: token{i}\\n\\n"
 
 
 class PythonPredictor:
@@ -78,6 +83,9 @@ class PythonPredictor:
             raise ValueError("secret internal detail")
         if kind == "stream":
             return (f"part{i}\\n" for i in range(3))
+        if kind == "sse":
+            return StreamingResponse(events(payload["n"]), status_code=201, media_type="text/event-stream",
+                                     headers={"cache-control": "no-cache"})
         if kind == "large":
             return random.Random(payload["seed"]).randbytes(payload["size"])
         if kind == "large-stream":
@@ -296,6 +304,14 @@ def test_generator_streams(daemon: Daemon) -> None:
         assert b"".join(r.iter_bytes()) == b"part0\npart1\npart2\n"
 
 
+def test_a_streaming_response_keeps_its_status_headers_and_media_type(daemon: Daemon) -> None:
+    """starlette's StreamingResponse (server-sent events, as a token stream is served)."""
+    with daemon.client.stream("POST", daemon.url("/kinds"), json={"kind": "sse", "n": 3}) as r:
+        assert r.status_code == 201 and r.headers["cache-control"] == "no-cache"
+        assert r.headers["content-type"].startswith("text/event-stream") and "content-length" not in r.headers
+        assert b"".join(r.iter_bytes()) == b"data: token0\n\ndata: token1\n\ndata: token2\n\n"
+
+
 def test_large_answers_arrive_whole_side_by_side(daemon: Daemon) -> None:
     """Answers of 64 KiB and up reach the HTTP worker in buffers of their own (protocol.FrameReader) and go to their
     clients from there: eight at once, of sizes around the cut-offs and up to 9 MB, each byte as the predictor made
@@ -500,6 +516,7 @@ def test_a_stream_whose_client_leaves_is_stopped_and_its_generator_closed(tmp_pa
 SHARED = ("test_json_payload_query_headers_and_config", "test_text_payload_honours_charset",
           "test_other_content_types_are_bytes", "test_form_and_multipart", "test_malformed_json_is_400_with_json_error",
           "test_json_returns", "test_str_bytes_and_response_returns", "test_generator_streams",
+          "test_a_streaming_response_keeps_its_status_headers_and_media_type",
           "test_async_predict_and_init_extras", "test_http_exception_keeps_its_status",
           "test_exception_is_500_naming_api_and_request_without_traceback", "test_unserializable_return_is_500",
           "test_request_id_echoed_or_generated", "test_unknown_api_is_404_json", "test_other_methods_are_405")
