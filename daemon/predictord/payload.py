@@ -257,10 +257,10 @@ def file_reply(result: FileResponse) -> Reply:
     except OSError as e:
         raise RuntimeError(f"FileResponse: cannot open {path!r}: {e.strerror}") from None
     try:
-        size = os.fstat(file.fileno()).st_size
+        opened = os.fstat(file.fileno())
         if result.stat_result is None:
-            result.set_stat_headers(os.fstat(file.fileno()))
-        if size < WHOLE_FILE_BELOW:
+            result.set_stat_headers(opened)
+        if opened.st_size < WHOLE_FILE_BELOW:
             data = file.read()  # its length is what the HTTP worker sends as Content-Length, if the file changed
             headers = [h for h in result.raw_headers if h[0] != b"content-length"]
             return Reply(result.status_code, headers, data, background=result.background)
