@@ -203,8 +203,8 @@ def leak_memory(make: MakeDaemon, headroom_mib: int = 300) -> Figures:
 def hang_forever(make: MakeDaemon) -> Figures:
     """One request whose predict() never returns (timeout 1 s): it gets 504; once it is hung past the grace, its
     CPU worker is replaced make before break (its APIs move to a new one, the old one is killed after
-    graceful_timeout); the other API never notices."""
-    d = _two_apis(make, "", {"a.toml": "[serving]\ntimeout = 1\nthreads = 2\n"})
+    graceful_timeout, 5 s here); the other API never notices."""
+    d = _two_apis(make, "[server]\ngraceful_timeout = 5\n", {"a.toml": "[serving]\ntimeout = 1\nthreads = 2\n"})
     with Load(d, {"a": (1, {"sleep": 0.02}), "b": (1, {})}) as load:
         wait_until(lambda: load.served_since("a", 0, 10), 30, "load on a")
         pid = replica_pid(d, "a")
@@ -216,6 +216,7 @@ def hang_forever(make: MakeDaemon) -> Figures:
         since = time.monotonic()
         replaced = since - fault
         wait_until(lambda: load.served_since("a", since, 10), 60, "a served by the replacement")
+        wait_until(lambda: not psutil.pid_exists(pid), 30, "the hung worker killed after graceful_timeout")
     figures = Figures("predict() sleeps for ever", load.outcomes, "a", [fault])
     figures.note = f"the hung request: {hung.status_code}; a served by a new worker {replaced:.1f} s after it began"
     return figures

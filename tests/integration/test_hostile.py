@@ -286,7 +286,8 @@ def test_a_slow_and_a_hung_predict_stall_no_neighbour(make_daemon: Any, tmp_path
     gate = tmp_path / "gate"
     gate.touch()
     d = make_daemon({"gated.py": GATED, "gated.toml": f'[config]\ngate = "{gate}"\n[serving]\ntimeout = 2\n'
-                     "threads = 2\n", "ok.py": PID}, "[workers]\nheartbeat_timeout = 60\n")
+                     "threads = 2\n", "ok.py": PID},
+                    "[workers]\nheartbeat_timeout = 60\n[server]\ngraceful_timeout = 5\n")  # the hung worker: 5 s
     d.wait_settled()
     with Load(d, {"ok": 2}, seconds=120) as load:
         wait_until(lambda: load.count("ok") > 50, 20, "load on ok")
