@@ -149,6 +149,8 @@ class PythonPredictor:
         shutil.rmtree(self.scratch)
 ''',
     "files/cat.txt": "meow\n",
+    "files/predictor.toml": '[serving]\nwarmup = ["samples/warm.json"]\n',  # a sample among the folder's files
+    "files/samples/warm.json": '{"kind": "small"}',
     "files/helpers.py": '''
 from pathlib import Path
 
