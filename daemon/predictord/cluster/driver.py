@@ -57,6 +57,25 @@ def code_in(seen: Seen, bundle: Path) -> Path:
     return bundle / seen.name if seen.origin.folder is not None else bundle
 
 
+def entry_of(seen: Seen) -> str:
+    """What the replica loads, relative to its working directory (the bundle): a folder predictor's folder, or a
+    file predictor's file."""
+    assert seen.snapshot is not None
+    return seen.name if seen.snapshot.folder is not None else seen.snapshot.code.name
+
+
+def pip_of(seen: Seen, where: Path, settings: ApiSettings) -> list[str] | str | None:
+    """The version's requirements as its runtime_env ``pip``: the lines of its [dependencies] pip, or the path of
+    its requirements file in the bundle ``where``; None when it declares none."""
+    assert seen.snapshot is not None
+    declared = requirements.declared(seen.snapshot.folder, settings.dependencies.pip, seen.snapshot.settings)
+    if declared is None:
+        return None
+    if declared.file is None:
+        return list(declared.lines)
+    return str(code_in(seen, where) / declared.file.relative_to(seen.snapshot.root))
+
+
 def bundle(seen: Seen, dest: Path) -> Path:
     """The version's working directory for Ray: its snapshot (the code that was checked) and, for a folder
     predictor, the folder's other files (weights, vocabularies), within Ray's size limit."""
@@ -228,15 +247,13 @@ class Driver:
             log.warning("API %s: %s", name, warning)
         where = bundle(seen, self.runtime / "bundles" / f"{name}-{version}")
         runtime_env: dict[str, Any] = {"working_dir": upload(where)}
-        declared = requirements.declared(seen.snapshot.folder, settings.dependencies.pip, seen.snapshot.settings)
-        if declared is not None:
-            runtime_env["pip"] = list(declared.lines) if declared.file is None else str(
-                code_in(seen, where) / declared.file.relative_to(seen.snapshot.root))
-        entry = seen.name if seen.snapshot.folder is not None else seen.snapshot.code.name
+        pip = pip_of(seen, where, settings)
+        if pip is not None:
+            runtime_env["pip"] = pip
         deployment = dict(options.deployment)
         deployment["ray_actor_options"] = {**deployment["ray_actor_options"], "runtime_env": runtime_env}
         app = self.serve.deployment(name=name)(PredictorReplica).options(**deployment).bind(
-            name, version, entry, dict(settings.config), dataclasses.asdict(settings.serving))
+            name, version, entry_of(seen), dict(settings.config), dataclasses.asdict(settings.serving))
         self.serve.run(app, name=name, route_prefix=f"/{name}", blocking=False)
 
     def delete(self, name: str) -> None:
