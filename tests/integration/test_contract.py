@@ -255,6 +255,7 @@ def test_str_bytes_and_response_returns(daemon: Daemon) -> None:
     assert r.headers["content-type"] == "application/octet-stream" and r.content == b"\x00\x01binary"
     r = daemon.post("/kinds", json={"kind": "response"})
     assert r.status_code == 418 and r.headers["x-custom"] == "yes" and r.text == "teapot"
+    assert r.headers.get_list("content-length") == ["6"], "its own Content-Length, once"
 
 
 def last_error(daemon: Daemon, api: str) -> str:
