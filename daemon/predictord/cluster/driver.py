@@ -61,7 +61,7 @@ def entry_of(seen: Seen) -> str:
     """What the replica loads, relative to its working directory (the bundle): a folder predictor's folder, or a
     file predictor's file."""
     assert seen.snapshot is not None
-    return seen.name if seen.snapshot.folder is not None else seen.snapshot.code.name
+    return seen.name if seen.origin.folder is not None else seen.snapshot.code.name
 
 
 def pip_of(seen: Seen, where: Path, settings: ApiSettings) -> list[str] | str | None:
