@@ -118,7 +118,8 @@ class ServerConfig:
 class PredictorsConfig:
     """[predictors]: the watched directory and how predictors are loaded."""
 
-    dir: str = opt("predictors", "Directory of predictors (NAME.py or NAME/predictor.py); relative to this file.")
+    dir: str = opt("predictors", "Directory of predictors (NAME.py or NAME/predictor.py); relative to this file. A "
+                    "link is followed to what it points to now: a release deployed by swapping it is served.")
     load_timeout: float = opt(120.0, "Seconds a predictor's load (its import, __init__ and warm-up) may take before "
                               "it is killed.", _in_range(0.1))
     check_permissions: bool = opt(True, "Refuse predictor files others can write (as sshd does); off for development.")
@@ -249,8 +250,10 @@ class Config:
 
     @property
     def predictors_dir(self) -> Path:
+        """[predictors] dir made absolute, its links not followed: the reader follows them to what they point to
+        at each look (a release deployed by swapping a link is served)."""
         base = Path(self.path).parent if self.path else Path.cwd()
-        return (base / self.predictors.dir).resolve()
+        return Path(os.path.normpath(base / self.predictors.dir))
 
     def envs_dir(self, runtime: Path) -> Path:
         """Where environments are built: [predictors] envs_dir, $STATE_DIRECTORY/envs, else ``runtime``/envs."""

@@ -181,6 +181,74 @@ def test_rm_r_of_a_folder(make_daemon: Callable[..., Daemon], tmp_path: Path) ->
     assert "gone" not in d.status()["apis"]
 
 
+def release(root: Path, name: str, files: dict[str, str]) -> Path:
+    folder = root / "releases" / name
+    folder.mkdir(parents=True)
+    for rel, text in files.items():
+        (folder / rel).write_text(text)
+    return folder
+
+
+def point(link: Path, target: str) -> None:
+    """Deploy as a release tool does: a new link beside the old one, renamed over it (atomic)."""
+    tmp = link.with_name(link.name + ".new")
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+
+def test_a_release_deployed_by_swapping_a_link_is_served(make_daemon: Callable[..., Daemon]) -> None:
+    # [predictors] dir is a link to the release being served (Capistrano's and Ansible's layout). The daemon follows
+    # it when it is swapped: the new release's APIs take over, make before break; one it lacks goes away; while the
+    # link points nowhere, everything keeps serving.
+    d = make_daemon({}, FAST + '[predictors]\ndir = "current"\n', start=False)
+    release(d.root, "r1", {"a.py": gen(1), "b.py": gen(100), "gone.py": gen(7)})
+    release(d.root, "r2", {"a.py": gen(2), "b.py": gen(100), "new.py": gen(5)})
+    point(d.root / "current", "releases/r1")
+    d.start()
+    d.wait_settled()
+    old = d.get("/a").json()["version"]["serving"][0]
+    with Load(d, {"a": 2, "b": 1}) as load:
+        point(d.root / "current", "releases/r2")
+        wait_until(lambda: d.post("/new", json={}).status_code == 200, 30, "new, from release r2")
+        wait_new_version(d, "a", old)
+        wait_until(lambda: d.post("/gone", json={}).status_code == 404, 30, "gone, not in r2, to go away")
+        assert d.status()["daemon"]["predictors_dir"] == str((d.root / "releases/r2").resolve())
+        point(d.root / "current", "releases/r3")  # not there yet
+        d.wait_for_log(r"the predictors directory \S+/current is not there")
+        shutil.copytree(d.root / "releases/r2", d.root / "releases/r3.tmp")
+        atomic_save(d.root / "releases/r3.tmp/a.py", gen(3))
+        os.rename(d.root / "releases/r3.tmp", d.root / "releases/r3")
+        wait_until(lambda: d.post("/a", json={}).json() == {"generation": 3}, 30, "a from release r3")
+    assert load.failures("a") == [] and load.failures("b") == []
+    assert {o.body["generation"] for o in load.of("b")} == {100}
+    for client in load.clients("a"):
+        seen = [o.body["generation"] for o in client]
+        assert seen == sorted(seen) and seen[0] == 1, "a client saw a release go back"
+    assert set(d.status()["apis"]) == {"a", "b", "new"}
+
+
+def test_a_directory_made_or_replaced_after_the_start_is_served(make_daemon: Callable[..., Daemon],
+                                                                tmp_path: Path) -> None:
+    d = make_daemon({}, FAST, start=False)
+    d.predictors.rmdir()  # not there yet: the daemon starts with no API
+    d.start()
+    d.wait_settled()
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    (staged / "a.py").write_text(gen(1))
+    os.rename(staged, d.predictors)
+    wait_until(lambda: d.post("/a", json={}).status_code == 200, 30, "a, in the directory made after the start")
+    # Replaced whole: the old folder moved away, a new one moved in (what `rsync` to a new folder and a swap do).
+    staged.mkdir()
+    (staged / "b.py").write_text(gen(100))
+    os.rename(d.predictors, tmp_path / "old")
+    os.rename(staged, d.predictors)
+    wait_until(lambda: d.post("/b", json={}).status_code == 200, 30, "b, in the new directory")
+    wait_until(lambda: d.post("/a", json={}).status_code == 404, 30, "a, not in it, to go away")
+    (d.predictors / "c.py").write_text(gen(200))  # and the new directory is watched
+    wait_until(lambda: d.post("/c", json={}).status_code == 200, 30, "c, dropped into the new directory")
+
+
 MEMORY = '''
 import numpy as np
 

@@ -140,7 +140,7 @@ class Driver:
                 self.apply(reading)
             self.collect()
             self.registry.beat.remote({"pid": os.getpid(), "host": socket.gethostname(),
-                                       "predictors": str(self.config.predictors_dir)})
+                                       "predictors": str(self.reader.directory)})
         self.reader.stop()
         self.probes.shutdown(wait=False, cancel_futures=True)
         self.deploys.shutdown(wait=True, cancel_futures=True)

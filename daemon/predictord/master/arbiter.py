@@ -105,7 +105,7 @@ class Master(Arbiter):  # type: ignore[misc]
         self.start_reader()
         if not self.reader.wait_first(FIRST_READ_WAIT):
             log.warning("the predictors directory %s has not been read in %gs; serving starts without it",
-                        self.pconfig.predictors_dir, FIRST_READ_WAIT)
+                        self.reader.directory, FIRST_READ_WAIT)
         self.take_readings()
         self.publish()  # before any HTTP worker exists: a first request (socket activation) finds every API
 
@@ -144,7 +144,7 @@ class Master(Arbiter):  # type: ignore[misc]
         busy = self.reader.busy_for(time.monotonic())
         if busy > SLOW_READ and not self.slow_read_said:
             log.error("reading the predictors directory %s has taken %.0fs (a hung mount?); the APIs keep serving "
-                      "what they have, and changes load once it answers", self.pconfig.predictors_dir, busy)
+                      "what they have, and changes load once it answers", self.reader.directory, busy)
             self.slow_read_said = True
         elif busy == 0.0:
             self.slow_read_said = False
@@ -435,7 +435,7 @@ class Master(Arbiter):  # type: ignore[misc]
         self.fleet.kill(handle, signal.SIGTERM, "retired", why)
 
     def publish(self) -> None:
-        info = DaemonInfo(self.pid, self.started_at, str(self.pconfig.predictors_dir), len(self.WORKERS),
+        info = DaemonInfo(self.pid, self.started_at, str(self.reader.directory), len(self.WORKERS),
                           round(self.reader.busy_for(time.monotonic()), 1))
         self.publisher.publish(self.catalog, self.fleet, self.balancer, self.events, info)
         self.catalog.changed = self.fleet.changed = self.balancer.changed = self.events.changed = False

@@ -72,6 +72,16 @@ def fingerprint(directory: Path, name: str) -> Fingerprint:
     return tuple(sorted(seen))
 
 
+def fingerprint_all(directory: Path) -> tuple[tuple[str, Fingerprint], ...]:
+    """``fingerprint`` of every API in the directory (a new directory's files settle as one API's do)."""
+    try:
+        entries = sorted(os.listdir(directory))[:MAX_ENTRIES]
+    except OSError:
+        return ()
+    names = {api_of(directory, str(directory / e)) for e in entries} - {None}
+    return tuple((name, fingerprint(directory, name)) for name in sorted(n for n in names if n is not None))
+
+
 class PredictorWatcher(FileSystemEventHandler):
     """Per-API debounce of the watched directory's events."""
 
