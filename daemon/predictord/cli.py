@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import socket
 import sys
 import time
@@ -25,7 +26,8 @@ def _load(args: argparse.Namespace) -> Config:
     config = load_config(find_config(args.config))
     config = override(config, "server", host=args.host, port=args.port, log_level=args.log_level)
     if args.predictors is not None:
-        config = override(config, "predictors", dir=str(Path(args.predictors).resolve()))
+        # Absolute, its links kept: the daemon follows a link to the release it points to now.
+        config = override(config, "predictors", dir=os.path.abspath(args.predictors))
     return config
 
 

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from predictord import cli
 from predictord.config import ConfigError, describe_options, find_config, load_api_settings, load_config
 
 
@@ -26,6 +27,18 @@ def test_values_are_read_and_dir_is_relative_to_the_file(tmp_path: Path) -> None
     assert c.server.port == 9000 and c.server.graceful_timeout == 5.0
     assert c.workers.cpu == 3 and c.workers.gpus == (0, 2)
     assert c.predictors_dir == (tmp_path / "apis").resolve()
+
+
+def test_the_predictors_dir_keeps_its_links_from_the_file_and_the_command_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A link to a release is followed by the reader at each look: resolving it here would pin the first release.
+    (tmp_path / "releases" / "r1").mkdir(parents=True)
+    (tmp_path / "current").symlink_to("releases/r1")
+    p = write(tmp_path, '[predictors]\ndir = "./current/"\n')
+    assert load_config(p).predictors_dir == tmp_path / "current"
+    monkeypatch.chdir(tmp_path)
+    args = cli._parser().parse_args(cli.command_first(["--config", str(p), "--predictors", "current"]))
+    assert cli._load(args).predictors_dir == tmp_path / "current"
 
 
 @pytest.mark.parametrize("text,message", [
