@@ -63,12 +63,51 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def check(path: str, timeout: float, config_path: str | None) -> int:
-    from . import probe
+    """Check one predictor (a file, or a folder with predictor.py), or every one in a predictors directory."""
+    from .sources import FOLDER_ENTRY
 
     target = Path(path)
     if not target.exists():
         print(f"{path}: no such file or folder", file=sys.stderr)
         return 1
+    if target.is_dir() and not os.path.lexists(target / FOLDER_ENTRY):
+        return check_directory(target, timeout, config_path)
+    return check_one(target, timeout, config_path)
+
+
+def check_directory(directory: Path, timeout: float, config_path: str | None) -> int:
+    """Every API of a predictors directory (a release, before it is deployed), one after another, as the daemon
+    would find them: names, two sources for one name, then each predictor's check. 1 if any would be refused."""
+    from .sources import FOLDER_ENTRY, name_problem, scan
+
+    found = scan(directory)
+    for note in found.notes.values():
+        print(f"note: {note}", file=sys.stderr)
+    failed = []
+    for name, (file, folder) in sorted(found.clashes.items()):
+        print(f"{file}: two sources for API {name!r}: {file} and the folder {folder}/; the daemon serves neither",
+              file=sys.stderr)
+        failed.append(name)
+    for name, source in sorted(found.apis.items()):
+        problem = name_problem(name)
+        if problem:
+            print(f"{source.folder or source.code}: {problem}", file=sys.stderr)
+        if problem or check_one(source.folder or source.code, timeout, config_path):
+            failed.append(name)
+    count = len(found.apis) + len(found.clashes)
+    if not count:
+        print(f"{directory}: no predictor in it (NAME.py, or NAME/ with {FOLDER_ENTRY})", file=sys.stderr)
+        return 1
+    summary = f"{directory}: {count} API{'s' if count > 1 else ''} checked, {count - len(failed)} OK"
+    print(f"{summary}, {len(failed)} failed: {', '.join(sorted(failed))}" if failed else summary,
+          file=sys.stderr if failed else sys.stdout)
+    return 1 if failed else 0
+
+
+def check_one(target: Path, timeout: float, config_path: str | None) -> int:
+    from . import probe
+
+    path = str(target)
     try:
         env = environment_for_check(target, config_path)
     except (ConfigError, ValueError) as problem:
@@ -92,7 +131,6 @@ def environment_for_check(target: Path, config_path: str | None) -> Path | None:
     """The environment a predictor that declares requirements is checked in: built (or reused) now, where the
     config builds them ([predictors] envs_dir; without one, a folder of this user's in /tmp); None: it needs none.
     ValueError with the installer's error when the install fails."""
-    import os
     import tempfile
 
     from . import envs, requirements

@@ -257,6 +257,31 @@ def test_check_warms_batches_of_two_at_most(tmp_path: Path, most: int) -> None:
             in r.stderr, r
 
 
+def test_check_of_a_predictors_directory_checks_every_api_as_the_daemon_would_find_it(tmp_path: Path) -> None:
+    # A release, checked before its link is swapped: each API, and what the daemon would refuse, named.
+    good = "class PythonPredictor:\n    def __init__(self, config):\n        pass\n\n" \
+           "    def predict(self, payload):\n        return 1\n"
+    for rel in ("a.py", "b/predictor.py", "twin.py", "twin/predictor.py", "Upper.py"):
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        (tmp_path / rel).write_text(good)
+    (tmp_path / "broken.py").write_text(BROKEN["syntax"][0])
+    (tmp_path / "notes.txt").write_text("not an API")
+    r = _cli("check", str(tmp_path))
+    assert r.returncode == 1, r
+    assert f"{tmp_path / 'a.py'}: OK: API 'a'" in r.stdout and f"{tmp_path / 'b'}: OK: API 'b'" in r.stdout
+    assert re.search(rf"^{re.escape(str(tmp_path / 'broken.py'))}:\d+: .*{BROKEN['syntax'][1]}", r.stderr, re.M), r
+    assert "two sources for API 'twin'" in r.stderr and "'Upper' is not a valid API name" in r.stderr
+    assert r.stderr.rstrip().endswith(f"{tmp_path}: 5 APIs checked, 2 OK, 3 failed: Upper, broken, twin")
+    for rel in ("broken.py", "twin.py", "Upper.py"):
+        (tmp_path / rel).unlink()
+    r = _cli("check", str(tmp_path))
+    assert r.returncode == 0 and r.stdout.rstrip().endswith(f"{tmp_path}: 3 APIs checked, 3 OK"), r
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = _cli("check", str(empty))
+    assert r.returncode == 1 and "no predictor in it" in r.stderr, r
+
+
 def test_check_passes_a_good_predictor_and_prints_its_signature(tmp_path: Path) -> None:
     folder = tmp_path / "router"
     folder.mkdir()
