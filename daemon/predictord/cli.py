@@ -284,6 +284,15 @@ def command_first(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    try:
+        run(argv)
+        sys.stdout.flush()  # here, not at exit, where a closed pipe would be "Exception ignored"
+    except BrokenPipeError:  # `predictord status | head`: the reader has gone; no traceback (Python's recipe)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+
+
+def run(argv: list[str] | None) -> None:
     argv = command_first(list(sys.argv[1:] if argv is None else argv))
     args = _parser().parse_args(argv)
     if args.command == "options":

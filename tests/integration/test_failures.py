@@ -282,6 +282,20 @@ def test_check_of_a_predictors_directory_checks_every_api_as_the_daemon_would_fi
     assert r.returncode == 1 and "no predictor in it" in r.stderr, r
 
 
+@pytest.mark.parametrize("command", ["options", "check"])
+def test_a_reader_that_leaves_early_gets_no_traceback(command: str, tmp_path: Path) -> None:
+    # `predictord options | head -3`: the pipe closes before everything is written.
+    (tmp_path / "a.py").write_text("class PythonPredictor:\n    def predict(self, payload):\n        return 1\n")
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        r = subprocess.run([sys.executable, "-m", "predictord", command, *([str(tmp_path)] * (command == "check"))],
+                           stdout=write, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "Exception ignored" not in r.stderr, r.stderr
+
+
 def test_check_passes_a_good_predictor_and_prints_its_signature(tmp_path: Path) -> None:
     folder = tmp_path / "router"
     folder.mkdir()
