@@ -56,6 +56,8 @@ class HttpWorker(UvicornWorker):  # type: ignore[misc]
         self.config.http = functools.partial(GuardedHttpProtocol, limits=self.wsgi.limits)
         server = DrainingServer(self.config, self.wsgi)
         self._install_sigquit_handler()
-        await server.serve(sockets=self.sockets)
+        # The sockets themselves, not gunicorn's wrappers: uvloop closes a listener's descriptor, then the socket
+        # object, which it expects to fail (EBADF); a wrapper logged that, twice per worker at every stop.
+        await server.serve(sockets=[listener.sock for listener in self.sockets])
         if not server.started:
             sys.exit(Arbiter.WORKER_BOOT_ERROR)
