@@ -6,7 +6,10 @@ there, beside the other HTTP worker, so a malformed one is a 400 at once) and pi
 model worker makes the payload from its own mapping of the file (``Reader``), kept for the file's next bodies. So an
 8 MB body crosses once, through memory both processes see, instead of through the socket and the frame buffers of
 each side (about five copies). The HTTP worker that made a file removes it once its request is answered; the master
-removes what a dead HTTP worker left, and everything of the daemon's when it stops.
+removes what a dead HTTP worker left, and everything of the daemon's when it stops. A daemon that could not clean
+up (its master killed: SIGKILL, the OOM killer) leaves its files to the next one: each master holds a lock
+(``hold``) that its workers inherit, and a master removes the files of every daemon whose lock nobody holds
+(``sweep_dead``), at its start and every few seconds.
 
 Large answers take the same road back: a model worker writes one of SHARED_FROM bytes or more into a file of its own
 pool (named ``m`` and its pid: ``JobRunner.lend``), the HTTP worker copies it out of its kept mapping and sends
@@ -16,6 +19,7 @@ RELEASE, and the file takes the worker's next answer. An answer crossed the sock
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import pickle
@@ -257,6 +261,59 @@ def answers_held(master: int, worker_pid: int) -> int:
         except FileNotFoundError:
             pass
     return total
+
+
+def _lock_of(master: int | str) -> Path:
+    return ROOT / f"{PREFIX}{master}.lock"
+
+
+def hold(master: int) -> int | None:
+    """The master's claim on its files, held as long as a process of its daemon lives (a lock on a file of its
+    own, inherited by the workers it forks): the descriptor, or None without /dev/shm."""
+    try:
+        fd = os.open(_lock_of(master), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # a live daemon of the same pid in another pid namespace: no claim
+        os.close(fd)
+        return None
+    remove_left(master)  # what a killed daemon of the same pid (an earlier one) left
+    return fd
+
+
+def let_go(master: int, fd: int | None) -> None:
+    """At the master's stop, once its files are removed."""
+    if fd is not None:
+        _lock_of(master).unlink(missing_ok=True)
+        os.close(fd)
+
+
+def sweep_dead() -> dict[int, int]:
+    """Remove what killed daemons left: the files of each daemon (of this user) whose lock no process holds any
+    more. Files with no lock file are never touched (a daemon of another pid namespace may own them). Returns
+    master pid -> files removed."""
+    swept: dict[int, int] = {}
+    for lock in ROOT.glob(f"{PREFIX}*.lock") if ROOT.is_dir() else ():
+        master = lock.name[len(PREFIX):-len(".lock")]
+        if not master.isdigit():
+            continue
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)  # another user's (0600) fails here: left alone
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: a process of that daemon lives
+            os.close(fd)
+            continue
+        try:
+            swept[int(master)] = remove_left(int(master))
+            lock.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+    return swept
 
 
 def remove_left(master: int, owner: int | str | None = None) -> int:

@@ -156,6 +156,30 @@ def test_large_answers_go_through_the_model_workers_files_which_it_reuses_and_th
     assert fetch(3)
 
 
+def test_what_a_killed_daemon_left_in_dev_shm_is_removed_by_the_next_one(make_daemon: Any) -> None:
+    # A master killed outright (SIGKILL, the OOM killer) cleans nothing up; the next daemon removes its files (those
+    # of no live daemon: a lock that its processes hold says which are live), and leaves a live one's alone.
+    killed, alive = make_daemon({"blob.py": BLOB}), make_daemon({"blob.py": BLOB})
+    for d in (killed, alive):
+        d.wait_settled()
+        assert d.post("/blob?n=200000&seed=1", content=b"\0" * 300_000).status_code == 200
+        assert d.proc is not None and shm_files(d.proc.pid)  # a body's file and an answer's
+    assert killed.proc is not None and alive.proc is not None
+    os.killpg(killed.proc.pid, signal.SIGKILL)
+    killed.proc.wait(10)
+    left = shm_files(killed.proc.pid)
+    assert left, "nothing cleaned up after a SIGKILL"
+    lock = Path(f"/dev/shm/predictord-{killed.proc.pid}.lock")
+    assert lock.exists()
+    d = make_daemon({"blob.py": BLOB})
+    d.wait_for_log(rf"removed {len(left)} files a killed predictord \(master pid {killed.proc.pid}\) left in /dev/shm")
+    assert not shm_files(killed.proc.pid) and not lock.exists()
+    assert shm_files(alive.proc.pid), "a live daemon's files stay"
+    assert alive.post("/blob?n=200000&seed=2", content=b"\0" * 300_000).content == random.Random(2).randbytes(200_000)
+    assert alive.stop() == 0
+    assert not Path(f"/dev/shm/predictord-{alive.proc.pid}.lock").exists(), "a clean stop removes its lock too"
+
+
 HELD = '''
 import random
 

@@ -130,3 +130,24 @@ def test_a_model_worker_lends_large_answers_through_its_files_and_reuses_what_is
     finally:
         remove_left(MASTER)
         loop.close()
+
+
+def test_only_the_files_of_a_daemon_whose_lock_nobody_holds_are_swept() -> None:
+    dead, live, unlocked = MASTER + 1, MASTER + 2, MASTER + 3
+    dead_lock = bodies.hold(dead)
+    live_lock = bodies.hold(live)
+    assert dead_lock is not None and live_lock is not None
+    for master in (dead, live, unlocked):
+        Pool(master, 0).take().write(b"x")
+    os.close(dead_lock)  # its processes are gone: the lock is free, the file stays (as after a SIGKILL)
+    try:
+        swept = bodies.sweep_dead()
+        assert swept.get(dead) == 1 and not bodies.files_of(dead)
+        assert not (bodies.ROOT / f"predictord-{dead}.lock").exists()
+        assert live not in swept and len(bodies.files_of(live)) == 1, "held: a process of that daemon lives"
+        assert unlocked not in swept and len(bodies.files_of(unlocked)) == 1, "no lock file: never touched"
+    finally:
+        bodies.let_go(live, live_lock)
+        for master in (live, unlocked):
+            remove_left(master)
+    assert not (bodies.ROOT / f"predictord-{live}.lock").exists()

@@ -78,6 +78,7 @@ class Master(Arbiter):  # type: ignore[misc]
         self.read_gate = Path(gate) if gate else None
         self.reader = self.new_reader()
         self.slow_read_said = False
+        self.shm_lock: int | None = None
         super().__init__(app)
         for handler in self.log.error_log.handlers:
             logs.adopt(handler)  # gunicorn's own lines in the daemon's format
@@ -98,6 +99,7 @@ class Master(Arbiter):  # type: ignore[misc]
         if not reaping.become_subreaper():
             log.warning("not a child subreaper: processes a predictor starts may outlive it")
         super().start()
+        self.shm_lock = bodies.hold(self.pid)  # before any worker makes a file: they inherit it
         self.open_admin_socket()
         for listener in self.LISTENERS:
             log.info("predictord listening on %s (master pid %d)", listener, self.pid)
@@ -298,6 +300,7 @@ class Master(Arbiter):  # type: ignore[misc]
         self.catalog.envs.stop()
         reaping.reap_strays(())  # whatever is left under the master now is a predictor's: it ends with the daemon
         bodies.remove_left(self.pid)
+        bodies.let_go(self.pid, self.shm_lock)
         shutil.rmtree(self.runtime, ignore_errors=True)
 
     # -- HTTP workers: a stable slot each, for their row in the scoreboard ---------------------------------------
@@ -398,6 +401,9 @@ class Master(Arbiter):  # type: ignore[misc]
                 running = {Path(h.device.env).name for h in self.fleet if h.device.env}
                 self.catalog.envs.prune(self.catalog.envs_in_use() | running, now)
                 self.reap_strays()
+                for master, count in bodies.sweep_dead().items():
+                    log.info("removed %d files a killed predictord (master pid %d) left in %s", count, master,
+                             bodies.ROOT)
         if sampled or self.catalog.changed or self.fleet.changed or self.balancer.changed or self.events.changed:
             with self.step("publishing"):
                 self.publish()
