@@ -212,7 +212,10 @@ def test_a_release_deployed_by_swapping_a_link_is_served(make_daemon: Callable[.
         wait_until(lambda: d.post("/new", json={}).status_code == 200, 30, "new, from release r2")
         wait_new_version(d, "a", old)
         wait_until(lambda: d.post("/gone", json={}).status_code == 404, 30, "gone, not in r2, to go away")
-        assert d.status()["daemon"]["predictors_dir"] == str((d.root / "releases/r2").resolve())
+        status = d.status()
+        assert status["daemon"]["predictors_dir"] == str((d.root / "releases/r2").resolve())
+        assert [e["text"] for e in status["events"] if e["kind"] == "directory"] == [
+            f"the predictors directory is now {d.root / 'releases/r2'}"]
         point(d.root / "current", "releases/r3")  # not there yet
         d.wait_for_log(r"the predictors directory \S+/current is not there")
         shutil.copytree(d.root / "releases/r2", d.root / "releases/r3.tmp")

@@ -79,6 +79,7 @@ class Master(Arbiter):  # type: ignore[misc]
         self.reader = self.new_reader()
         self.slow_read_said = False
         self.shm_lock: int | None = None
+        self.read_from: Path | None = None  # the directory of the readings applied (a link's target then)
         super().__init__(app)
         for handler in self.log.error_log.handlers:
             logs.adopt(handler)  # gunicorn's own lines in the daemon's format
@@ -142,6 +143,10 @@ class Master(Arbiter):  # type: ignore[misc]
     def take_readings(self) -> None:
         """Apply what the reader found; say once when a reading is stuck (a hung mount: serving goes on)."""
         for reading in self.reader.take():
+            if reading.directory != self.read_from:
+                if self.read_from is not None:
+                    self.events.add("directory", f"the predictors directory is now {reading.directory}")
+                self.read_from = reading.directory
             self.catalog.apply(reading)
         busy = self.reader.busy_for(time.monotonic())
         if busy > SLOW_READ and not self.slow_read_said:
@@ -441,7 +446,7 @@ class Master(Arbiter):  # type: ignore[misc]
         self.fleet.kill(handle, signal.SIGTERM, "retired", why)
 
     def publish(self) -> None:
-        info = DaemonInfo(self.pid, self.started_at, str(self.reader.directory), len(self.WORKERS),
+        info = DaemonInfo(self.pid, self.started_at, str(self.read_from or self.reader.directory), len(self.WORKERS),
                           round(self.reader.busy_for(time.monotonic()), 1))
         self.publisher.publish(self.catalog, self.fleet, self.balancer, self.events, info)
         self.catalog.changed = self.fleet.changed = self.balancer.changed = self.events.changed = False

@@ -50,6 +50,7 @@ class Reading:
     """What one look at the directory found (``only``: the APIs it covers; None: all of them)."""
 
     only: frozenset[str] | None
+    directory: Path  # the directory read (the configured path, as it resolved then)
     apis: dict[str, Seen] = field(default_factory=dict)
     clashes: dict[str, tuple[Path, Path]] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)  # entries that are no API, and why
@@ -260,7 +261,8 @@ class DirectoryReader:
         clashes = {n: c for n, c in found.clashes.items() if only is None or n in only}
         if self.watcher is not None:
             self.watcher.watch_links(found.links)
-        reading = Reading(frozenset(only) if only is not None else None, clashes=clashes, notes=found.notes)
+        reading = Reading(frozenset(only) if only is not None else None, self.directory, clashes=clashes,
+                          notes=found.notes)
         for name, source in apis.items():
             reading.apis[name] = self.see(name, source)
         return reading
