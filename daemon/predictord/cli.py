@@ -263,6 +263,10 @@ def status(config: Config, as_json: bool) -> int:
         lines += ["", "RECENT EVENTS"]
         lines += [f"{time.strftime('%H:%M:%S', time.localtime(e['at']))}  {e['kind']:<8} {shown(e['text'])}"
                   for e in events]
+    daemon = data.get("daemon") or {}
+    if "pid" in daemon:
+        lines += ["", f"daemon pid {daemon['pid']}, up {_ago(now - daemon['started_at'])}, serving "
+                      f"{shown(daemon['predictors_dir'])}"]
     print("\n".join(line.rstrip() for line in lines))
     print("\nper-API figures are over the last minute; predictord status --json has everything")
     return 0

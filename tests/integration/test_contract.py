@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -45,6 +46,7 @@ class PythonPredictor:
 ''',
     "kinds.py": '''
 import random
+import re
 
 import numpy as np
 import torch
@@ -365,6 +367,9 @@ def test_status_command_prints_apis_and_workers(daemon: Daemon) -> None:
     assert lines[0].split()[:4] == ["API", "STATE", "VERSION", "WHERE"]
     echo = next(line for line in lines if line.startswith("echo "))
     assert "ready" in echo and "cpu#0" in echo
+    pid = daemon.proc.pid if daemon.proc is not None else 0
+    assert re.search(rf"^daemon pid {pid}, up \d+m\d\ds, serving {re.escape(str(daemon.predictors))}$",
+                     table.stdout, re.M), table.stdout
     raw = subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=30)
     assert set(json.loads(raw.stdout)["apis"]) == set(daemon.status()["apis"])
 
