@@ -178,6 +178,8 @@ def test_path_tricks_are_404_and_reach_nothing(daemon: Daemon, path: str, name: 
     status, headers, body = head(raw)
     assert (status, headers["content-type"]) == (404, "application/json"), raw
     assert json.loads(body)["error"].startswith(f"no API named {name!r}")
+    near = "; the API is at /echo;" in json.loads(body)["error"]
+    assert near == (path in ("//echo", "/echo/", "/ECHO")), "a slip of slashes or capitals is told the API's path"
 
 
 def _fds(d: Daemon) -> int:

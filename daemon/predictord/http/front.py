@@ -155,7 +155,7 @@ class Front:
         name = path[1:]
         route = self.published.routes().apis.get(name) if "/" not in name else None
         if route is None:
-            await send_response(send, routes.not_found(path, request_id), request_id)
+            await send_response(send, routes.not_found(path, request_id, self.published.routes().apis), request_id)
             self.count(metrics.NO_API, 404)
         elif not authorized(scope["headers"], self.tokens.predict):
             await send_response(send, unauthorized("auth_token_file", request_id), request_id)

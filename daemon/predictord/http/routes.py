@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import parse_qs
@@ -216,9 +216,12 @@ ROUTES: tuple[Endpoint, ...] = (
 OWN_PATHS = frozenset(e.path for e in ROUTES if e.path is not None)  # POST to these never predicts
 
 
-def not_found(path: str, request_id: str) -> Response:
-    """404 for a path that names no API (and is none of the daemon's own)."""
-    return error(404, f"no API named {path[1:]!r} at {path}; GET / lists the APIs", request_id)
+def not_found(path: str, request_id: str, apis: Collection[str]) -> Response:
+    """404 for a path that names no API (and is none of the daemon's own); one that would, but for its slashes or
+    capitals (``/echo/``, ``/Echo``), is told the API's path."""
+    near = path.strip("/").lower()
+    hint = f"; the API is at /{near}" if near != path[1:] and near in apis else ""
+    return error(404, f"no API named {path[1:]!r} at {path}{hint}; GET / lists the APIs", request_id)
 
 
 async def handle(site: Site, scope: Scope, send: Send, request_id: str) -> None:
@@ -227,5 +230,5 @@ async def handle(site: Site, scope: Scope, send: Send, request_id: str) -> None:
         if endpoint.matches(site, scope):
             await send_response(send, endpoint.answer(site, scope, request_id), request_id)
             return
-    await send_response(send, not_found(scope["path"], request_id), request_id)
+    await send_response(send, not_found(scope["path"], request_id, site.published.routes().apis), request_id)
     site.count(metrics.NO_API, 404)
