@@ -160,7 +160,7 @@ class DirectoryReader:
     def _watch(self) -> None:
         """Watch the directory the path is now (and nothing while there is none)."""
         self._unwatch()
-        if self._watch_debounce is not None and self._identity is not None:
+        if self._watch_debounce is not None and self._identity is not None and not self._stopped:
             self.watcher = PredictorWatcher(self.directory, self._watch_debounce, self.poke)
             self.watcher.start()
             log.info("watching %s for changes (debounce %.2gs)", self.directory, self._watch_debounce)
