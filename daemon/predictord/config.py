@@ -384,8 +384,12 @@ def is_loopback(host: str) -> bool:
 
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
+        data = path.read_bytes()
+        # utf-8-sig: a byte-order mark (Windows editors write one) is dropped, not "Invalid statement at line 1"
+        return tomllib.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not valid TOML: line {line} is not UTF-8 (save the file as UTF-8)") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
     except OSError as e:

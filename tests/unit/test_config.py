@@ -71,6 +71,19 @@ def test_api_settings(tmp_path: Path) -> None:
         load_api_settings(write(tmp_path, '[serving]\ndevice = "tpu"\n', "b.toml"))
 
 
+def test_a_settings_file_with_a_byte_order_mark_is_read_and_one_not_in_utf8_is_named(tmp_path: Path) -> None:
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b"\xef\xbb\xbf[config]\nk = 1\n")  # as Notepad saves UTF-8
+    assert load_api_settings(bom).config == {"k": 1}
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes(b'[config]\nname = "caf\xe9"\n')
+    with pytest.raises(ConfigError) as e:
+        load_api_settings(latin)
+    assert str(e.value) == f"{latin}: not valid TOML: line 2 is not UTF-8 (save the file as UTF-8)"
+    with pytest.raises(ConfigError, match="line 2 is not UTF-8"):
+        load_config(latin)
+
+
 def test_config_search_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("PREDICTORD_CONFIG", raising=False)
