@@ -43,8 +43,9 @@ def _probe(path: Path, init: bool, home: Path | None) -> dict[str, Any]:
     try:
         settings = load_api_settings(source.settings)
     except ConfigError as e:
-        return {"ok": False, "name": source.name, "error": {"message": str(e), "file": str(source.settings),
-                                                             "line": None}}
+        where = str(source.settings)  # the message names it first: shown once, as the error's file
+        return {"ok": False, "name": source.name, "error": {"message": str(e).removeprefix(f"{where}: "),
+                                                             "file": where, "line": None}}
     try:
         imported = load_class(source, "check")
         if init:

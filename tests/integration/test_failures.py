@@ -41,7 +41,10 @@ def test_broken_predictors_report_errors_and_others_keep_serving(make_daemon: An
     assert hang["state"] == "failed" and "load deadline (8s)" in hang["error"]["message"]
     assert hang["error"]["file"] == str(d.predictors / "hang.py"), "the user's file, not the daemon's copy"
     toml = status["apis"]["badtoml"]["error"]
-    assert toml["message"].startswith(f"{d.predictors / 'badtoml.toml'}: [serving]: device: expected one of"), toml
+    assert toml["message"].startswith("[serving]: device: expected one of"), toml  # its file once, as the file
+    assert toml["file"] == str(d.predictors / "badtoml.toml"), toml
+    assert d.post("/badtoml", json={}).json()["error"].startswith(
+        f"API 'badtoml' failed to load: {d.predictors / 'badtoml.toml'}: [serving]: device: expected one of")
     d.wait_for_log(r"API hang version \w+: __init__ exceeded 8s")
     # the daemon says it ended the worker itself, and why: not "killed by SIGKILL (out of memory?)"
     said = rf"pid \d+ was killed by the daemon: a load ran past \[predictors\] load_timeout \(API hang version " \
