@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Daemon
+from harness import TORCH, Daemon
 
 LOG_TAIL = 12_000  # characters of each daemon's log a failed test prints: CI keeps only the test's output
 
@@ -27,8 +27,10 @@ def make_daemon(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Any]
     prints the end of each one's log (a hang or a race seen once in CI is explained by it, not guessed at)."""
     started: list[Daemon] = []
 
+    torch = TORCH if getattr(request.module, "TORCH_PRELOADED", False) else ""
+
     def make(predictors: dict[str, str], config: str = "", start: bool = True) -> Daemon:
-        d = Daemon(tmp_path / f"d{len(started)}", config)
+        d = Daemon(tmp_path / f"d{len(started)}", torch + config)
         for rel, text in predictors.items():
             d.write(rel, text)
         started.append(d)

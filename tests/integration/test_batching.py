@@ -10,6 +10,8 @@ from pathlib import Path
 import httpx
 from harness import HELD, Daemon, wait_until
 
+TORCH_PRELOADED = True  # the model path, as production runs it (harness.TORCH)
+
 BATCHED = HELD + '''
 from pathlib import Path
 

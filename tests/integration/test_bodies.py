@@ -22,6 +22,8 @@ from harness import wait_until
 
 from predictord import bodies
 
+TORCH_PRELOADED = True  # the model path, as production runs it (harness.TORCH)
+
 SIZE = '''
 import gc
 import hashlib

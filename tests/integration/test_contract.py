@@ -17,7 +17,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from harness import Daemon, wait_until
+from harness import TORCH, Daemon, wait_until
+
+TORCH_PRELOADED = True  # the model path, as production runs it (harness.TORCH)
 
 PREDICTORS = {
     "echo.py": '''
@@ -182,7 +184,7 @@ class PythonPredictor:
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    d = Daemon(tmp_path_factory.mktemp("contract"))
+    d = Daemon(tmp_path_factory.mktemp("contract"), TORCH)
     for rel, text in PREDICTORS.items():
         d.write(rel, text)
     d.start()
@@ -454,7 +456,7 @@ def test_api_status_document(daemon: Daemon) -> None:
 
 
 def test_body_over_limit_is_413(tmp_path: Path) -> None:
-    d = Daemon(tmp_path, "[server]\nmax_body_bytes = 1000\n")
+    d = Daemon(tmp_path, TORCH + "[server]\nmax_body_bytes = 1000\n")
     d.write("echo.py", PREDICTORS["echo.py"])
     d.start()
     try:
@@ -500,7 +502,7 @@ class PythonPredictor:
 @pytest.mark.parametrize("kind", ["sync", "async"])
 def test_a_stream_whose_client_leaves_is_stopped_and_its_generator_closed(tmp_path: Path, kind: str) -> None:
     closed = tmp_path / "closed"
-    d = Daemon(tmp_path / "d", "[workers]\ncpu = 1\n")
+    d = Daemon(tmp_path / "d", TORCH + "[workers]\ncpu = 1\n")
     d.write("streams.py", STREAMS)
     d.write("streams.toml", f'[config]\nclosed = "{closed}"\n')
     d.start()

@@ -15,6 +15,8 @@ from broken import OK
 from harness import Daemon, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
+TORCH_PRELOADED = True  # the model path, as production runs it (harness.TORCH)
+
 PREDICTOR = '''
 import time
 

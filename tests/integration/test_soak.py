@@ -17,6 +17,8 @@ import httpx
 import psutil
 from harness import Daemon, process_figures, wait_until
 
+TORCH_PRELOADED = True  # the model path, as production runs it (harness.TORCH)
+
 SECONDS = float(os.environ.get("PREDICTORD_SOAK_SECONDS", "60"))
 RELOAD_EVERY = min(30.0, SECONDS / 4)
 WARMUP = min(60.0, SECONDS / 6)
