@@ -25,6 +25,10 @@ DEVICES = ("any", "cpu", "gpu")
 class ConfigError(Exception):
     """A settings file holds a value the daemon cannot use; the message says where, what and how to fix it."""
 
+    def detail(self, path: Path | None) -> str:
+        """The message without its leading ``path: `` (for an error that names its file apart)."""
+        return str(self).removeprefix(f"{path}: ")
+
 
 Check = Callable[[Any], str | None]  # returns what was expected when the value is wrong, else None
 

@@ -43,9 +43,8 @@ def _probe(path: Path, init: bool, home: Path | None) -> dict[str, Any]:
     try:
         settings = load_api_settings(source.settings)
     except ConfigError as e:
-        where = str(source.settings)  # the message names it first: shown once, as the error's file
-        return {"ok": False, "name": source.name, "error": {"message": str(e).removeprefix(f"{where}: "),
-                                                             "file": where, "line": None}}
+        return {"ok": False, "name": source.name, "error": {"message": e.detail(source.settings),  # its file apart
+                                                             "file": str(source.settings), "line": None}}
     try:
         imported = load_class(source, "check")
         if init:

@@ -354,8 +354,8 @@ class Catalog:
         try:
             record.settings = load_api_settings(record.source.settings)
         except ConfigError as err:
-            where = str(record.source.settings)  # the message names it first: shown once, as the problem's file
-            record.fail(record.user_paths(Problem(str(err).removeprefix(f"{where}: "), where)), version)
+            settings = record.source.settings  # named once, as the problem's file
+            record.fail(record.user_paths(Problem(err.detail(settings), str(settings))), version)
             log.error("API %s: %s", name, err)
             return
         record.signature = result["signature"]

@@ -7,10 +7,10 @@ master goes on replacing workers, answering signals and serving what it has. The
 (``request``) and takes the readings that are done (``take``); ``busy_for`` says how long the current one has run.
 
 The directory is the configured path as it resolves now, looked at again every second while watching: a release
-deployed by swapping a link (``ln -sfn releases/42 current``), a folder replaced by another (``mv``, ``rm -rf`` and a
-new copy) or one made after the daemon started is watched from then on and read whole once its files settle, as an
-edited API's do. While the path is no directory (between the two halves of a swap), the APIs keep serving what they
-have.
+deployed by swapping a link (``ln -sfn releases/42 current``), a folder replaced by another (the old one moved away
+and a new one moved in) or one made after the daemon started is watched from then on and read whole once its files
+settle, as an edited API's do. While the path is no directory (between the two halves of a swap), the APIs keep
+serving what they have.
 """
 
 from __future__ import annotations
@@ -193,8 +193,8 @@ class DirectoryReader:
                     full = self.follow(now, asked=False)
                 if self.watcher is not None:
                     names |= self.watcher.step()
-                if full or names:  # asked while the path is no directory: a reading that covers no API
-                    reading = self.read(names if full and self._gone_said else None if full else names)
+                if full or names:  # asked while the path is no directory: only the names (none: a reading of none)
+                    reading = self.read(None if full and not self._gone_said else names)
                     with self._cond:
                         self._done.append(reading)
                         self._cond.notify_all()

@@ -78,8 +78,8 @@ def fingerprint_all(directory: Path) -> tuple[tuple[str, Fingerprint], ...]:
         entries = sorted(os.listdir(directory))[:MAX_ENTRIES]
     except OSError:
         return ()
-    names = {api_of(directory, str(directory / e)) for e in entries} - {None}
-    return tuple((name, fingerprint(directory, name)) for name in sorted(n for n in names if n is not None))
+    names = {name for e in entries if (name := api_of(directory, str(directory / e))) is not None}
+    return tuple((name, fingerprint(directory, name)) for name in sorted(names))
 
 
 class PredictorWatcher(FileSystemEventHandler):
