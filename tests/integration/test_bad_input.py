@@ -6,11 +6,15 @@ One daemon for the module, with small limits so that each limit is cheap to reac
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
+import random
 import socket
 import threading
 import time
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
@@ -46,6 +50,19 @@ class PythonPredictor:
         held(self.gate)  # until the test opens the gate
         return {"passed": True}
 '''
+DIGEST = '''
+import hashlib
+
+
+class PythonPredictor:
+    def __init__(self, config):
+        pass
+
+    def predict(self, payload, headers):
+        body = payload if isinstance(payload, bytes) else repr(payload).encode()
+        return {"type": type(payload).__name__, "sha256": hashlib.sha256(body).hexdigest(),
+                "content_encoding": headers.get("content-encoding"), "content_length": headers.get("content-length")}
+'''
 LIMITS = "[server]\nhttp_workers = 1\nmax_body_bytes = 100000\nmax_header_bytes = 8192\nread_timeout = 2\n"
 
 
@@ -54,6 +71,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     d = Daemon(tmp_path_factory.mktemp("bad-input"), LIMITS + "[workers]\ncpu = 2\n")
     d.write("echo.py", ECHO)
     d.write("batch.py", BATCH)
+    d.write("digest.py", DIGEST)
     d.write("batch.toml", "[serving]\nmax_batch_size = 4\nbatch_wait_ms = 1\ntimeout = 10\n")
     d.write("slow.py", SLOW)
     d.write("slow.toml", "[serving]\nthreads = 4\n")
@@ -136,6 +154,50 @@ def test_body_over_the_limit_is_413_before_it_is_read(daemon: Daemon) -> None:
                                         + chunk * 3)
     assert head(raw)[0] == 413 and closed
     assert daemon.post("/echo", content=b"x" * 99000).json()["type"] == "bytes"
+    healthy(daemon)
+
+
+@pytest.mark.parametrize(("coding", "encode"), [
+    ("gzip", gzip.compress),
+    ("x-gzip", gzip.compress),
+    ("deflate", zlib.compress),
+    ("deflate", lambda data: zlib.compress(data, wbits=-zlib.MAX_WBITS)),  # a raw deflate stream, as some send it
+    ("gzip, deflate", lambda data: zlib.compress(gzip.compress(data))),
+    ("identity", lambda data: data),
+])
+def test_compressed_bodies_arrive_as_sent_before_compression(daemon: Daemon, coding: str,
+                                                             encode: Callable[[bytes], bytes]) -> None:
+    sent = {"x": [0.25] * 1000, "name": "é"}
+    r = daemon.post("/echo", content=encode(json.dumps(sent).encode()),
+                    headers={"Content-Type": "application/json", "Content-Encoding": coding})
+    assert r.json() == {"type": "dict", "repr": repr(sent)[:80]}, r.text
+    raw = random.Random(coding).randbytes(90_000)  # decoded past bodies.SHARED_FROM: through a shared file
+    r = daemon.post("/digest", content=encode(raw), headers={"Content-Encoding": coding})
+    seen = "identity" if coding == "identity" else None  # decoded: predict() sees no Content-Encoding
+    assert r.json() == {"type": "bytes", "sha256": hashlib.sha256(raw).hexdigest(), "content_encoding": seen,
+                        "content_length": "90000"}, r.text
+    text = "naïve " * 100
+    r = daemon.post("/digest", content=iter([encode(text.encode())]),  # chunked: no Content-Length
+                    headers={"Content-Type": "text/plain", "Content-Encoding": coding})
+    assert r.json()["sha256"] == hashlib.sha256(repr(text).encode()).hexdigest()
+
+
+def test_compressed_bodies_that_are_too_large_unknown_or_broken_get_a_clear_answer(daemon: Daemon) -> None:
+    bomb = gzip.compress(bytes(10 * 2**20))  # 10 MiB of zeros in 10 kB: the limit is 100 kB
+    assert len(bomb) < 100_000
+    r = daemon.post("/digest", content=bomb, headers={"Content-Encoding": "gzip"})
+    assert r.status_code == 413
+    assert r.json()["error"] == "the request body is over 100000 bytes once decoded from gzip ([server] max_body_bytes)"
+    r = daemon.post("/echo", content=b'{"a": 1}', headers={"Content-Type": "application/json",
+                                                           "Content-Encoding": "br"})
+    assert (r.status_code, r.headers["accept-encoding"], r.headers["connection"]) == (415, "gzip, deflate", "close")
+    assert r.json()["error"] == "Content-Encoding 'br' is not supported; send the body as is, or as gzip or deflate"
+    for body, says in ((b'{"a": 1}', "the body is not valid gzip: Error -3 while decompressing data: incorrect "
+                                     "header check"),
+                       (gzip.compress(b'{"a": 1}')[:-3], "the gzip body is cut short")):
+        r = daemon.post("/echo", content=body, headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+        assert (r.status_code, r.json()["error"]) == (400, says)
+        assert r.json()["request_id"] == r.headers["x-request-id"]
     healthy(daemon)
 
 

@@ -6,11 +6,13 @@ tests/ray/test_contract_on_ray.py runs those very functions against a Ray Serve 
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 import re
 import subprocess
 import sys
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -229,6 +231,18 @@ def test_form_and_multipart(daemon: Daemon) -> None:
     assert r.json() == {"a": "1", "b": "x y"}
     r = daemon.post("/form", data={"a": "1"}, files={"f": ("notes.txt", b"hello file", "text/plain")})
     assert r.json() == {"a": "1", "f": {"filename": "notes.txt", "data": "hello file"}}
+
+
+def test_a_compressed_body_arrives_decoded(daemon: Daemon) -> None:
+    r = daemon.post("/echo", content=gzip.compress(b'{"x": [1, 2]}'), headers={"Content-Type": "application/json",
+                                                                                "Content-Encoding": "gzip"})
+    assert r.json()["payload"] == {"x": [1, 2]}
+    r = daemon.post("/form", content=zlib.compress(b"a=1&b=x+y"),
+                    headers={"Content-Type": "application/x-www-form-urlencoded", "Content-Encoding": "deflate"})
+    assert r.json() == {"a": "1", "b": "x y"}
+    r = daemon.post("/echo", content=b"\x00\xff", headers={"Content-Encoding": "zstd"})
+    assert (r.status_code, r.headers["accept-encoding"]) == (415, "gzip, deflate")
+    assert r.json()["error"] == "Content-Encoding 'zstd' is not supported; send the body as is, or as gzip or deflate"
 
 
 @pytest.mark.parametrize("body", [b"{not json", b"", b'{"a": 1', b"\xff\xfe"])
@@ -524,7 +538,8 @@ def test_a_stream_whose_client_leaves_is_stopped_and_its_generator_closed(tmp_pa
 
 # What `predictord ray` serves too: tests/ray/test_contract_on_ray.py runs these against Ray Serve.
 SHARED = ("test_json_payload_query_headers_and_config", "test_text_payload_honours_charset",
-          "test_other_content_types_are_bytes", "test_form_and_multipart", "test_malformed_json_is_400_with_json_error",
+          "test_other_content_types_are_bytes", "test_form_and_multipart", "test_a_compressed_body_arrives_decoded",
+          "test_malformed_json_is_400_with_json_error",
           "test_json_returns", "test_str_bytes_and_response_returns", "test_generator_streams",
           "test_a_streaming_response_keeps_its_status_headers_and_media_type",
           "test_async_predict_and_init_extras", "test_http_exception_keeps_its_status",

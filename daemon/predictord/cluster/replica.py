@@ -1,8 +1,8 @@
 """One Ray Serve replica of one API version: the predictor loaded from the version's bundle (its runtime_env working
 directory), answering HTTP with the daemon's own code: arguments by name (``payload.offer``), payloads by
-Content-Type with the same 400s (``payload.load``), the same return conversion (``payload.to_reply``) and the same
-error bodies (``payload.exception_reply``), plus ``X-Predictor-Version`` (Serve's proxy echoes or makes
-``X-Request-ID``)."""
+Content-Type with the same 400s (``payload.load``), compressed bodies decoded as the HTTP workers decode them
+(``coding``), the same return conversion (``payload.to_reply``) and the same error bodies
+(``payload.exception_reply``), plus ``X-Predictor-Version`` (Serve's proxy echoes or makes ``X-Request-ID``)."""
 
 from __future__ import annotations
 
@@ -15,15 +15,19 @@ from typing import Any
 
 import ray
 from ray import serve
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from .. import coding
 from .. import payload as pl
+from ..config import ServerConfig
 from ..loader import instantiate, load_class, warm_up
 from ..sources import source_for
 
 log = logging.getLogger("predictord.ray")
 REQUEST_ID = "x-request-id"
+DECODED_AT_MOST = ServerConfig().max_body_bytes  # a compressed body's limit once decoded: the daemon's default
 
 
 def reply_response(reply: pl.Reply, version: str) -> Response:
@@ -93,8 +97,15 @@ class PredictorReplica:
         return reply_response(reply, self.version)
 
     async def answer(self, request: Request) -> pl.Reply:
-        payload = await pl.load(request.headers.get("content-type", ""), await request.body())
-        query, headers = request.url.query.encode(), request.headers.raw
+        body, headers = await request.body(), request.headers.raw
+        if encoding := request.headers.get("content-encoding"):  # as the daemon's HTTP workers decode it
+            try:
+                body = await coding.decode_body(body, coding.codings(encoding.encode("latin-1")), DECODED_AT_MOST)
+            except coding.CodingError as e:
+                raise HTTPException(e.status, str(e), {k.decode(): v.decode() for k, v in e.headers}) from None
+            headers = coding.plain_headers(headers, len(body))
+        payload = await pl.load(request.headers.get("content-type", ""), body)
+        query = request.url.query.encode()
         if self.batched is not None:
             return pl.to_reply(await self.batched((payload, query, headers)))
         result = await self.call(self.instance.predict, pl.offer(self.signature.predict_args, payload, query, headers))

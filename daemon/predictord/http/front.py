@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .. import bodies, metrics
+from .. import bodies, coding, metrics
 from .. import payload as pl
 from ..bodies import SHARED_FROM, SharedBody
 from ..protocol import KILL_CAUSES, JobHeader, ReplyHeader, Route, RoutingTable
@@ -238,6 +238,7 @@ class Front:
         shared file (bodies.py): raw bytes written into it as they arrive, a parsed payload pickled into it."""
         content_type = ""
         length = -1
+        applied: list[str] = []
         for key, value in scope["headers"]:
             if key == b"content-type":
                 content_type = value.decode("latin-1")
@@ -245,11 +246,18 @@ class Front:
                 length = int(value)
                 if length > self.max_body:
                     raise self._too_large()
+            elif key == b"content-encoding":
+                try:
+                    applied += coding.codings(value)
+                except coding.Unsupported as e:
+                    raise Refused(e.status, str(e), (*e.headers, *CLOSE)) from None
         json_body = pl.is_json(content_type)
-        if length >= SHARED_FROM and self.share_bodies and not json_body:
+        if length >= SHARED_FROM and self.share_bodies and not json_body and not applied:
             self._share(shared, lambda body: body.reserve(length))
         parts, size = await self._receive(receive, shared)
         headers = scope["headers"] if route.wants_headers else None
+        if applied:
+            parts, size, headers = await self._decode(parts, applied, headers)
         query = scope["query_string"]
         large = size >= SHARED_FROM
         sent_type: str | None = content_type
@@ -297,6 +305,17 @@ class Front:
                 parts.append(chunk)
             if not message.get("more_body"):
                 return parts, size
+
+    async def _decode(self, parts: list[bytes], applied: list[str],
+                      headers: list[Header] | None) -> tuple[list[bytes], int, list[Header] | None]:
+        """A compressed body decoded, and the headers predict() sees made to match it."""
+        data = b"".join(parts)
+        parts.clear()
+        try:
+            body = await coding.decode_body(data, applied, self.max_body)
+        except coding.CodingError as e:
+            raise Refused(e.status, str(e), e.headers) from None
+        return [body], len(body), None if headers is None else coding.plain_headers(headers, len(body))
 
     async def _parse_huge(self, parts: list[bytes], shared: list[SharedBody]) -> bytes:
         """A huge JSON body (its chunks, taken from ``parts``), parsed and pickled in a thread so that this worker's
