@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -118,6 +119,7 @@ class Daemon:
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.client = httpx.Client(timeout=CLIENT_TIMEOUT)
+        self.open_files: tuple[int, int] | None = None  # (soft, hard) RLIMIT_NOFILE to start the daemon with
 
     def write(self, relpath: str, text: str) -> Path:
         path = self.predictors / relpath
@@ -142,9 +144,12 @@ class Daemon:
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         env.pop("PREDICTORD_CONFIG", None)
         self.log = self.log_path.open("ab")
+        limit = self.open_files
         self.proc = subprocess.Popen([sys.executable, "-m", "predictord", "--config", str(self.config_path)],
                                      stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                     cwd=self.root, start_new_session=True)
+                                     cwd=self.root, start_new_session=True,
+                                     preexec_fn=None if limit is None else
+                                     lambda: resource.setrlimit(resource.RLIMIT_NOFILE, limit))
         match = self.wait_for_log(r"predictord listening on http://127\.0\.0\.1:(\d+)", 60, after=before)
         self.port = int(match.group(1))
         return self

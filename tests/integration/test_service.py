@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from broken import OK, SLOW
 from harness import HELD, Daemon, free_port, wait_until
@@ -319,3 +320,60 @@ def test_drain_delay_takes_the_host_out_of_rotation_before_it_stops_serving(
     logs = d.logs()
     assert "SIGTERM: /readyz answers 503 for 4s ([server] drain_delay)" in logs
     assert logs.index("drain_delay over") > logs.index("SIGTERM: /readyz answers 503")
+
+
+def limits_of(pid: int) -> tuple[int, int]:
+    """A process's (soft, hard) limit on open files, as /proc says."""
+    line = next(ln for ln in Path(f"/proc/{pid}/limits").read_text().splitlines() if ln.startswith("Max open files"))
+    soft, hard = line.split()[3:5]
+    return int(soft), int(hard)
+
+
+def test_every_process_gets_the_hard_open_file_limit(make_daemon: Callable[..., Daemon]) -> None:
+    d = make_daemon({"ok.py": OK}, start=False)
+    d.open_files = (256, 2048)  # systemd's 1024 / 524288, smaller
+    d.start().wait_settled()
+    assert d.proc is not None
+    processes = [psutil.Process(d.proc.pid), *psutil.Process(d.proc.pid).children(recursive=True)]
+    assert len(processes) >= 4, "the master, two HTTP workers and a model worker"
+    assert {p.pid: limits_of(p.pid) for p in processes} == {p.pid: (2048, 2048) for p in processes}
+    assert "open files: raised the limit from 256 to 2048" in d.logs()
+    assert ("open files are limited to 2048 per process: each HTTP worker holds at most 1728 connections at once "
+            "and answers more with 503") in d.logs()
+
+
+def test_connections_past_the_open_file_limit_get_503_and_none_an_empty_reply(
+        make_daemon: Callable[..., Daemon]) -> None:
+    d = make_daemon({"ok.py": OK}, "[server]\nhttp_workers = 1\n", start=False)
+    d.open_files = (200, 200)  # nothing to raise: the worker holds openfiles.connections_for(200) = 111
+    d.start().wait_settled()
+    assert d.post("/ok", json={}).status_code == 200
+    # idle: they never send a request; more than the worker's 200 files, which left it dropping connections unanswered
+    held = [socket.create_connection(("127.0.0.1", d.port)) for _ in range(250)]
+    try:
+        r = httpx.post(d.url("/ok"), json={}, timeout=10)  # a new client, past the worker's connections
+        assert (r.status_code, r.headers["retry-after"], r.headers["connection"]) == (503, "1", "close")
+        assert r.json()["error"] == ("this HTTP worker holds 111 connections, as many as its open-file limit allows; "
+                                     "retry shortly")
+        answered = []  # the held connections past the bound were answered at once; the others wait, unanswered
+        for s in held:
+            s.setblocking(False)
+            try:
+                answered.append(s.recv(4096))
+            except BlockingIOError:
+                pass
+        assert 250 - 111 <= len(answered) <= 250 - 111 + 2, len(answered)  # (+ the harness's keep-alive client)
+        assert all(a.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1" in a for a in answered), answered
+    finally:
+        for s in held:
+            s.close()
+    wait_until(lambda: d.post("/ok", json={}).status_code == 200, 10, "served again once the connections closed")
+    assert re.search(r"HTTP worker pid \d+ holds 111 connections, as many as its open-file limit \(200\) allows: "
+                     r"new ones get 503 until some close", d.logs())
+
+    def refused() -> int:  # (the workers' counts reach /metrics within metrics.FLUSH_EVERY)
+        found = re.search(r'predictord_requests_total\{api="-",class="5xx",code="503"\} ([\d.]+)',
+                          d.get("/metrics").text)
+        return int(float(found.group(1))) if found else 0
+
+    wait_until(lambda: refused() == len(answered) + 1, 10, "each refused connection counted as a 503")

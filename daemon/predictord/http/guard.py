@@ -8,36 +8,49 @@ headers, or hold connections for ever by sending a byte now and then (slowloris)
   first byte (or of the connection's opening; a connection that sent nothing is just closed);
 - answers a request it cannot parse with 400, and every one of these with a JSON ``error``, like the app's errors;
 - tells the app when a client goes away while its request waits for a model worker (``scope["extensions"]``), so
-  the job is dropped from the worker's queue rather than run for nobody.
+  the job is dropped from the worker's queue rather than run for nobody;
+- answers a connection past the worker's share of open files (openfiles.py) with 503 and Retry-After, rather than
+  letting libuv close it unanswered once the files run out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from .. import openfiles
+
+log = logging.getLogger("predictord.http")
+LINGER = 0.5  # seconds a refused connection is read (and its data dropped) before it is closed
+LINGER_AT_MOST = 16  # refused connections lingering at once; past them one is closed at once (a flood's files)
+
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may send: head size in bytes, and seconds from its first byte to its last."""
+    """What one request may send: head size in bytes, and seconds from its first byte to its last; and how many
+    connections one HTTP worker holds at once (0: no bound)."""
 
     max_header_bytes: int
     read_timeout: float
+    max_connections: int = 0
 
 
-def raw_error(status: int, message: str) -> bytes:
-    """A whole HTTP/1.1 error response with a JSON body, for answers written below the ASGI app."""
+def raw_error(status: int, message: str, extra: bytes = b"") -> bytes:
+    """A whole HTTP/1.1 error response with a JSON body, for answers written below the ASGI app; ``extra``: more
+    header lines, each ending in CRLF."""
     request_id = os.urandom(16).hex()
     body = json.dumps({"error": message, "request_id": request_id}, separators=(",", ":")).encode()
     return b"".join([STATUS_LINE[status], b"content-type: application/json\r\ncontent-length: ",
-                     str(len(body)).encode(), b"\r\nx-request-id: ", request_id.encode(),
-                     b"\r\nconnection: close\r\n\r\n", body])
+                     str(len(body)).encode(), b"\r\nx-request-id: ", request_id.encode(), b"\r\n", extra,
+                     b"connection: close\r\n\r\n", body])
 
 
 class CoalescingTransport:
@@ -112,9 +125,15 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     timer per request: a request costs a clock read, and keep-alive connections carry many.
     """
 
-    def __init__(self, *args: Any, limits: Limits, **kwargs: Any) -> None:
+    refused_at = 0.0  # when a connection was last refused for the open-file bound, and logged (once a minute)
+    lingering = 0  # refused connections of this worker not closed yet
+
+    def __init__(self, *args: Any, limits: Limits, on_refused: Callable[[], None] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.limits = limits
+        self.on_refused = on_refused
+        self.refused = False
         self.max_head = limits.max_header_bytes
         self.head_bytes = 0  # request line and headers of the request being read
         self.in_head = True  # waiting for a request's line and headers (httptools buffers a header until it ends)
@@ -129,8 +148,35 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
+        if 0 < self.limits.max_connections < len(self.connections):  # (uvicorn counted this one)
+            self._refuse()
+            return
         self.began = self.loop.time()
         self.sweep = self.loop.call_later(self._period(), self._sweep)
+
+    def _refuse(self) -> None:
+        """A 503 before the request is read, the writing side shut, and whatever the client sends within LINGER
+        seconds read and dropped (closing at once could reset the connection before the client read the answer),
+        unless LINGER_AT_MOST others linger: their files are the ones a flood of clients would run out."""
+        self.refused = True
+        cap = self.limits.max_connections
+        self.transport.write(raw_error(503, f"this HTTP worker holds {cap} connections, as many as its open-file "
+                                            "limit allows; retry shortly", b"retry-after: 1\r\n"))
+        if GuardedHttpProtocol.lingering < LINGER_AT_MOST:
+            GuardedHttpProtocol.lingering += 1
+            self.transport.flush()  # type: ignore[attr-defined]
+            self.transport.write_eof()
+            self.loop.call_later(LINGER, self._linger_over)
+        else:
+            self.transport.close()
+        if self.on_refused is not None:
+            self.on_refused()
+        now = time.monotonic()
+        if now - GuardedHttpProtocol.refused_at > 60 or not GuardedHttpProtocol.refused_at:
+            GuardedHttpProtocol.refused_at = now
+            log.warning("HTTP worker pid %d holds %d connections, as many as its open-file limit (%d) allows: new "
+                        "ones get 503 until some close; raise the limit (systemd: LimitNOFILE=; a shell: ulimit -n)",
+                        os.getpid(), cap, openfiles.current())
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.sweep is not None:
@@ -139,6 +185,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         for callback in list(self.on_lost):
             callback()
         super().connection_lost(exc)
+
+    def _linger_over(self) -> None:
+        GuardedHttpProtocol.lingering -= 1
+        self.transport.close()
 
     def _period(self) -> float:
         return min(1.0, self.limits.read_timeout / 4)
@@ -161,6 +211,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.transport.close()  # the app, if it was reading the body, sees the client go
 
     def data_received(self, data: bytes) -> None:
+        if self.refused:
+            return
         if self.in_head:
             self.head_raw += len(data)
         super().data_received(data)

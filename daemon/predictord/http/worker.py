@@ -19,6 +19,7 @@ from gunicorn.arbiter import Arbiter
 from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
 
+from .. import metrics
 from .guard import GuardedHttpProtocol
 
 DRAIN_SECONDS = 3.0
@@ -53,7 +54,8 @@ class HttpWorker(UvicornWorker):  # type: ignore[misc]
 
     async def _serve(self) -> None:
         self.config.app = self.wsgi
-        self.config.http = functools.partial(GuardedHttpProtocol, limits=self.wsgi.limits)
+        self.config.http = functools.partial(GuardedHttpProtocol, limits=self.wsgi.limits,
+                                             on_refused=functools.partial(self.wsgi.count, metrics.NO_API, 503))
         server = DrainingServer(self.config, self.wsgi)
         self._install_sigquit_handler()
         # The sockets themselves, not gunicorn's wrappers: uvloop closes a listener's descriptor, then the socket

@@ -13,7 +13,7 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
-from .. import logs, metrics
+from .. import logs, metrics, openfiles
 from ..config import Config
 from ..devices import Device, TraceGpus, discover
 from ..http.front import Front
@@ -103,7 +103,7 @@ class PredictordApp(BaseApplication):  # type: ignore[misc]
         s = self.pconfig.server
         tokens = Tokens(self.pconfig.token("auth_token_file"), self.pconfig.token("admin_token_file"))
         return Front(self.scoreboard, self.runtime, s.max_body_bytes, s.access_log,
-                     Limits(s.max_header_bytes, s.read_timeout), tokens)
+                     Limits(s.max_header_bytes, s.read_timeout, openfiles.connections_for(openfiles.current())), tokens)
 
 
 def serve(config: Config, reload: Callable[[], Config]) -> None:
@@ -112,4 +112,11 @@ def serve(config: Config, reload: Callable[[], Config]) -> None:
     # gunicorn would say READY=1 before any model is loaded; the daemon speaks to systemd itself.
     notifier = Notifier.from_environment()
     log.info("config: %s; predictors: %s", config.path or "(defaults)", config.predictors_dir)
+    before, now = openfiles.raise_to_hard()
+    if now != before:
+        log.info("open files: raised the limit from %d to %d (each client connection holds one)", before, now)
+    if now < openfiles.ROOMY:
+        log.warning("open files are limited to %d per process: each HTTP worker holds at most %d connections at once "
+                    "and answers more with 503; raise the limit (systemd: LimitNOFILE=; a shell: ulimit -n)", now,
+                    openfiles.connections_for(now))
     Master(PredictordApp(config, reload), notifier).run()
