@@ -290,7 +290,9 @@ class ServingConfig:
                         _in_range(1, 64))
     max_replicas: int = opt(0, "Most replicas the rebalancer may give it when requests queue; 0: as many as the "
                             "workers of its device allow.", _in_range(0, 64))
-    timeout: float = opt(60.0, "Seconds a request may take, queueing included, before it gets 504.", _in_range(0.001))
+    timeout: float = opt(60.0, "Seconds a request may take, queueing included, before it gets 504; a streamed "
+                         "answer's parts each get as long, and a client that reads none of it that long is cut.",
+                         _in_range(0.001))
     queue_limit: int = opt(128, "Requests that may wait for a replica; more get 503 with Retry-After.", _in_range(0))
     threads: int = opt(1, "predict() calls at once per replica (for predictors that release the GIL or wait on I/O).",
                        _in_range(1, 256))

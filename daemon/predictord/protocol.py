@@ -24,11 +24,18 @@ from .sources import ApiSource
 
 PREFIX = struct.Struct("!IBQ")  # length of (kind + job id + body), kind, job id
 HEADER_LEN = struct.Struct("!I")
+SENT_BYTES = struct.Struct("!Q")
+# A stream's parts in flight (sent by the model worker, not yet written to the client by the HTTP worker) are at
+# most this many bytes, each part counted PART_COST more: a client that reads slowly holds the generator back
+# rather than fill the HTTP worker's memory with the stream. The HTTP worker says SENT every quarter window.
+STREAM_WINDOW = 8 * 2**20
+PART_COST = 64
 
 # HTTP worker -> model worker
 JOB = 1
 CANCEL = 2
 RELEASE = 3  # the HTTP worker has read a reply's body from the model worker's shared file: it may be reused
+SENT = 4  # the HTTP worker has written this many more bytes of a stream to its client (body: SENT_BYTES)
 # model worker -> HTTP worker
 REPLY = 10  # a whole response: header + body
 START = 11  # a streamed response begins: header

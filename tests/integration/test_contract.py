@@ -6,18 +6,22 @@ tests/ray/test_contract_on_ray.py runs those very functions against a Ray Serve 
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import random
 import re
+import socket
 import subprocess
 import sys
+import time
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from harness import TORCH, Daemon, wait_until
 
@@ -532,6 +536,87 @@ def test_a_stream_whose_client_leaves_is_stopped_and_its_generator_closed(tmp_pa
         d.wait_for_log(r"nobody reads the stream any more \(the client left\); closing its generator")
         with d.client.stream("POST", d.url("/streams"), json={"kind": kind}) as r:  # the API serves on
             assert next(r.iter_lines()) == "part 0"
+    finally:
+        d.stop()
+
+
+BULK = '''
+import pathlib
+import time
+
+
+class PythonPredictor:
+    def __init__(self, config):
+        self.made = pathlib.Path(config["made"])
+
+    def predict(self, payload):
+        def parts():
+            for n in range(payload["parts"]):
+                time.sleep(payload.get("every", 0))
+                self.made.write_text(str(n + 1))  # how many parts the generator has made
+                yield bytes([n % 256]) * payload.get("size", 2**20)
+        return parts()
+'''
+
+
+def http_rss(d: Daemon) -> int:
+    """The HTTP workers' resident memory, in bytes, all together (their pids from the log: `[PID http0]`)."""
+    total = 0
+    for pid in {int(m) for m in re.findall(r"\[(\d+) http\d+\]", d.logs())}:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += psutil.Process(pid).memory_info().rss
+    return total
+
+
+def test_a_stream_to_a_slow_client_is_held_back_not_buffered_and_cut_once_nothing_is_read(tmp_path: Path) -> None:
+    made = tmp_path / "made"
+    d = Daemon(tmp_path / "d", "[server]\nhttp_workers = 1\n")
+    d.write("bulk.py", BULK)
+    d.write("bulk.toml", f'[config]\nmade = "{made}"\n[serving]\ntimeout = 3\n')
+    d.start()
+    try:
+        d.wait_settled()
+        before = http_rss(d)
+        # 120 MiB to a client that reads 1 MiB every 20 ms: it arrives whole, and the HTTP worker holds a window of
+        # it (protocol.STREAM_WINDOW, 8 MiB) rather than all that the generator can make meanwhile
+        peak, got = 0, 0
+        with d.client.stream("POST", d.url("/bulk"), json={"parts": 120}) as r:
+            for n, chunk in enumerate(r.iter_bytes(2**20)):
+                assert chunk == bytes([n % 256]) * 2**20, f"part {n} whole and in order"
+                got += len(chunk)
+                if n % 8 == 0:
+                    peak = max(peak, http_rss(d))
+                time.sleep(0.02)  # the slow client
+        assert got == 120 * 2**20
+        assert peak - before < 40 * 2**20, f"the HTTP worker grew by {(peak - before) >> 20} MiB"
+        # a client that reads none of it: the generator stops a window ahead, and after [serving] timeout the
+        # stream is cut and its generator closed; the API serves on
+        with socket.create_connection(("127.0.0.1", d.port)) as s:
+            s.sendall(b"POST /bulk HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 14\r\n"
+                      b"\r\n{\"parts\": 300}")
+            d.wait_for_log(r"request \S+: the stream is cut: its client read none of it for 3s \(\[serving\] timeout\)",
+                           30)
+        assert 8 <= int(made.read_text()) < 40, f"the generator made {made.read_text()} parts of 300"
+        assert "hung" not in d.logs()
+        wait_until(lambda: d.get("/bulk").json()["outstanding"] == 0, 10, "no job left outstanding")
+        assert d.post("/bulk", json={"parts": 2, "size": 3}).content == b"\x00\x00\x00\x01\x01\x01"
+    finally:
+        d.stop()
+
+
+def test_a_stream_may_last_longer_than_the_timeout_while_its_parts_come(tmp_path: Path) -> None:
+    made = tmp_path / "made"
+    d = Daemon(tmp_path / "d")
+    d.write("bulk.py", BULK)
+    d.write("bulk.toml", f'[config]\nmade = "{made}"\n[serving]\ntimeout = 1\n')
+    d.start()
+    try:
+        pid = d.wait_settled()["workers"][0]["pid"]
+        # 8 s of parts, one every 0.25 s, against a 1 s timeout (hung past it and model/worker.py's HUNG_GRACE of
+        # 5 s): the timeout bounds each part, not the stream
+        r = d.post("/bulk", json={"parts": 32, "every": 0.25, "size": 1})
+        assert (r.status_code, len(r.content)) == (200, 32)
+        assert "hung" not in d.logs() and d.status()["workers"][0]["pid"] == pid, "the worker was not replaced"
     finally:
         d.stop()
 

@@ -28,6 +28,8 @@ from ..protocol import (
     JOB,
     RELEASE,
     REPLY,
+    SENT,
+    SENT_BYTES,
     START,
     FrameProtocol,
     JobHeader,
@@ -75,6 +77,12 @@ class PendingJob:
         """Tell the model worker nobody wants this job any more: it leaves the queue, or a stream stops."""
         if not self.link.lost and self.job_id in self.link.jobs:
             self.link.send(CANCEL, self.job_id)
+
+    def sent(self, size: int) -> None:
+        """Tell the model worker that ``size`` more bytes of this stream reached the client's connection: it may
+        send as many more (protocol.STREAM_WINDOW)."""
+        if not self.link.lost and self.job_id in self.link.jobs:
+            self.link.send(SENT, self.job_id, SENT_BYTES.pack(size))
 
 
 class ModelLink(FrameProtocol):

@@ -22,7 +22,7 @@ from typing import Any
 from .. import bodies, coding, metrics
 from .. import payload as pl
 from ..bodies import SHARED_FROM, SharedBody
-from ..protocol import KILL_CAUSES, JobHeader, ReplyHeader, Route, RoutingTable
+from ..protocol import KILL_CAUSES, PART_COST, STREAM_WINDOW, JobHeader, ReplyHeader, Route, RoutingTable
 from ..scoreboard import Scoreboard
 from . import routes
 from .dispatch import Answer, ClientGone, Dispatcher, PendingJob, WorkerLost
@@ -38,6 +38,7 @@ Scope = dict[str, Any]
 Receive = Any  # the ASGI receive callable
 CLIENT_GONE = 499  # the status counted (not sent) for a client that closed its connection first, as nginx logs it
 PARSE_IN_THREAD = 4 * 2**20  # bytes: a JSON body this large is parsed off the loop (a thread hand-off costs more below)
+SENT_EVERY = STREAM_WINDOW // 4  # bytes of a stream written to its client between two SENT frames
 WAIT_AT_MOST = 30.0  # seconds a request waits for an API to load or for routes without a dead worker
 CLOSE = ((b"connection", b"close"),)
 
@@ -401,6 +402,7 @@ class Front:
         left = functools.partial(stream.put_nowait, ClientGone())
         if on_lost is not None:
             on_lost.append(left)
+        sent = 0  # bytes written to the client and not yet said to the model worker (SENT)
         try:
             while True:
                 part = await stream.get()
@@ -412,7 +414,12 @@ class Front:
                 if isinstance(part, BaseException):
                     log.error("API %s request %s: stream cut: %s", name, request_id, part)
                     raise part  # uvicorn closes the connection: the client sees a truncated response
+                # uvicorn's send returns once the connection's buffer is below its high-water mark: the client reads
                 await send({"type": "http.response.body", "body": part, "more_body": True})
+                sent += len(part) + PART_COST
+                if sent >= SENT_EVERY:
+                    job.sent(sent)
+                    sent = 0
         finally:
             if on_lost is not None:
                 on_lost.remove(left)

@@ -23,14 +23,12 @@ from .. import bodies, metrics
 from .. import payload as pl
 from ..bodies import SHARED_FROM, Reader, SharedBody
 from ..protocol import (
-    ABORT,
     CANCEL,
-    CHUNK,
-    END,
     JOB,
     RELEASE,
     REPLY,
-    START,
+    SENT,
+    SENT_BYTES,
     FrameProtocol,
     JobHeader,
     Problem,
@@ -39,7 +37,8 @@ from ..protocol import (
     with_header,
 )
 from ..scoreboard import RunMarks
-from .loaded import CURRENT, Job, LoadedApi, error_reply, in_api, next_part, request_problem
+from . import streams
+from .loaded import CURRENT, Job, LoadedApi, error_reply, in_api, request_problem
 
 log = logging.getLogger("predictord.model")
 
@@ -63,6 +62,8 @@ class JobConnection(FrameProtocol):
             self.runner.cancel(self, job_id)
         elif kind == RELEASE:
             self.runner.give_back(self, job_id)
+        elif kind == SENT:
+            self.runner.sent(self, job_id, SENT_BYTES.unpack(payload)[0])
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -78,7 +79,8 @@ class JobConnection(FrameProtocol):
         if self.runner.unflushed:  # the replies of this turn are in the transport now: their jobs may be unmarked
             self.runner.flush_marks()
 
-def _wake(waiter: asyncio.Future[None]) -> None:
+
+def _wake_waiter(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
 
@@ -139,6 +141,16 @@ class JobRunner:
             for job in api.running:
                 if job.conn is conn and job.job_id == job_id:
                     job.cancelled = True
+                    streams.wake(job)
+                    return
+
+    def sent(self, conn: JobConnection, job_id: int, size: int) -> None:
+        """The HTTP worker wrote ``size`` more bytes of a stream to its client: the stream may send as many more."""
+        for api in self.apis.values():
+            for job in api.running:
+                if job.conn is conn and job.job_id == job_id:
+                    job.unsent -= size
+                    streams.wake(job)
                     return
 
     def lend(self, conn: JobConnection, job_id: int, body: bytes) -> str:
@@ -177,6 +189,9 @@ class JobRunner:
         for key in [key for key in self.lent if key[0] is conn]:
             self.give_back(*key)
         for api in self.apis.values():
+            for job in api.running:
+                if job.conn is conn:
+                    streams.wake(job)  # a stream waiting for its client to read stops
             kept = [job for job in api.queue if job.conn is not conn]
             if len(kept) != len(api.queue):
                 log.warning("API %s: dropped %d queued requests of an HTTP worker that went away", api.name,
@@ -200,7 +215,7 @@ class JobRunner:
                 now = time.monotonic()
                 queue_wait, predict_time, batch_size = api.observers()
                 for job in batch:
-                    job.started = now
+                    job.started = job.alive = now
                     job.mark = self.marks.start(api.slot, job.job_id)  # before predict: a crash finds it marked
                     api.running.add(job)
                     metrics.tally.observe(queue_wait, now - job.arrived)
@@ -282,7 +297,7 @@ class JobRunner:
             if len(batch) >= api.max_batch_size or remaining <= 0 or self.board.in_transit(self.row) <= 0:
                 return
             waiter = api.waiter = self.loop.create_future()  # a future and a timer: cheaper than wait_for's task
-            timer = self.loop.call_later(remaining, _wake, waiter)
+            timer = self.loop.call_later(remaining, _wake_waiter, waiter)
             try:
                 await waiter
             finally:
@@ -310,7 +325,7 @@ class JobRunner:
         if reply.stream is None:
             job.conn.reply(job.job_id, reply.status, reply.headers, reply.body, api.version)
         else:
-            await self._stream(api, job, reply)
+            await streams.relay(api, job, reply, self.report)
         if reply.background is not None:
             self._background(api, job, reply.background)
         if api.signature.post_predict_args is not None and reply.status < 500:
@@ -335,56 +350,6 @@ class JobRunner:
         except (Exception, SystemExit) as e:  # noqa: BLE001 - the response is gone already: log it, report it
             log.exception("API %s request %s: post_predict() raised", api.name, job.request_id)
             self.loop.call_soon_threadsafe(self.report, api, request_problem(api, e, "post_predict()"))
-
-    async def _stream(self, api: LoadedApi, job: Job, reply: pl.Reply) -> None:
-        """Send a generator's parts as they come; a failure midway aborts the response; a client that left (or an
-        HTTP worker gone) stops it, and the generator is closed so that its cleanup runs."""
-        conn, job_id = job.conn, job.job_id
-        conn.send(START, job_id, *with_header(ReplyHeader(reply.status, reply.headers, api.version)))
-        stream = reply.stream
-        finished = False
-        try:
-            if hasattr(stream, "__anext__"):
-                async for part in stream:  # type: ignore[union-attr]
-                    if conn.closed or job.cancelled:
-                        break
-                    conn.send(CHUNK, job_id, pl.chunk_bytes(part))
-                else:
-                    finished = True
-            else:
-                done = object()
-                while not (conn.closed or job.cancelled):
-                    part = await api.lanes.run(next_part, api, stream, done)
-                    if part is done:
-                        finished = True
-                        break
-                    conn.send(CHUNK, job_id, pl.chunk_bytes(part))
-        except (Exception, SystemExit) as e:  # noqa: BLE001 - user code failed midway: log it, cut the response
-            log.error("API %s request %s: the streamed response failed: %s", api.name, job.request_id, e,
-                      exc_info=True)
-            self.report(api, request_problem(api, e, "its streamed response"))
-            if not conn.closed:
-                conn.send(ABORT, job_id, str(e).encode())
-            return
-        if finished:
-            if not conn.closed:
-                conn.send(END, job_id)
-            return
-        log.info("API %s request %s: nobody reads the stream any more (%s); closing its generator", api.name,
-                 job.request_id, "the HTTP worker went away" if conn.closed else "the client left")
-        await self._close(api, stream)
-        if not conn.closed:
-            conn.send(ABORT, job_id, b"cancelled: the client left")
-
-    async def _close(self, api: LoadedApi, stream: Any) -> None:
-        """Run a generator's cleanup (its finally blocks, with blocks): an async one here, a sync one in a thread."""
-        try:
-            if hasattr(stream, "aclose"):
-                await stream.aclose()
-            elif hasattr(stream, "close"):
-                await api.lanes.run(in_api, api, stream.close)
-        except Exception:  # noqa: BLE001 - user code; the response is over already
-            log.exception("API %s: closing a stream raised", api.name)
 
     # -- a batch --------------------------------------------------------------------------------------------------
     async def _answer_batch(self, api: LoadedApi, batch: list[Job]) -> None:

@@ -54,6 +54,9 @@ class Job:
     reported: bool = False  # told the master it hung
     cancelled: bool = False  # the HTTP worker said nobody wants the rest (a stream whose client left)
     mark: int = -1  # its cell among the worker's marks of running jobs (scoreboard.RunMarks)
+    alive: float = 0.0  # when it last showed progress (its start; a stream's last part): hung past its timeout
+    unsent: int = 0  # a stream's bytes sent to the HTTP worker and not yet to its client (protocol.STREAM_WINDOW)
+    room: asyncio.Event | None = None  # set when the HTTP worker says SENT or the stream should stop
 
     @property
     def request_id(self) -> str:

@@ -245,11 +245,11 @@ class ModelWorker:
         hung = False
         for api in self.apis.values():
             for job in api.running:
-                if now - job.started > api.timeout + HUNG_GRACE:
+                if now - job.alive > api.timeout + HUNG_GRACE:
                     hung = True
                     if not job.reported:
                         job.reported = True
-                        self._tell_master(Hung(api.name, round(now - job.started, 1), job.request_id))
+                        self._tell_master(Hung(api.name, round(now - job.alive, 1), job.request_id))
         if not hung or self.device.kind == "cpu":
             self.scoreboard.beat(self.slot)
 
