@@ -25,6 +25,8 @@ import psutil
 import pytest
 from harness import TORCH, Daemon, wait_until
 
+from predictord.model.failures import LINES
+
 TORCH_PRELOADED = True  # the model path, as production runs it (harness.TORCH)
 
 PREDICTORS = {
@@ -412,6 +414,37 @@ def test_exception_is_500_naming_api_and_request_without_traceback(daemon: Daemo
 def test_an_exception_is_logged_with_the_api_and_the_request(daemon: Daemon) -> None:
     assert daemon.post("/kinds", json={"kind": "crash"}, headers={"X-Request-ID": "req-124"}).status_code == 500
     daemon.wait_for_log(r"API kinds request req-124: predict\(\) raised ValueError: secret internal detail")
+
+
+FAILS = '''
+class PythonPredictor:
+    def __init__(self, config):
+        pass
+
+    def predict(self, payload):
+        raise ValueError(f"bad input {payload['n']}")
+'''
+
+
+def test_a_predictor_that_fails_every_request_does_not_flood_the_log(tmp_path: Path) -> None:
+    """Per kind of failure and minute: one traceback, then a line each for failures.LINES more, then a count."""
+    d = Daemon(tmp_path / "d")
+    path = d.write("fails.py", FAILS)
+    d.start()
+    try:
+        d.wait_settled()
+        for n in range(LINES + 30):
+            assert d.post("/fails", json={"n": n}, headers={"X-Request-ID": f"r{n}"}).status_code == 500
+        wait_until(lambda: d.get("/fails").json()["request_errors"] == LINES + 30, 10, "every failure reported")
+    finally:
+        d.stop()
+    logs = d.logs()
+    assert logs.count("Traceback") == 1 and "ValueError: bad input 0\n" in logs.split("Traceback")[1][:3000]
+    assert len(re.findall(r"API fails request r\d+: predict\(\) raised ValueError: bad input \d+", logs)) == LINES + 1
+    assert f"API fails request r{LINES}: predict() raised ValueError: bad input {LINES} (at {path}:7)" in logs
+    assert re.search(rf"API fails: 29 more requests failed with ValueError at {re.escape(str(path))}:7 in the last "
+                     rf"\d+s, not logged one by one \(the last: request r{LINES + 29}, ValueError: bad input "
+                     rf"{LINES + 29}\)", logs), logs[-3000:]
 
 
 @pytest.mark.parametrize("kind", ["nan", "object"])

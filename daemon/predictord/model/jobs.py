@@ -38,6 +38,7 @@ from ..protocol import (
 )
 from ..scoreboard import RunMarks
 from . import streams
+from .failures import COUNT, LINE, TRACEBACK, FailureLog
 from .loaded import CURRENT, Job, LoadedApi, error_reply, in_api, request_problem
 
 log = logging.getLogger("predictord.model")
@@ -103,6 +104,7 @@ class JobRunner:
         self.share_answers = bodies.available()
         self.lent: dict[tuple[JobConnection, int], SharedBody] = {}  # answers an HTTP worker has yet to read
         self.background: set[asyncio.Task[None]] = set()  # responses' background tasks, running
+        self.failures = FailureLog()  # which failures of predictor code get a traceback in the log
 
     def connection(self) -> Callable[[], JobConnection]:
         return lambda: JobConnection(self)
@@ -277,10 +279,19 @@ class JobRunner:
         traceback and reported to the master (GET /NAME and status show it)."""
         if not pl.client_error(e):
             hint = " (sys.exit in predict() ends the request, not the worker)" if isinstance(e, SystemExit) else ""
-            log.error("API %s request %s: predict() raised %s: %s%s", api.name, job.request_id, type(e).__name__, e,
-                      hint, exc_info=e)
-            self.report(api, request_problem(api, e))
+            self.failed(api, e, "predict()", job.request_id, f"predict() raised {type(e).__name__}: {e}{hint}")
         return pl.exception_reply(e, api.name, job.request_id)
+
+    def failed(self, api: LoadedApi, e: BaseException, doing: str, request_id: str, text: str) -> None:
+        """A failure of predictor code while answering: logged (with its traceback once a minute per kind, then on
+        a line, then counted: failures.py), and reported to the master. On the loop."""
+        problem = request_problem(api, e, doing)
+        where = f"{problem.file}:{problem.line}" if problem.file else ""
+        how = self.failures.how(api.name, e, where, request_id)
+        if how != COUNT:
+            log.error("API %s request %s: %s%s", api.name, request_id, text, f" (at {where})" if how == LINE and
+                      where else "", exc_info=e if how == TRACEBACK else None)
+        self.report(api, problem)
 
     async def _fill(self, api: LoadedApi, batch: list[Job]) -> None:
         """Take more queued jobs into the batch, and wait for more (at most batch_wait) only while some are on their
@@ -348,8 +359,8 @@ class JobRunner:
             asked = api.signature.post_predict_args or ()
             api.instance.post_predict(**pl.offer(asked, payload, query, headers, result))
         except (Exception, SystemExit) as e:  # noqa: BLE001 - the response is gone already: log it, report it
-            log.exception("API %s request %s: post_predict() raised", api.name, job.request_id)
-            self.loop.call_soon_threadsafe(self.report, api, request_problem(api, e, "post_predict()"))
+            self.loop.call_soon_threadsafe(self.failed, api, e, "post_predict()", job.request_id,
+                                           f"post_predict() raised {type(e).__name__}: {e}")
 
     # -- a batch --------------------------------------------------------------------------------------------------
     async def _answer_batch(self, api: LoadedApi, batch: list[Job]) -> None:
@@ -400,8 +411,8 @@ class JobRunner:
         try:
             api.instance.post_predict(**{n: offered.get(n) for n in api.signature.post_predict_args or ()})
         except (Exception, SystemExit) as e:  # noqa: BLE001 - the responses are gone already: log it, report it
-            log.exception("API %s: post_predict() raised after a batch of %d", api.name, len(jobs))
-            self.loop.call_soon_threadsafe(self.report, api, request_problem(api, e, "post_predict()"))
+            text = f"post_predict() raised {type(e).__name__} after a batch of {len(jobs)}: {e}"
+            self.loop.call_soon_threadsafe(self.failed, api, e, "post_predict()", jobs[-1].request_id, text)
 
     def _batch_args(self, api: LoadedApi, jobs: list[Job], payloads: list[Any]) -> dict[str, Any]:
         args: dict[str, Any] = {}

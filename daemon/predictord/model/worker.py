@@ -126,6 +126,7 @@ class ModelWorker:
             self._beat()
             runner.flush_marks()
             runner.trim(time.monotonic())  # mappings of shared files removed since, or idle; idle answer files
+            runner.failures.sweep()  # the count of failures whose tracebacks were not logged
             self._send_reports()
             self._tend()
             self._check_health()
@@ -137,6 +138,7 @@ class ModelWorker:
             await self._teardown(api)  # close(), atexit hooks, the processes it started
         await self.loop.run_in_executor(self.tidy, self.children.end_all)
         self._send_reports(force=True)
+        runner.failures.sweep(every=True)
         metrics.tally.flush()
 
     def _tend(self) -> None:
