@@ -95,6 +95,12 @@ class PythonPredictor:
             raise ValueError("secret internal detail")
         if kind == "stream":
             return (f"part{i}\\n" for i in range(3))
+        if kind == "broken-stream":
+            def parts():
+                yield "part0\\n"
+                yield "part1\\n"
+                raise RuntimeError("the third part cannot be made")
+            return parts()
         if kind == "sse":
             return StreamingResponse(events(payload["n"]), status_code=201, media_type="text/event-stream",
                                      headers={"cache-control": "no-cache"})
@@ -329,6 +335,20 @@ def test_generator_streams(daemon: Daemon) -> None:
         assert r.status_code == 200
         assert "content-length" not in r.headers
         assert b"".join(r.iter_bytes()) == b"part0\npart1\npart2\n"
+
+
+def test_a_stream_that_fails_midway_is_cut_and_its_error_shown(daemon: Daemon) -> None:
+    got = b""
+    with pytest.raises(httpx.RemoteProtocolError), daemon.client.stream(  # noqa: PT012 - the parts, then the cut
+            "POST", daemon.url("/kinds"), json={"kind": "broken-stream"}, headers={"X-Request-ID": "cut-1"}) as r:
+        assert r.status_code == 200
+        for part in r.iter_bytes():
+            got += part
+    assert got == b"part0\npart1\n", "the parts made before the failure arrive; the response is left unfinished"
+    daemon.wait_for_log(r"API kinds request cut-1: the streamed response failed: RuntimeError: the third part cannot "
+                        r"be made")
+    wait_until(lambda: "its streamed response raised RuntimeError: the third part cannot be made" in
+               last_error(daemon, "kinds"), 10, "the error shown at GET /kinds")
 
 
 def test_a_streaming_response_keeps_its_status_headers_and_media_type(daemon: Daemon) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -105,6 +106,7 @@ class JobRunner:
         self.lent: dict[tuple[JobConnection, int], SharedBody] = {}  # answers an HTTP worker has yet to read
         self.background: set[asyncio.Task[None]] = set()  # responses' background tasks, running
         self.failures = FailureLog()  # which failures of predictor code get a traceback in the log
+        self.unshared_at = -math.inf  # when an answer last went through the socket for want of room in /dev/shm
 
     def connection(self) -> Callable[[], JobConnection]:
         return lambda: JobConnection(self)
@@ -168,7 +170,10 @@ class JobRunner:
             shared.write(body)
         except OSError as e:
             shared.remove()
-            log.warning("a %d-byte answer goes through the socket: no room for it in /dev/shm (%s)", len(body), e)
+            now = time.monotonic()
+            if now - self.unshared_at > 60:  # once a minute at most: a full /dev/shm would otherwise log every answer
+                self.unshared_at = now
+                log.warning("a %d-byte answer goes through the socket: no room for it in /dev/shm (%s)", len(body), e)
             return ""
         self.lent[(conn, job_id)] = shared
         return shared.ref
@@ -336,7 +341,7 @@ class JobRunner:
         if reply.stream is None:
             job.conn.reply(job.job_id, reply.status, reply.headers, reply.body, api.version)
         else:
-            await streams.relay(api, job, reply, self.report)
+            await streams.relay(api, job, reply, self.failed)
         if reply.background is not None:
             self._background(api, job, reply.background)
         if api.signature.post_predict_args is not None and reply.status < 500:
@@ -439,8 +444,8 @@ class JobRunner:
             try:
                 await task()
             except (Exception, SystemExit) as e:  # noqa: BLE001 - user code; the response is gone already
-                log.exception("API %s request %s: the response's background task raised", api.name, job.request_id)
-                self.report(api, request_problem(api, e, "the response's background task"))
+                self.failed(api, e, "the response's background task", job.request_id,
+                            f"the response's background task raised {type(e).__name__}: {e}")
 
         running = self.loop.create_task(run())
         self.background.add(running)  # the loop keeps only a weak reference to a task

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import payload as pl
-from ..protocol import ABORT, CHUNK, END, PART_COST, START, STREAM_WINDOW, Problem, ReplyHeader, with_header
-from .loaded import Job, LoadedApi, in_api, next_part, request_problem
+from ..protocol import ABORT, CHUNK, END, PART_COST, START, STREAM_WINDOW, ReplyHeader, with_header
+from .loaded import Job, LoadedApi, in_api, next_part
 
 log = logging.getLogger("predictord.model")
 
@@ -53,8 +53,9 @@ def send_part(job: Job, data: bytes) -> None:
     job.alive = time.monotonic()  # a stream is hung only if its next part takes longer than the API's timeout
 
 
-async def relay(api: LoadedApi, job: Job, reply: pl.Reply, report: Callable[[LoadedApi, Problem], None]) -> None:
-    """Send a generator's parts as they come; a failure midway aborts the response (and is reported); a client that
+async def relay(api: LoadedApi, job: Job, reply: pl.Reply, failed: Callable[..., None]) -> None:
+    """Send a generator's parts as they come; a failure midway aborts the response (and goes to ``failed``, the
+    runner's: logged as failures.py says, and reported); a client that
     left, or read nothing for the API's timeout (or an HTTP worker gone), stops it, and the generator is closed so
     that its cleanup runs."""
     conn, job_id = job.conn, job.job_id
@@ -84,8 +85,8 @@ async def relay(api: LoadedApi, job: Job, reply: pl.Reply, report: Callable[[Loa
                     break
                 send_part(job, pl.chunk_bytes(part))
     except (Exception, SystemExit) as e:  # noqa: BLE001 - user code failed midway: log it, cut the response
-        log.error("API %s request %s: the streamed response failed: %s", api.name, job.request_id, e, exc_info=True)
-        report(api, request_problem(api, e, "its streamed response"))
+        text = f"the streamed response failed: {type(e).__name__}: {e}"
+        failed(api, e, "its streamed response", job.request_id, text)
         if not conn.closed:
             conn.send(ABORT, job_id, str(e).encode())
         return
