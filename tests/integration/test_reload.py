@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 from broken import SLOW
 from harness import Daemon, Load, wait_until
@@ -340,6 +342,44 @@ def test_sighup_rolls_new_workers_and_keeps_serving(make_daemon: Callable[..., D
         d.wait_for_log(r"SIGHUP: .*port: expected an integer.*keeping the running configuration")
     assert load.failures("a") == []
     assert d.get("/healthz").status_code == 200
+
+
+def test_sighup_applies_new_server_settings_and_tokens_with_new_http_workers(
+        make_daemon: Callable[..., Daemon]) -> None:
+    d = make_daemon({"a.py": gen(1)}, FAST + "[server]\nmax_body_bytes = 100000\n")
+    d.wait_settled()
+    assert d.proc is not None
+    http = set(map(int, re.findall(r"\[(\d+) http\d+\] uvicorn.error: Started server process", d.logs())))
+    assert len(http) == 2
+    text = d.config_path.read_text()
+    with Load(d, {"a": 3}) as load:
+        d.config_path.write_text(text.replace("max_body_bytes = 100000", "max_body_bytes = 1000\naccess_log = true"))
+        os.kill(d.proc.pid, signal.SIGHUP)
+        wait_until(lambda: d.post("/a", content=b"x" * 2000).status_code == 413, 20, "the new body limit")
+        wait_until(lambda: not any(psutil.pid_exists(p) for p in http), 20, "the old HTTP workers to exit")
+        d.wait_for_log(r"\[\d+ http\d+\] predictord.access: POST /a 200")
+    assert load.failures("a") == [] and load.count("a") > 20
+    assert "SIGHUP: the [server] settings changed: starting 2 new HTTP workers, then stopping the old ones" in d.logs()
+
+    # a token: set, then rotated in its file with the config unchanged (`systemctl reload` after writing it)
+    token = d.root / "token"
+    token.write_text("first")
+    token.chmod(0o600)
+    d.config_path.write_text(d.config_path.read_text().replace("[server]\n", f'[server]\nauth_token_file = '
+                                                                            f'"{token}"\n'))
+    os.kill(d.proc.pid, signal.SIGHUP)
+    wait_until(lambda: d.post("/a", json={}).status_code == 401, 20, "the token required")
+    assert d.post("/a", json={}, headers={"Authorization": "Bearer first"}).status_code == 200
+    token.write_text("second")
+    os.kill(d.proc.pid, signal.SIGHUP)
+    wait_until(lambda: d.post("/a", json={}, headers={"Authorization": "Bearer second"}).status_code == 200, 20,
+               "the rotated token")
+    assert d.post("/a", json={}, headers={"Authorization": "Bearer first"}).status_code == 401
+    rolls = d.logs().count("settings changed: starting")
+    before = len(d.logs())
+    os.kill(d.proc.pid, signal.SIGHUP)  # nothing changed: the HTTP workers stay
+    d.wait_for_log(r"SIGHUP: the \[server\] settings are unchanged: the HTTP workers keep running", after=before)
+    assert d.logs().count("settings changed: starting") == rolls == 3
 
 
 def test_a_replacement_worker_loads_the_last_good_version_while_the_file_is_broken(

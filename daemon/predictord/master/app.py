@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import importlib
 import logging
@@ -50,6 +51,7 @@ class PredictordApp(BaseApplication):  # type: ignore[misc]
     def __init__(self, config: Config, reload: Callable[[], Config]) -> None:
         self.pconfig = config
         self.reload_config = reload
+        self.preloaded = False
         self.runtime = Path(tempfile.mkdtemp(prefix="predictord-", dir=os.environ.get("RUNTIME_DIRECTORY")))
         metrics.prepare(self.runtime / "metrics")
         metrics.get()  # created in the master, so every forked worker writes to its own files in that folder
@@ -98,8 +100,16 @@ class PredictordApp(BaseApplication):  # type: ignore[misc]
         for key, value in settings.items():
             self.cfg.set(key, value)
 
+    def front_settings(self) -> tuple[Any, ...]:
+        """What the HTTP workers' front is made from (``load``): the [server] settings but the listen address (it
+        takes a restart) and the number of workers (gunicorn adds or stops them), and the tokens' contents."""
+        server = dataclasses.replace(self.pconfig.server, host="", port=0, http_workers=0)
+        return server, self.pconfig.token("auth_token_file"), self.pconfig.token("admin_token_file")
+
     def load(self) -> Front:
-        preload(self.pconfig.workers.preload)
+        if not self.preloaded:
+            preload(self.pconfig.workers.preload)
+            self.preloaded = True
         s = self.pconfig.server
         tokens = Tokens(self.pconfig.token("auth_token_file"), self.pconfig.token("admin_token_file"))
         return Front(self.scoreboard, self.runtime, s.max_body_bytes, s.access_log,

@@ -81,6 +81,7 @@ class Master(Arbiter):  # type: ignore[misc]
         self.shm_lock: int | None = None
         self.read_from: Path | None = None  # the directory of the readings applied (a link's target then)
         super().__init__(app)
+        self.front_made = app.front_settings()  # what the HTTP workers' front was made from (refresh_front)
         for handler in self.log.error_log.handlers:
             logs.adopt(handler)  # gunicorn's own lines in the daemon's format
 
@@ -275,10 +276,34 @@ class Master(Arbiter):  # type: ignore[misc]
             new = self.pconfig
         if new != self.pconfig:
             self.apply_config(new)
+        self.refresh_front()
         self.reader.request(None)
+
+    def refresh_front(self) -> None:
+        """When what the HTTP workers were made from has changed ([server] settings, a token file's contents), make
+        the front again and replace them, new ones first: the old ones get SIGTERM once the new are forked, and
+        drain (http/worker.py); a connection waits in the listener's queue meanwhile, never refused."""
+        try:
+            made = self.app.front_settings()
+        except ConfigError as e:
+            log.error("SIGHUP: %s; the HTTP workers keep the running settings", e)
+            return
+        if made == self.front_made:
+            log.info("SIGHUP: the [server] settings are unchanged: the HTTP workers keep running")
+            return
+        self.front_made = made
+        self.app.load_config()  # gunicorn's settings (keep-alive, graceful timeout, log level)
+        self.app.callable = None
+        self.app.wsgi()  # the front, made from the new settings, that the workers forked from now on run
+        log.info("SIGHUP: the [server] settings changed: starting %d new HTTP workers, then stopping the old ones",
+                 self.num_workers)
+        for _ in range(self.num_workers):
+            self.spawn_worker()
+        Arbiter.manage_workers(self)  # the oldest beyond num_workers: SIGTERM
 
     def apply_config(self, new: Config) -> None:
         old, self.pconfig = self.pconfig, new
+        self.app.pconfig = new
         if (old.server.host, old.server.port) != (new.server.host, new.server.port):
             log.warning("SIGHUP: a new listen address takes a restart; still listening on %s:%d",
                         old.server.host, old.server.port)
