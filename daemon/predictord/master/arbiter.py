@@ -82,6 +82,7 @@ class Master(Arbiter):  # type: ignore[misc]
         self.read_from: Path | None = None  # the directory of the readings applied (a link's target then)
         super().__init__(app)
         self.front_made = app.front_settings()  # what the HTTP workers' front was made from (refresh_front)
+        self.roll_pending = False  # new HTTP workers to start once the last roll's old ones are gone
         for handler in self.log.error_log.handlers:
             logs.adopt(handler)  # gunicorn's own lines in the daemon's format
 
@@ -295,11 +296,21 @@ class Master(Arbiter):  # type: ignore[misc]
         self.app.load_config()  # gunicorn's settings (keep-alive, graceful timeout, log level)
         self.app.callable = None
         self.app.wsgi()  # the front, made from the new settings, that the workers forked from now on run
+        self.roll_pending = True
+        self.roll_http()
+
+    def roll_http(self) -> None:
+        """Start a new front's HTTP workers, and SIGTERM the old (gunicorn stops the oldest beyond num_workers),
+        once the last roll's old workers are gone: at most twice num_workers at once, the scoreboard's HTTP rows
+        (``Scoreboard.http_slots``)."""
+        if not self.roll_pending or len(self.WORKERS) > self.num_workers:
+            return
+        self.roll_pending = False
         log.info("SIGHUP: the [server] settings changed: starting %d new HTTP workers, then stopping the old ones",
                  self.num_workers)
         for _ in range(self.num_workers):
             self.spawn_worker()
-        Arbiter.manage_workers(self)  # the oldest beyond num_workers: SIGTERM
+        Arbiter.manage_workers(self)
 
     def apply_config(self, new: Config) -> None:
         old, self.pconfig = self.pconfig, new
@@ -399,6 +410,7 @@ class Master(Arbiter):  # type: ignore[misc]
         super().manage_workers()
         if self.stopping:
             return
+        self.roll_http()
         if self.drain_until is not None and time.monotonic() >= self.drain_until:
             log.info("drain_delay over: draining in-flight requests, then stopping")
             raise StopIteration
