@@ -36,7 +36,7 @@ defaults
     timeout client 75s
     timeout server 75s
     timeout http-request 60s        # [server] read_timeout
-    timeout http-keep-alive 4s      # below the daemon's 5 s keep-alive
+    timeout http-keep-alive 4s      # below the daemon's [server] keepalive (5 s)
     timeout queue 10s
     timeout check 2s
     # Retry only what cannot have run: a connection that failed before the request was sent (a host that is

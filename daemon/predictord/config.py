@@ -109,6 +109,11 @@ class ServerConfig:
     allow_remote: bool = opt(False, "Allow a host other than loopback (put an authenticating proxy in front).")
     max_header_bytes: int = opt(64 * 1024, "Largest request line plus headers accepted; larger gets 431 and the "
                                 "connection is closed.", _in_range(1024))
+    keepalive: int = opt(5, "Seconds an idle keep-alive connection stays open for the client's next request. Behind a "
+                         "proxy that keeps connections to the daemon (nginx's upstream keepalive, a cloud load "
+                         "balancer), set it above the proxy's idle timeout (nginx: keepalive_timeout, 60 s; AWS ALB: "
+                         "60 s), or the proxy may send a request on a connection the daemon is closing, and answer "
+                         "502.", _in_range(1, 3600))
     read_timeout: float = opt(60.0, "Seconds a client may take to send a request's head and body (from its first "
                               "byte); slower gets 408 and is disconnected, so slow clients cannot hold connections.",
                               _in_range(0.1))

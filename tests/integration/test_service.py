@@ -377,3 +377,21 @@ def test_connections_past_the_open_file_limit_get_503_and_none_an_empty_reply(
         return int(float(found.group(1))) if found else 0
 
     wait_until(lambda: refused() == len(answered) + 1, 10, "each refused connection counted as a 503")
+
+
+def test_keepalive_sets_how_long_an_idle_connection_stays_open(make_daemon: Callable[..., Daemon]) -> None:
+    d = make_daemon({"ok.py": OK}, "[server]\nkeepalive = 1\n")
+    d.wait_settled()
+    with socket.create_connection(("127.0.0.1", d.port)) as s:
+        s.sendall(b"POST /ok HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+        assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+        s.settimeout(0.1)
+
+        def closed() -> bool:
+            try:
+                return s.recv(1) == b""
+            except TimeoutError:
+                return False
+
+        # the default (5 s) would still hold it: closed well before, after the configured second
+        wait_until(closed, 4, "the idle connection closed by the daemon")

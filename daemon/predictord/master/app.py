@@ -87,7 +87,7 @@ class PredictordApp(BaseApplication):  # type: ignore[misc]
             "preload_app": True,
             "graceful_timeout": int(s.graceful_timeout),
             "timeout": 30,
-            "keepalive": 5,
+            "keepalive": s.keepalive,
             "loglevel": s.log_level,
             "errorlog": "-",
             "accesslog": None,
