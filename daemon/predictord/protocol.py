@@ -147,6 +147,13 @@ class Unload:
 
 
 @dataclass(frozen=True)
+class LogLevel:
+    """Master -> model worker: log at this level from now on (SIGHUP changed [server] log_level)."""
+
+    level: str
+
+
+@dataclass(frozen=True)
 class Unloaded:
     """Model worker -> master: an API is gone from it."""
 
@@ -187,7 +194,7 @@ class Health:
     reloading: bool = False
 
 
-Control = Started | Load | Loaded | Unload | Unloaded | Failed | Hung | Health
+Control = Started | Load | Loaded | Unload | LogLevel | Unloaded | Failed | Hung | Health
 
 # Why the master ended a model worker itself (the scoreboard holds the index + 1, for the HTTP workers to say).
 KILL_CAUSES = {

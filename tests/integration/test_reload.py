@@ -382,6 +382,39 @@ def test_sighup_applies_new_server_settings_and_tokens_with_new_http_workers(
     assert d.logs().count("settings changed: starting") == rolls == 3
 
 
+CHATTY = '''
+import logging
+
+log = logging.getLogger(__name__)
+
+
+class PythonPredictor:
+    def __init__(self, config):
+        pass
+
+    def predict(self, payload):
+        log.debug("a debug line of request %s", payload["n"])
+        return "ok"
+'''
+
+
+def test_sighup_applies_a_new_log_level_to_the_running_model_workers(make_daemon: Callable[..., Daemon]) -> None:
+    d = make_daemon({"chatty.py": CHATTY}, FAST)
+    pid = d.wait_settled()["workers"][0]["pid"]
+    assert d.post("/chatty", json={"n": 1}).status_code == 200
+    assert d.proc is not None
+    d.config_path.write_text(d.config_path.read_text().replace('log_level = "info"', 'log_level = "debug"'))
+    os.kill(d.proc.pid, signal.SIGHUP)
+
+    def logged() -> bool:
+        d.post("/chatty", json={"n": 2})
+        return "a debug line of request 2" in d.logs()
+
+    wait_until(logged, 20, "the model worker's debug line")
+    assert "a debug line of request 1" not in d.logs()
+    assert d.status()["workers"][0]["pid"] == pid, "the same model worker, not a new one"
+
+
 def test_a_replacement_worker_loads_the_last_good_version_while_the_file_is_broken(
         make_daemon: Callable[..., Daemon]) -> None:
     d = make_daemon({"a.py": gen(1)}, FAST)

@@ -25,7 +25,7 @@ from gunicorn.arbiter import Arbiter
 
 from .. import bodies, logs, metrics, reaping
 from ..config import Config, ConfigError
-from ..protocol import Control, Failed, Health, Hung, Loaded
+from ..protocol import Control, Failed, Health, Hung, Loaded, LogLevel
 from ..scoreboard import MAX_HTTP
 from .autopsy import Autopsy
 from .balancer import Balancer
@@ -320,7 +320,10 @@ class Master(Arbiter):  # type: ignore[misc]
                         old.server.host, old.server.port)
         if old.workers.preload != new.workers.preload:
             log.warning("SIGHUP: a new preload list takes a restart")
-        logging.getLogger().setLevel(new.server.log_level.upper())
+        logging.getLogger().setLevel(new.server.log_level.upper())  # the HTTP workers: through refresh_front
+        if old.server.log_level != new.server.log_level:
+            for handle in self.fleet:
+                handle.send(LogLevel(new.server.log_level))
         self.num_workers = new.server.http_workers
         self.catalog.config = new
         running = {h.slot: h.device for h in self.fleet}

@@ -39,6 +39,7 @@ from ..protocol import (
     Hung,
     Load,
     Loaded,
+    LogLevel,
     Problem,
     Started,
     Unload,
@@ -285,6 +286,8 @@ class ModelWorker:
             self.loop.create_task(self._load(message))
         elif isinstance(message, Unload):
             self.loop.create_task(self._unload(message.api))
+        elif isinstance(message, LogLevel):
+            logging.getLogger().setLevel(message.level.upper())
 
     async def _load(self, m: Load) -> None:
         source = m.source
