@@ -398,13 +398,18 @@ class PythonPredictor:
 '''
 
 
-def test_sighup_applies_a_new_log_level_to_the_running_model_workers(make_daemon: Callable[..., Daemon]) -> None:
-    d = make_daemon({"chatty.py": CHATTY}, FAST)
+def test_sighup_applies_the_log_level_and_probes_and_says_what_takes_a_restart(
+        make_daemon: Callable[..., Daemon]) -> None:
+    d = make_daemon({"chatty.py": CHATTY}, FAST + "[predictors]\nmax_probes = 2\n")
     pid = d.wait_settled()["workers"][0]["pid"]
     assert d.post("/chatty", json={"n": 1}).status_code == 200
-    assert d.proc is not None
-    d.config_path.write_text(d.config_path.read_text().replace('log_level = "info"', 'log_level = "debug"'))
+    assert d.proc is not None and d.status()["daemon"]["probes"]["limit"] == 2
+    text = d.config_path.read_text().replace('log_level = "info"', 'log_level = "debug"')
+    text = text.replace("max_probes = 2", "max_probes = 1").replace("cpu = 1", "cpu = 1\ntorch_threads = 1")
+    d.config_path.write_text(text)
     os.kill(d.proc.pid, signal.SIGHUP)
+    d.wait_for_log(r"SIGHUP: \[workers\] torch_threads takes a restart; the running value stays")
+    wait_until(lambda: d.status()["daemon"]["probes"]["limit"] == 1, 10, "max_probes applied")
 
     def logged() -> bool:
         d.post("/chatty", json={"n": 2})

@@ -16,7 +16,7 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,16 @@ def answers(path: Path) -> bool:
         except OSError:
             return False
     return True
+
+
+# Settings read once at start, which a SIGHUP does not apply (it says so). The listen address and the preload list
+# have messages of their own.
+RESTART_ONLY: dict[str, Callable[[Config], object]] = {
+    "[server] log_format": lambda c: c.server.log_format,
+    "[server] admin_socket": lambda c: c.server.admin_socket,
+    "[workers] torch_threads": lambda c: c.workers.torch_threads,
+    "[predictors] envs_dir": lambda c: c.predictors.envs_dir,
+}
 
 
 class Master(Arbiter):  # type: ignore[misc]
@@ -320,6 +330,13 @@ class Master(Arbiter):  # type: ignore[misc]
                         old.server.host, old.server.port)
         if old.workers.preload != new.workers.preload:
             log.warning("SIGHUP: a new preload list takes a restart")
+        kept = [name for name, value in RESTART_ONLY.items() if value(old) != value(new)]
+        if kept:
+            log.warning("SIGHUP: %s %s a restart; the running %s", ", ".join(kept),
+                        "takes" if len(kept) == 1 else "take", "value stays" if len(kept) == 1 else "values stay")
+        self.catalog.max_probes = new.max_probes
+        self.catalog.envs.config = new  # installer, index, installs at once, install timeout: for the next builds
+        self.fleet.graceful = new.server.graceful_timeout
         logging.getLogger().setLevel(new.server.log_level.upper())  # the HTTP workers: through refresh_front
         if old.server.log_level != new.server.log_level:
             for handle in self.fleet:
