@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -174,7 +175,9 @@ def test_what_a_killed_daemon_left_in_dev_shm_is_removed_by_the_next_one(make_da
     lock = Path(f"/dev/shm/predictord-{killed.proc.pid}.lock")
     assert lock.exists()
     d = make_daemon({"blob.py": BLOB})
-    d.wait_for_log(rf"removed {len(left)} files a killed predictord \(master pid {killed.proc.pid}\) left in /dev/shm")
+    # every live daemon sweeps (at its start, then every 5 s): the new one, or the one alive, whichever comes first
+    said = rf"removed {len(left)} files a killed predictord \(master pid {killed.proc.pid}\) left in /dev/shm"
+    wait_until(lambda: re.search(said, d.logs() + alive.logs()), 30, "the killed daemon's files swept, and said")
     assert not shm_files(killed.proc.pid) and not lock.exists()
     assert shm_files(alive.proc.pid), "a live daemon's files stay"
     assert alive.post("/blob?n=200000&seed=2", content=b"\0" * 300_000).content == random.Random(2).randbytes(200_000)
