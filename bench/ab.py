@@ -1,6 +1,7 @@
 """A/B of the request path: this tree's predictord against another commit's, same machine, same wrk load.
 
-    .venv/bin/python bench/ab.py --base REV [--case echo|shared|mlp|mlp-replicas|mlp-warm|encoder|bytes|json|replies]
+    .venv/bin/python bench/ab.py --base REV [--case echo|shared|mlp|mlp-replicas|mlp-warm|encoder|bytes|json|replies
+                                |stream]
                                 [--body-kb 1000] [--seconds 6] [--reps 2] [--connections 1,8,64]
 
 The other commit's daemon/ is taken with `git archive` into a temp folder and put first on PYTHONPATH of its daemon
@@ -10,7 +11,8 @@ batching 32 / 2 ms on two replicas, at 1, 8 and 64; mlp-warm, the same with its 
 sample, at 8 and 64; encoder, bench/apps/encoder.py batching
 8 / 5 ms on two replicas as in `make bench`, at 8 and 64; shared, the echo beside an idle second API in its model
 worker, at 1, 8 and 64; bytes and json, bodies of --body-kb to a predictor that returns their length, at 8 and 64;
-replies, a small JSON request and an answer of --body-kb (100, 1000 or 8000) bytes, made once, at 1 and 8).
+replies, a small JSON request and an answer of --body-kb (100, 1000 or 8000) bytes, made once, at 1 and 8; stream,
+the same with the answer streamed by a generator in parts of 1 MiB, at 1 and 8).
 Prints one Markdown table with the server's CPU per request and the peak RSS of its processes (summed, sampled every
 50 ms, shared memory counted once: run.Peak); runs alternate between the two trees so that drift in the machine hits
 both.
@@ -55,7 +57,20 @@ CASES = {  # name: (body, connections)
     "shared": (ECHO_BODY, (1, 8, 64)),  # the echo beside an idle second API in its model worker
     "json": ("", (8, 64)),  # JSON text of --body-kb kilobytes ({"text": "xx..."}) to the same predictor
     "replies": (ECHO_BODY, (1, 8)),  # answers of --body-kb kilobytes (run.py's BLOB)
+    "stream": (ECHO_BODY, (1, 8)),  # streamed answers of --body-kb kilobytes, in parts of 1 MiB (STREAM)
 }
+STREAM = '''
+class PythonPredictor:
+    def __init__(self, config):
+        self.part = bytes(range(256)) * 4096  # 1 MiB, made once
+
+    def predict(self, query_params):
+        def parts(left):
+            while left > 0:
+                yield self.part if left >= len(self.part) else self.part[:left]
+                left -= len(self.part)
+        return parts(int(query_params["kb"]) * 1000)
+'''
 
 
 def main() -> None:
@@ -94,6 +109,8 @@ def main() -> None:
                     d.write(f"{args.case}.py", SIZE)
                 elif args.case == "replies":
                     d.write("blob.py", BLOB)
+                elif args.case == "stream":
+                    d.write("stream.py", STREAM)
                 elif args.case == "mlp-replicas":
                     for file, text in layouts("mlp")["on"].items():
                         d.write(file, text)
@@ -113,7 +130,7 @@ def main() -> None:
                     d.wait_settled()
                     assert d.proc is not None
                     paths = {"shared": "/echo", "mlp-replicas": "/mlp", "mlp-warm": "/mlp",
-                             "replies": f"/blob?kb={args.body_kb}"}
+                             "replies": f"/blob?kb={args.body_kb}", "stream": f"/stream?kb={args.body_kb}"}
                     url = d.url(paths.get(args.case, f"/{args.case}"))
                     for connections in loads:
                         wrk(url, body, connections, 2, kind)  # warm-up

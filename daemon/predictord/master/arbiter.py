@@ -16,7 +16,7 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +24,10 @@ from gunicorn import sock as gunicorn_sock
 from gunicorn.arbiter import Arbiter
 
 from .. import bodies, logs, metrics, reaping
-from ..config import Config, ConfigError
-from ..protocol import Control, Failed, Health, Hung, Loaded, LogLevel
+from ..config import Config
+from ..protocol import Control, Failed, Health, Hung, Loaded
 from ..scoreboard import MAX_HTTP
+from . import sighup
 from .autopsy import Autopsy
 from .balancer import Balancer
 from .catalog import Catalog
@@ -53,16 +54,6 @@ def answers(path: Path) -> bool:
         except OSError:
             return False
     return True
-
-
-# Settings read once at start, which a SIGHUP does not apply (it says so). The listen address and the preload list
-# have messages of their own.
-RESTART_ONLY: dict[str, Callable[[Config], object]] = {
-    "[server] log_format": lambda c: c.server.log_format,
-    "[server] admin_socket": lambda c: c.server.admin_socket,
-    "[workers] torch_threads": lambda c: c.workers.torch_threads,
-    "[predictors] envs_dir": lambda c: c.predictors.envs_dir,
-}
 
 
 class Master(Arbiter):  # type: ignore[misc]
@@ -277,78 +268,8 @@ class Master(Arbiter):  # type: ignore[misc]
         raise StopIteration
 
     def handle_hup(self) -> None:
-        """SIGHUP: re-read config.toml, roll the workers it changes, and rescan the predictors directory."""
-        self.notifier.reloading()
-        log.info("SIGHUP: reloading %s and rescanning the predictors", self.pconfig.path or "(defaults)")
-        try:
-            new = self.app.reload_config()
-        except ConfigError as e:
-            log.error("SIGHUP: %s; keeping the running configuration", e)
-            new = self.pconfig
-        if new != self.pconfig:
-            self.apply_config(new)
-        self.refresh_front()
-        self.reader.request(None)
-
-    def refresh_front(self) -> None:
-        """When what the HTTP workers were made from has changed ([server] settings, a token file's contents), make
-        the front again and replace them, new ones first: the old ones get SIGTERM once the new are forked, and
-        drain (http/worker.py); a connection waits in the listener's queue meanwhile, never refused."""
-        try:
-            made = self.app.front_settings()
-        except ConfigError as e:
-            log.error("SIGHUP: %s; the HTTP workers keep the running settings", e)
-            return
-        if made == self.front_made:
-            log.info("SIGHUP: the [server] settings are unchanged: the HTTP workers keep running")
-            return
-        self.front_made = made
-        self.app.load_config()  # gunicorn's settings (keep-alive, graceful timeout, log level)
-        self.app.callable = None
-        self.app.wsgi()  # the front, made from the new settings, that the workers forked from now on run
-        self.roll_pending = True
-        self.roll_http()
-
-    def roll_http(self) -> None:
-        """Start a new front's HTTP workers, and SIGTERM the old (gunicorn stops the oldest beyond num_workers),
-        once the last roll's old workers are gone: at most twice num_workers at once, the scoreboard's HTTP rows
-        (``Scoreboard.http_slots``)."""
-        if not self.roll_pending or len(self.WORKERS) > self.num_workers:
-            return
-        self.roll_pending = False
-        log.info("SIGHUP: the [server] settings changed: starting %d new HTTP workers, then stopping the old ones",
-                 self.num_workers)
-        for _ in range(self.num_workers):
-            self.spawn_worker()
-        Arbiter.manage_workers(self)
-
-    def apply_config(self, new: Config) -> None:
-        old, self.pconfig = self.pconfig, new
-        self.app.pconfig = new
-        if (old.server.host, old.server.port) != (new.server.host, new.server.port):
-            log.warning("SIGHUP: a new listen address takes a restart; still listening on %s:%d",
-                        old.server.host, old.server.port)
-        if old.workers.preload != new.workers.preload:
-            log.warning("SIGHUP: a new preload list takes a restart")
-        kept = [name for name, value in RESTART_ONLY.items() if value(old) != value(new)]
-        if kept:
-            log.warning("SIGHUP: %s %s a restart; the running %s", ", ".join(kept),
-                        "takes" if len(kept) == 1 else "take", "value stays" if len(kept) == 1 else "values stay")
-        self.catalog.max_probes = new.max_probes
-        self.catalog.envs.config = new  # installer, index, installs at once, install timeout: for the next builds
-        self.fleet.graceful = new.server.graceful_timeout
-        logging.getLogger().setLevel(new.server.log_level.upper())  # the HTTP workers: through refresh_front
-        if old.server.log_level != new.server.log_level:
-            for handle in self.fleet:
-                handle.send(LogLevel(new.server.log_level))
-        self.num_workers = new.server.http_workers
-        self.catalog.config = new
-        running = {h.slot: h.device for h in self.fleet}
-        self.balancer.configure(new, self.app.roll_devices({**running, **self.balancer.devices}, new))
-        if old.predictors != new.predictors or old.predictors_dir != new.predictors_dir:
-            self.reader.stop()
-            self.reader = self.new_reader()
-            self.start_reader()
+        """SIGHUP: re-read config.toml, apply what changed (sighup.py), and rescan the predictors directory."""
+        sighup.reload(self)
 
     def stop(self, graceful: bool = True) -> None:
         """HTTP workers first (they finish their requests, which need the model workers), then model workers."""
@@ -430,7 +351,7 @@ class Master(Arbiter):  # type: ignore[misc]
         super().manage_workers()
         if self.stopping:
             return
-        self.roll_http()
+        sighup.roll_http(self)
         if self.drain_until is not None and time.monotonic() >= self.drain_until:
             log.info("drain_delay over: draining in-flight requests, then stopping")
             raise StopIteration
