@@ -138,7 +138,11 @@ def test_a_predictor_that_ends_its_worker_is_blamed_contained_and_quarantined(ma
         assert r.status_code == 502
         assert re.search(r"its own code ended model worker \d+ \(os._exit\(3\)\)", r.json()["error"]), r.json()
     neighbours = load.failures("a") + load.failures("b")
-    assert len(neighbours) <= 3, neighbours  # only the first crash shares a worker: crash is contained after it
+    # only the first crash shares a worker (crash is contained after it): at most one request of each of the four
+    # neighbour clients fails, the one in flight then (one turn of the worker's loop may have run all four, their
+    # answers not yet written when os._exit came: CI saw 4 once), and all on worker 0
+    assert len(neighbours) <= 4, neighbours
+    assert len({(o.api, o.client) for o in neighbours}) == len(neighbours), "one per client"
     for o in neighbours:
         assert o.status == 502 and f"API {o.api!r}: model worker 0 was ended by API 'crash' (os._exit(3))" in o.error
     error = status["error"]
