@@ -14,7 +14,6 @@ import re
 import socket
 import subprocess
 import sys
-import time
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +25,7 @@ import pytest
 from harness import TORCH, Daemon, wait_until
 
 from predictord.model.failures import LINES
+from predictord.protocol import STREAM_WINDOW
 
 TORCH_PRELOADED = True  # the model path, as production runs it (harness.TORCH)
 
@@ -630,16 +630,19 @@ def test_a_stream_to_a_slow_client_is_held_back_not_buffered_and_cut_once_nothin
     try:
         d.wait_settled()
         before = http_rss(d)
-        # 120 MiB to a client that reads 1 MiB every 20 ms: it arrives whole, and the HTTP worker holds a window of
-        # it (protocol.STREAM_WINDOW, 8 MiB) rather than all that the generator can make meanwhile
+        # 120 MiB to a slow client, which takes its next part only once the generator is a window (8 parts of 1 MiB,
+        # protocol.STREAM_WINDOW) ahead of it: it arrives whole, and the HTTP worker holds a window of it rather than
+        # all that the generator can make meanwhile
+        ahead = STREAM_WINDOW // 2**20
         peak, got = 0, 0
         with d.client.stream("POST", d.url("/bulk"), json={"parts": 120}) as r:
             for n, chunk in enumerate(r.iter_bytes(2**20)):
                 assert chunk == bytes([n % 256]) * 2**20, f"part {n} whole and in order"
                 got += len(chunk)
+                wait_until(lambda n=n: int(made.read_text() or 0) >= min(120, n + 1 + ahead), 10,  # ('': mid-write)
+                           "the generator a window ahead of the client")
                 if n % 8 == 0:
                     peak = max(peak, http_rss(d))
-                time.sleep(0.02)  # the slow client
         assert got == 120 * 2**20
         assert peak - before < 40 * 2**20, f"the HTTP worker grew by {(peak - before) >> 20} MiB"
         # a client that reads none of it: the generator stops a window ahead, and after [serving] timeout the

@@ -142,20 +142,24 @@ class JobRunner:
                     api.queue.remove(job)
                     conn.reply(job_id, 504, [], b"")
                     return
-            for job in api.running:
-                if job.conn is conn and job.job_id == job_id:
-                    job.cancelled = True
-                    streams.wake(job)
-                    return
+        running = self._running(conn, job_id)
+        if running is not None:
+            running.cancelled = True
+            streams.wake(running)
 
     def sent(self, conn: JobConnection, job_id: int, size: int) -> None:
         """The HTTP worker wrote ``size`` more bytes of a stream to its client: the stream may send as many more."""
+        job = self._running(conn, job_id)
+        if job is not None:
+            job.unsent -= size
+            streams.wake(job)
+
+    def _running(self, conn: JobConnection, job_id: int) -> Job | None:
         for api in self.apis.values():
             for job in api.running:
                 if job.conn is conn and job.job_id == job_id:
-                    job.unsent -= size
-                    streams.wake(job)
-                    return
+                    return job
+        return None
 
     def lend(self, conn: JobConnection, job_id: int, body: bytes) -> str:
         """Put a large answer into one of this worker's shared files (bodies.py) and return its reference for the
